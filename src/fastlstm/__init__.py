@@ -1,0 +1,9 @@
+"""fastlstm: drop-in ``torch.nn.LSTM`` / ``torch.nn.LSTMCell`` with every classic variant."""
+
+from .masks import DirectionMasks, LSTMMasks
+from .modules import LSTM, LSTMCell
+from .options import LSTMOptions
+
+__version__ = "0.1.0"
+
+__all__ = ["LSTM", "LSTMCell", "LSTMOptions", "LSTMMasks", "DirectionMasks", "__version__"]

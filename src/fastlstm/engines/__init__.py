@@ -1,0 +1,65 @@
+"""The engines that compute an LSTM layer, and how ``backend=`` picks one.
+
+An engine is a function with the signature of :func:`fastlstm.reference.lstm_layer`::
+
+    layer(x [T, B, I], lengths [B] | None, h0 [D, B, H_out], c0 [D, B, H],
+          weights: per-direction DirectionWeights, options, masks: per-direction DirectionMasks | None,
+          *, training) -> (y [T, B, D * H_out], h_n [D, B, H_out], c_n [D, B, H])
+
+plus a predicate saying which inputs it supports. ``"reference"`` supports everything and is the
+fallback of ``"auto"``; faster engines register in front of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .. import reference
+from ..options import LSTMOptions
+
+LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    layer: LayerFn
+    supports: Callable[[torch.device, torch.dtype, LSTMOptions], bool]
+
+
+def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
+    return True
+
+
+# Priority order for "auto": the first engine that supports the call computes it.
+ENGINES: dict[str, Engine] = {
+    "reference": Engine("reference", reference.lstm_layer, _always),
+}
+
+BACKENDS = ("auto", *ENGINES)
+
+
+def check_backend(backend) -> str:
+    """Validate a user's ``backend=`` argument."""
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"backend should be one of {', '.join(map(repr, BACKENDS))}, got {backend!r}")
+    return backend
+
+
+def select_engine(backend: str, device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> Engine:
+    """The engine that computes a call: the named one, or for ``"auto"`` the first that supports it."""
+    if backend == "auto":
+        for engine in ENGINES.values():
+            if engine.supports(device, dtype, options):
+                return engine
+        raise AssertionError("the reference engine supports every call")  # pragma: no cover
+    engine = ENGINES[check_backend(backend)]
+    if not engine.supports(device, dtype, options):
+        raise ValueError(
+            f"backend={backend!r} does not support device {device} with dtype {dtype} and these options; "
+            "use backend='auto' or 'reference'"
+        )
+    return engine

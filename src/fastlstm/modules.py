@@ -1,0 +1,558 @@
+"""``LSTM`` and ``LSTMCell``: torch's arguments, parameters, input forms and errors. No math.
+
+Both modules validate their arguments like ``torch.nn.LSTM`` / ``torch.nn.LSTMCell`` (same order,
+same exception types), own their parameters under torch's names, parse every input form into the
+engines' padded, time-major layout, and hand the call to :mod:`fastlstm.functional`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from . import functional, packing
+from .engines import check_backend
+from .masks import DirectionMasks, LSTMMasks
+from .options import DEFAULT_ACTIVATIONS, LSTMOptions, make_options
+from .weights import TORCH_FIELDS, DirectionWeights, direction_shapes, parameter_name
+
+_LAYER_NORM_ONES = ("layer_norm_ih_weight", "layer_norm_hh_weight", "layer_norm_cell_weight")
+_LAYER_NORM_ZEROS = ("layer_norm_cell_bias",)
+
+
+def _init_parameters(module: nn.Module, hidden_size: int, options: LSTMOptions) -> None:
+    """torch's initialisation, U(-1/sqrt(H), 1/sqrt(H)), drawn in registration order.
+
+    Layer-norm gains start at one and shifts at zero (they draw nothing), so with default options
+    the random stream, and hence the weights for a given seed, are the same as torch's.
+    """
+    stdv = 1.0 / math.sqrt(hidden_size)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            field = name if name in _FIELDS else name.rsplit("_l", 1)[0]
+            if field in _LAYER_NORM_ONES:
+                param.fill_(1.0)
+            elif field in _LAYER_NORM_ZEROS:
+                param.zero_()
+            else:
+                param.uniform_(-stdv, stdv)
+        if options.forget_bias is not None:
+            for name, param in module.named_parameters():
+                field = name if name in _FIELDS else name.rsplit("_l", 1)[0]
+                if field == "bias_ih":
+                    param[hidden_size : 2 * hidden_size] = options.forget_bias
+                elif field == "bias_hh":
+                    param[hidden_size : 2 * hidden_size] = 0.0
+
+
+_FIELDS = frozenset(DirectionWeights._fields)
+
+
+def _options_repr(options: LSTMOptions, backend: str) -> str:
+    extra = "".join(f", {name}={value!r}" for name, value in options.non_defaults().items())
+    return extra + (f", backend={backend!r}" if backend != "auto" else "")
+
+
+def _autocast_dtype(device: torch.device) -> torch.dtype | None:
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return None
+
+
+def _check_input_tensor(input) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input should be a Tensor or a PackedSequence, got {type(input).__name__}")
+
+
+def _check_state_pair(hx, module_name: str) -> tuple[Tensor, Tensor]:
+    """``hx`` must be ``(h_0, c_0)``; the exception types follow what torch raises for each misuse."""
+    if isinstance(hx, Tensor):
+        raise RuntimeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+    if len(hx) < 2:
+        raise IndexError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} element(s)")
+    if len(hx) > 2:
+        raise ValueError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} elements")
+    for idx, value in enumerate(hx):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{module_name}: hx[{idx}] should be a Tensor, got {type(value).__name__}")
+    return hx[0], hx[1]
+
+
+def _check_state_dtype_device(states: tuple[Tensor, Tensor], x: Tensor, module_name: str) -> None:
+    for idx, state in enumerate(states):
+        if state.dtype != x.dtype:
+            raise RuntimeError(
+                f"{module_name}: hx[{idx}] has dtype {state.dtype} but input has dtype {x.dtype}; they must match"
+            )
+        if state.device != x.device:
+            raise RuntimeError(
+                f"{module_name}: hx[{idx}] is on {state.device} but input is on {x.device}; they must match"
+            )
+
+
+@dataclass
+class _ParsedInput:
+    """An ``LSTM`` input in the engines' form, and what is needed to give outputs the user's form."""
+
+    x: Tensor  # [T, B, I]
+    lengths: Tensor | None  # [B]
+    h0: Tensor  # [L * D, B, H_out]
+    c0: Tensor  # [L * D, B, H]
+    packed: PackedSequence | None
+    layout: packing.PackedLayout | None
+    batched: bool
+
+
+class LSTM(nn.Module):
+    r"""A drop-in ``torch.nn.LSTM`` with optional variants.
+
+    ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+    bidirectional=False, proj_size=0, device=None, dtype=None, *, <options>, backend="auto")``
+
+    The positional arguments, parameters (names, shapes, initialisation), inputs, outputs and
+    errors are torch's. The keyword-only options (see :func:`fastlstm.options.make_options` and
+    ``docs/equations.md``) default to torch's behaviour. ``backend`` names the engine
+    (``"auto"`` or ``"reference"``).
+
+    Inputs: ``input`` of shape ``[T, B, I]`` (``[B, T, I]`` with ``batch_first``), ``[T, I]``
+    unbatched, or a ``PackedSequence``; optional ``hx = (h_0 [L * D, B, H_out], c_0 [L * D, B, H])``.
+    Outputs: ``output [T, B, D * H_out]`` (same form as the input), ``(h_n, c_n)`` like ``hx``.
+    ``forward(..., masks=...)`` replays the training masks returned by :meth:`sample_masks`.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device=None,
+        dtype=None,
+        *,
+        activations=DEFAULT_ACTIVATIONS,
+        peephole: bool = False,
+        clip: float | None = None,
+        coupled_input_forget: bool = False,
+        layer_norm: bool = False,
+        zoneout=0.0,
+        recurrent_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        cell_clip: float | None = None,
+        proj_clip: float | None = None,
+        forget_bias: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        # torch.nn.RNNBase's checks, in its order and with its exception types.
+        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+            raise ValueError(
+                "dropout should be a number in range [0, 1] representing the probability of an element being zeroed"
+            )
+        if dropout > 0 and num_layers == 1:
+            warnings.warn(
+                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                stacklevel=2,
+            )
+        if not isinstance(bias, bool):
+            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+        if not isinstance(batch_first, bool):
+            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(value, int):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than zero")
+        if not isinstance(num_layers, int):
+            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        if num_layers <= 0:
+            raise ValueError("num_layers must be greater than zero")
+        if not isinstance(proj_size, int):
+            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+        if proj_size < 0:
+            raise ValueError("proj_size should be a positive integer or zero to disable projections")
+        if proj_size >= hidden_size:
+            raise ValueError("proj_size has to be smaller than hidden_size")
+
+        self.options = make_options(
+            activations=activations,
+            peephole=peephole,
+            clip=clip,
+            coupled_input_forget=coupled_input_forget,
+            layer_norm=layer_norm,
+            zoneout=zoneout,
+            recurrent_dropout=recurrent_dropout,
+            weight_drop=weight_drop,
+            cell_clip=cell_clip,
+            proj_clip=proj_clip,
+            forget_bias=forget_bias,
+            has_bias=bias,
+            has_projection=proj_size > 0,
+        )
+        self.backend = check_backend(backend)
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+
+        num_directions = 2 if bidirectional else 1
+        h_out = proj_size if proj_size > 0 else hidden_size
+        self._flat_weights_names: list[str] = []
+        self._all_weights: list[list[str]] = []
+        for layer in range(num_layers):
+            layer_input_size = input_size if layer == 0 else h_out * num_directions
+            shapes = direction_shapes(
+                layer_input_size,
+                hidden_size,
+                proj_size,
+                bias=bias,
+                peephole=self.options.peephole,
+                layer_norm=self.options.layer_norm,
+            )
+            for direction in range(num_directions):
+                names = []
+                for field, shape in shapes.items():
+                    name = parameter_name(field, layer, direction == 1)
+                    setattr(self, name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+                    names.append(name)
+                    if field in TORCH_FIELDS:
+                        self._flat_weights_names.append(name)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    # -- torch.nn.LSTM's public surface ---------------------------------------------------------
+
+    def reset_parameters(self) -> None:
+        _init_parameters(self, self.hidden_size, self.options)
+
+    def flatten_parameters(self) -> None:
+        """Kept for compatibility with ``torch.nn.LSTM``; parameters need no flattening here."""
+
+    @property
+    def _flat_weights(self) -> list[Tensor]:
+        return [getattr(self, name) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> list[list[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__) + _options_repr(self.options, self.backend)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def forward(self, input, hx=None, *, masks: LSTMMasks | None = None):
+        parsed = self._parse(input, hx)
+        weights = self._weights(parsed.x.dtype)
+        y, h_n, c_n = functional.lstm(
+            parsed.x,
+            parsed.lengths,
+            parsed.h0,
+            parsed.c0,
+            weights,
+            self.options,
+            dropout=self.dropout,
+            training=self.training,
+            masks=masks,
+            backend=self.backend,
+        )
+        if parsed.packed is not None:
+            packed = parsed.packed
+            output = PackedSequence(
+                packing.pack(y, parsed.layout), packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
+            )
+            return output, (h_n, c_n)
+        if not parsed.batched:
+            return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        return y, (h_n, c_n)
+
+    def sample_masks(self, input, hx=None) -> LSTMMasks | None:
+        """Draw the masks a training-mode ``forward(input, hx)`` would draw, from torch's RNG.
+
+        ``forward(input, hx, masks=m)`` then replays them. Masks are time-major, in the user's
+        batch order (see :mod:`fastlstm.masks`). Returns None if the module draws no masks.
+        """
+        parsed = self._parse(input, hx)
+        return functional.draw_masks(
+            parsed.x,
+            parsed.h0,
+            self._weights(parsed.x.dtype),
+            self.options,
+            dropout=self.dropout,
+            training=True,
+        )
+
+    def _weights(self, dtype: torch.dtype) -> list[list[DirectionWeights]]:
+        num_directions = 2 if self.bidirectional else 1
+        weights = []
+        for layer in range(self.num_layers):
+            directions = []
+            for direction in range(num_directions):
+                w = DirectionWeights(
+                    **{
+                        field: getattr(self, parameter_name(field, layer, direction == 1), None)
+                        for field in DirectionWeights._fields
+                    }
+                )
+                if w.weight_ih.dtype != dtype:  # only under autocast; the dtype check ran before
+                    w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
+                directions.append(w)
+            weights.append(directions)
+        return weights
+
+    def _parse(self, input, hx) -> _ParsedInput:
+        weight_dtype = self.weight_ih_l0.dtype
+        num_directions = 2 if self.bidirectional else 1
+        h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
+
+        packed, layout = None, None
+        if isinstance(input, PackedSequence):
+            packed = input
+            data = input.data
+            self._check_input(data, weight_dtype, expected_dim=2)
+            layout = packing.layout_of(input)
+            x = packing.unpack(data, layout)
+            lengths = layout.lengths
+            batched = True
+            if hx is not None:
+                hx = _check_state_pair(hx, "LSTM")
+        else:
+            _check_input_tensor(input)
+            if input.dim() not in (2, 3):
+                raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+            batched = input.dim() == 3
+            if hx is not None:
+                hx = _check_state_pair(hx, "LSTM")
+                if batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
+                    raise RuntimeError(
+                        "For batched 3-D input, hx and cx should also be 3-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+                if not batched and (hx[0].dim() != 2 or hx[1].dim() != 2):
+                    raise RuntimeError(
+                        "For unbatched 2-D input, hx and cx should also be 2-D but got "
+                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                    )
+            if not batched:
+                x = input.unsqueeze(1)
+                hx = None if hx is None else (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+            else:
+                x = input.transpose(0, 1) if self.batch_first else input
+            self._check_input(x, weight_dtype, expected_dim=3)
+            if x.shape[0] == 0:
+                raise RuntimeError("LSTM: Expected sequence length to be larger than 0 in RNN (input has 0 steps)")
+            lengths = None
+
+        batch = x.shape[1]
+        expected_h = (self.num_layers * num_directions, batch, h_out)
+        expected_c = (self.num_layers * num_directions, batch, self.hidden_size)
+        if hx is None:
+            h0 = x.new_zeros(expected_h)
+            c0 = x.new_zeros(expected_c)
+        else:
+            h0, c0 = hx
+            if tuple(h0.shape) != expected_h:
+                raise RuntimeError(
+                    f"Expected hidden[0] size {expected_h}, got {list(h0.shape)} "
+                    "(h_0 should be [num_layers * num_directions, batch, proj_size or hidden_size])"
+                )
+            if tuple(c0.shape) != expected_c:
+                raise RuntimeError(
+                    f"Expected hidden[1] size {expected_c}, got {list(c0.shape)} "
+                    "(c_0 should be [num_layers * num_directions, batch, hidden_size])"
+                )
+            _check_state_dtype_device((h0, c0), x, "LSTM")
+
+        cast = _autocast_dtype(x.device)
+        if cast is not None and x.is_floating_point():
+            x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
+        return _ParsedInput(x, lengths, h0, c0, packed, layout, batched)
+
+    def _check_input(self, x: Tensor, weight_dtype: torch.dtype, expected_dim: int) -> None:
+        if x.dtype != weight_dtype and _autocast_dtype(x.device) is None:
+            raise ValueError(
+                f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight_dtype}). "
+                f"Convert input: input.to({weight_dtype}), or convert model: model.to({x.dtype})"
+            )
+        if x.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {x.dim()}")
+        if x.size(-1) != self.input_size:
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {x.size(-1)}"
+            )
+
+
+class LSTMCell(nn.Module):
+    r"""A drop-in ``torch.nn.LSTMCell`` with optional variants.
+
+    ``LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, <options>, backend="auto")``
+
+    Inputs: ``input [B, I]`` or ``[I]``; optional ``hx = (h_0 [B, H], c_0 [B, H])`` (1-D when
+    unbatched). Returns ``(h_1, c_1)`` of the same shape as ``h_0``. Options are those of
+    :class:`LSTM` except ``proj_clip`` (a cell has no projection). In training, every call draws
+    fresh masks unless ``masks=`` gives some: reuse one ``recurrent`` mask across a sequence's calls
+    for per-sequence recurrent dropout.
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        bias: bool = True,
+        device=None,
+        dtype=None,
+        *,
+        activations=DEFAULT_ACTIVATIONS,
+        peephole: bool = False,
+        clip: float | None = None,
+        coupled_input_forget: bool = False,
+        layer_norm: bool = False,
+        zoneout=0.0,
+        recurrent_dropout: float = 0.0,
+        weight_drop: float = 0.0,
+        cell_clip: float | None = None,
+        forget_bias: float | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than zero")
+        self.options = make_options(
+            activations=activations,
+            peephole=peephole,
+            clip=clip,
+            coupled_input_forget=coupled_input_forget,
+            layer_norm=layer_norm,
+            zoneout=zoneout,
+            recurrent_dropout=recurrent_dropout,
+            weight_drop=weight_drop,
+            cell_clip=cell_clip,
+            forget_bias=forget_bias,
+            has_bias=bool(bias),
+            has_projection=False,
+        )
+        self.backend = check_backend(backend)
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        shapes = direction_shapes(
+            input_size,
+            hidden_size,
+            0,
+            bias=bool(bias),
+            peephole=self.options.peephole,
+            layer_norm=self.options.layer_norm,
+        )
+        for field, shape in shapes.items():
+            setattr(self, field, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        if not bias:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        _init_parameters(self, self.hidden_size, self.options)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        return s.format(**self.__dict__) + _options_repr(self.options, self.backend)
+
+    def forward(self, input, hx=None, *, masks: DirectionMasks | None = None):
+        x, h0, c0, batched = self._parse(input, hx)
+        h1, c1 = functional.lstm_cell(
+            x, h0, c0, self._weights(x.dtype), self.options, training=self.training, masks=masks, backend=self.backend
+        )
+        if not batched:
+            return h1.squeeze(0), c1.squeeze(0)
+        return h1, c1
+
+    def sample_masks(self, input, hx=None) -> DirectionMasks | None:
+        """Draw the masks a training-mode ``forward(input, hx)`` would draw (time-major, ``T = 1``)."""
+        x, _, _, _ = self._parse(input, hx)
+        return functional.draw_cell_masks(x, self._weights(x.dtype), self.options, training=True)
+
+    def _weights(self, dtype: torch.dtype) -> DirectionWeights:
+        w = DirectionWeights(**{field: getattr(self, field, None) for field in DirectionWeights._fields})
+        if w.weight_ih.dtype != dtype:  # only under autocast
+            w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
+        return w
+
+    def _parse(self, input, hx) -> tuple[Tensor, Tensor, Tensor, bool]:
+        _check_input_tensor(input)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            hx = _check_state_pair(hx, "LSTMCell")
+            for idx, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
+        batched = input.dim() == 2
+        x = input if batched else input.unsqueeze(0)
+        if hx is None:
+            zeros = x.new_zeros(x.shape[0], self.hidden_size)
+            h0, c0 = zeros, zeros
+        else:
+            h0, c0 = (hx[0], hx[1]) if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+
+        if x.shape[1] != self.input_size:
+            raise RuntimeError(
+                f"LSTMCell: input has inconsistent input_size: got {x.shape[1]}, expected {self.input_size}"
+            )
+        for idx, state in enumerate((h0, c0)):
+            if state.dim() != 2 or state.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"LSTMCell: Input batch size {x.shape[0]} doesn't match hidden{idx} batch size "
+                    f"{state.shape[0] if state.dim() == 2 else list(state.shape)} (hx[{idx}] should be [batch, hidden_size])"
+                )
+            if state.shape[1] != self.hidden_size:
+                raise RuntimeError(
+                    f"LSTMCell: hidden{idx} has inconsistent hidden_size: got {state.shape[1]}, "
+                    f"expected {self.hidden_size} (hx[{idx}] should be [batch, hidden_size])"
+                )
+        cast = _autocast_dtype(x.device)
+        if cast is not None and x.is_floating_point():
+            x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
+        elif x.dtype != self.weight_ih.dtype:
+            raise RuntimeError(
+                f"LSTMCell: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype}); "
+                f"convert input: input.to({self.weight_ih.dtype}), or convert model: model.to({x.dtype})"
+            )
+        _check_state_dtype_device((h0, c0), x, "LSTMCell")
+        return x, h0, c0, batched

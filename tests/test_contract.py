@@ -1,0 +1,130 @@
+"""fastlstm.LSTM / LSTMCell with default options against torch.nn.LSTM / LSTMCell.
+
+The oracle is torch itself: the same weights (moved through state_dict), the same inputs, random
+cotangents on every output; outputs, final states and the gradients of input, h0, c0 and every
+parameter must agree to 1e-10 in float64 and 1e-5 in float32.
+"""
+
+import itertools
+
+import pytest
+import torch
+from twins import assert_runs_close, make_inputs, run_cell, run_lstm
+
+import fastlstm
+
+ARCHITECTURES = [
+    dict(num_layers=layers, bidirectional=bidir, proj_size=proj, bias=bias)
+    for layers, bidir, proj, bias in itertools.product((1, 2, 3), (False, True), (0, 3), (True, False))
+]
+FORMS = ("padded", "batch_first", "unbatched", "unbatched_batch_first", "packed_sorted", "packed_unsorted")
+SHAPES = {
+    "T1": dict(steps=1, batch=3, input_size=4, hidden_size=5),
+    "B1": dict(steps=4, batch=1, input_size=4, hidden_size=5),
+    "odd": dict(steps=5, batch=3, input_size=7, hidden_size=9),
+}
+
+
+def _arch_id(arch):
+    return "L{num_layers}-{d}-P{proj_size}-{b}".format(
+        d="bi" if arch["bidirectional"] else "uni", b="bias" if arch["bias"] else "nobias", **arch
+    )
+
+
+def build_pair(arch, input_size, hidden_size, *, batch_first, dtype):
+    ours = fastlstm.LSTM(input_size, hidden_size, batch_first=batch_first, dtype=dtype, **arch)
+    theirs = torch.nn.LSTM(input_size, hidden_size, batch_first=batch_first, dtype=dtype, **arch)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    return ours, theirs
+
+
+def compare(arch, form, shape, with_hx, dtype, tol):
+    steps, batch, input_size, hidden_size = (shape[k] for k in ("steps", "batch", "input_size", "hidden_size"))
+    batch_first = form in ("batch_first", "unbatched_batch_first")
+    ours, theirs = build_pair(arch, input_size, hidden_size, batch_first=batch_first, dtype=dtype)
+    d = 2 if arch["bidirectional"] else 1
+    h_out = arch["proj_size"] or hidden_size
+    inputs = make_inputs(
+        form,
+        steps,
+        batch,
+        input_size,
+        (arch["num_layers"] * d, batch, h_out),
+        (arch["num_layers"] * d, batch, hidden_size),
+        dtype=dtype,
+        with_hx=with_hx,
+    )
+    assert_runs_close(run_lstm(ours, inputs), run_lstm(theirs, inputs), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=_arch_id)
+def test_lstm_matches_torch_float64(arch, form, shape, with_hx):
+    compare(arch, form, shape, with_hx, torch.float64, 1e-10)
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("arch", ARCHITECTURES[::3], ids=_arch_id)
+def test_lstm_matches_torch_float32(arch, form):
+    compare(arch, form, SHAPES["odd"], True, torch.float32, 1e-5)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
+@pytest.mark.parametrize("with_hx", [False, True], ids=["no_hx", "hx"])
+@pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("batch,input_size,hidden_size", [(1, 1, 1), (3, 4, 5), (2, 7, 9)])
+def test_cell_matches_torch(bias, batched, with_hx, dtype, tol, batch, input_size, hidden_size):
+    ours = fastlstm.LSTMCell(input_size, hidden_size, bias=bias, dtype=dtype)
+    theirs = torch.nn.LSTMCell(input_size, hidden_size, bias=bias, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    shape = (batch,) if batched else ()
+    x = torch.randn(*shape, input_size, dtype=dtype)
+    hx = None
+    if with_hx:
+        hx = (torch.randn(*shape, hidden_size, dtype=dtype), torch.randn(*shape, hidden_size, dtype=dtype))
+    assert_runs_close(run_cell(ours, x, hx), run_cell(theirs, x, hx), rtol=tol, atol=tol)
+
+
+def test_cell_steps_a_sequence_like_the_layer():
+    """Stepping LSTMCell over a sequence gives torch.nn.LSTM's output when they share weights."""
+    cell = fastlstm.LSTMCell(3, 4, dtype=torch.float64)
+    layer = torch.nn.LSTM(3, 4, dtype=torch.float64)
+    with torch.no_grad():
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            getattr(layer, f"{name}_l0").copy_(getattr(cell, name))
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    h = c = torch.zeros(2, 4, dtype=torch.float64)
+    outputs = []
+    for t in range(6):
+        h, c = cell(x[t], (h, c))
+        outputs.append(h)
+    y, (h_n, c_n) = layer(x)
+    torch.testing.assert_close(torch.stack(outputs), y, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(c, c_n[0], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_torch_within_its_own_error(dtype):
+    """In half precision both compute differently; each must be as close to float64 as the other.
+
+    fastlstm keeps c in float32 and accumulates in float32, so its error against the float64 truth
+    must not exceed torch's own error at that precision (plus a small atol).
+    """
+    arch = dict(num_layers=2, bidirectional=True, proj_size=0, bias=True)
+    exact, _ = build_pair(arch, 6, 8, batch_first=False, dtype=torch.float64)
+    ours = fastlstm.LSTM(6, 8, dtype=dtype, **arch)
+    ours.load_state_dict(exact.state_dict())
+    theirs = torch.nn.LSTM(6, 8, dtype=dtype, **arch)
+    theirs.load_state_dict(exact.state_dict())
+    x = torch.randn(7, 3, 6, dtype=torch.float64)
+    truth, (h_truth, c_truth) = exact(x)
+    y_ours, (h_ours, c_ours) = ours(x.to(dtype))
+    y_theirs, (h_theirs, c_theirs) = theirs(x.to(dtype))
+    assert y_ours.dtype == h_ours.dtype == c_ours.dtype == dtype
+    for mine, torchs, true in ((y_ours, y_theirs, truth), (h_ours, h_theirs, h_truth), (c_ours, c_theirs, c_truth)):
+        err_ours = (mine.double() - true).abs().max().item()
+        err_torch = (torchs.double() - true).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-3, (err_ours, err_torch)
