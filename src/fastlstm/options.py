@@ -169,6 +169,8 @@ def make_options(
             raise ValueError("forget_bias should be None or a finite number, got nan")
         if not has_bias:
             raise ValueError("forget_bias needs bias=True: there is no bias to initialise")
+        if coupled_input_forget is True:
+            raise ValueError("forget_bias has no effect with coupled_input_forget=True (f = 1 - i)")
 
     proj_clip = _positive_or_none("proj_clip", proj_clip)
     if proj_clip is not None and not has_projection:

@@ -137,6 +137,8 @@ def lstm_direction(
     Returns:
         ``(y [T, B, H_out], h_n [B, H_out], c_n [B, H])``.
     """
+    if masks is not None and not training:
+        raise ValueError("masks are only used in training mode; eval mode uses their expectations")
     masks = masks if masks is not None else DirectionMasks()
     if training and options.is_stochastic:
         _require_masks(options, masks)

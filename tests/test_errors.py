@@ -1,0 +1,214 @@
+"""Bad arguments and inputs: torch's exception type, and a message that names the argument.
+
+Where torch raises, fastlstm must raise the same type. Where torch is silent or fails by accident
+(an AttributeError on a list input, a silently ignored third element of hx), fastlstm raises a
+clear error of its own; those cases are listed separately.
+"""
+
+import warnings
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+from fastlstm.masks import DirectionMasks, LSTMMasks
+
+LSTM_ARGS = [
+    # (label, args, kwargs, expected type, word the message must contain)
+    ("dropout negative", (3, 4, 2), dict(dropout=-0.1), ValueError, "dropout"),
+    ("dropout above one", (3, 4, 2), dict(dropout=1.5), ValueError, "dropout"),
+    ("dropout bool", (3, 4, 2), dict(dropout=True), ValueError, "dropout"),
+    ("dropout string", (3, 4, 2), dict(dropout="0.1"), ValueError, "dropout"),
+    ("bias not bool", (3, 4), dict(bias="yes"), TypeError, "bias"),
+    ("batch_first not bool", (3, 4), dict(batch_first=1), TypeError, "batch_first"),
+    ("input_size float", (3.0, 4), {}, TypeError, "input_size"),
+    ("input_size zero", (0, 4), {}, ValueError, "input_size"),
+    ("hidden_size float", (3, 4.0), {}, TypeError, "hidden_size"),
+    ("hidden_size zero", (3, 0), {}, ValueError, "hidden_size"),
+    ("hidden_size negative", (3, -2), {}, ValueError, "hidden_size"),
+    ("num_layers zero", (3, 4, 0), {}, ValueError, "num_layers"),
+    ("num_layers float", (3, 4, 2.0), {}, TypeError, "num_layers"),
+    ("proj_size negative", (3, 4), dict(proj_size=-1), ValueError, "proj_size"),
+    ("proj_size equal hidden", (3, 4), dict(proj_size=4), ValueError, "proj_size"),
+    ("proj_size float", (3, 4), dict(proj_size=1.0), TypeError, "proj_size"),
+]
+
+
+@pytest.mark.parametrize("label,args,kwargs,expected,word", LSTM_ARGS, ids=[c[0] for c in LSTM_ARGS])
+def test_constructor_errors_match_torch(label, args, kwargs, expected, word):
+    with pytest.raises(expected) as theirs:
+        torch.nn.LSTM(*args, **kwargs)
+    with pytest.raises(expected) as ours:
+        fastlstm.LSTM(*args, **kwargs)
+    assert type(ours.value) is type(theirs.value)
+    assert word in str(ours.value)
+
+
+def test_dropout_with_one_layer_warns_like_torch():
+    with pytest.warns(UserWarning, match="num_layers greater than 1"):
+        torch.nn.LSTM(3, 4, dropout=0.5)
+    with pytest.warns(UserWarning, match="num_layers greater than 1"):
+        fastlstm.LSTM(3, 4, dropout=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastlstm.LSTM(3, 4, num_layers=2, dropout=0.5)
+
+
+OPTION_ARGS = [
+    ("activations string", dict(activations="tanh"), TypeError, "activations"),
+    ("activations length", dict(activations=("sigmoid", "tanh")), ValueError, "activations"),
+    ("activations unknown", dict(activations=("sigmoid", "gelu", "tanh")), ValueError, "gelu"),
+    ("peephole int", dict(peephole=1), TypeError, "peephole"),
+    ("clip zero", dict(clip=0), ValueError, "clip"),
+    ("clip negative", dict(clip=-1.0), ValueError, "clip"),
+    ("clip nan", dict(clip=float("nan")), ValueError, "clip"),
+    ("clip string", dict(clip="3"), TypeError, "clip"),
+    ("coupled int", dict(coupled_input_forget=1), TypeError, "coupled_input_forget"),
+    ("layer_norm string", dict(layer_norm="yes"), TypeError, "layer_norm"),
+    ("zoneout above one", dict(zoneout=1.5), ValueError, "zoneout"),
+    ("zoneout negative pair", dict(zoneout=(0.1, -0.1)), ValueError, "zoneout"),
+    ("zoneout triple", dict(zoneout=(0.1, 0.1, 0.1)), TypeError, "zoneout"),
+    ("zoneout bool", dict(zoneout=True), TypeError, "zoneout"),
+    ("recurrent_dropout negative", dict(recurrent_dropout=-0.1), ValueError, "recurrent_dropout"),
+    ("recurrent_dropout string", dict(recurrent_dropout="0.1"), TypeError, "recurrent_dropout"),
+    ("weight_drop above one", dict(weight_drop=2.0), ValueError, "weight_drop"),
+    ("cell_clip zero", dict(cell_clip=0.0), ValueError, "cell_clip"),
+    ("proj_clip without projection", dict(proj_clip=1.0), ValueError, "proj_size"),
+    ("proj_clip negative", dict(proj_size=2, proj_clip=-1.0), ValueError, "proj_clip"),
+    ("forget_bias without bias", dict(bias=False, forget_bias=1.0), ValueError, "forget_bias"),
+    ("forget_bias string", dict(forget_bias="1"), TypeError, "forget_bias"),
+    ("forget_bias with coupled gate", dict(forget_bias=1.0, coupled_input_forget=True), ValueError, "forget_bias"),
+    ("backend unknown", dict(backend="cudnn"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("label,kwargs,expected,word", OPTION_ARGS, ids=[c[0] for c in OPTION_ARGS])
+def test_option_errors_name_the_option(label, kwargs, expected, word):
+    with pytest.raises(expected, match=word):
+        fastlstm.LSTM(3, 4, **kwargs)
+
+
+def test_cell_rejects_proj_clip_and_bad_options():
+    with pytest.raises(TypeError, match="proj_clip"):
+        fastlstm.LSTMCell(3, 4, proj_clip=1.0)
+    with pytest.raises(ValueError, match="zoneout"):
+        fastlstm.LSTMCell(3, 4, zoneout=2.0)
+    with pytest.raises(TypeError, match="hidden_size"):
+        fastlstm.LSTMCell(3, 4.0)
+    with pytest.raises(TypeError):
+        torch.nn.LSTMCell(3, 4.0)
+
+
+def _x(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+def _packed(steps, lengths, features):
+    return pack_padded_sequence(torch.randn(steps, len(lengths), features), lengths, enforce_sorted=False)
+
+
+def _packed_sorted(steps, lengths, features):
+    return pack_padded_sequence(torch.randn(steps, len(lengths), features), lengths, enforce_sorted=True)
+
+
+LSTM_CALLS = [
+    # (label, call(module) args, expected type, word)
+    ("input 4-D", lambda: (_x(2, 3, 4, 3),), ValueError, "input"),
+    ("input 1-D", lambda: (_x(3),), ValueError, "input"),
+    ("input size", lambda: (_x(5, 2, 4),), RuntimeError, "input_size"),
+    ("input dtype", lambda: (_x(5, 2, 3, dtype=torch.float64),), ValueError, "dtype"),
+    ("input integer", lambda: (torch.zeros(5, 2, 3, dtype=torch.long),), ValueError, "dtype"),
+    ("no steps", lambda: (_x(0, 2, 3),), RuntimeError, "sequence length"),
+    ("h0 shape", lambda: (_x(5, 2, 3), (_x(2, 3, 4), _x(2, 2, 4))), RuntimeError, "hidden[0]"),
+    ("c0 shape", lambda: (_x(5, 2, 3), (_x(2, 2, 4), _x(2, 2, 5))), RuntimeError, "hidden[1]"),
+    ("hx 2-D for batched input", lambda: (_x(5, 2, 3), (_x(2, 4), _x(2, 4))), RuntimeError, "3-D"),
+    ("hx 3-D for unbatched input", lambda: (_x(5, 3), (_x(2, 1, 4), _x(2, 1, 4))), RuntimeError, "2-D"),
+    ("hx a tensor", lambda: (_x(5, 2, 3), _x(2, 2, 4)), RuntimeError, "hx"),
+    ("hx one element", lambda: (_x(5, 2, 3), (_x(2, 2, 4),)), IndexError, "hx"),
+    ("packed input size", lambda: (_packed(5, [5, 3], 4),), RuntimeError, "input_size"),
+    ("packed hx batch", lambda: (_packed_sorted(5, [5, 3], 3), (_x(2, 3, 4), _x(2, 3, 4))), RuntimeError, "hidden[0]"),
+]
+
+
+@pytest.mark.parametrize("label,make_args,expected,word", LSTM_CALLS, ids=[c[0] for c in LSTM_CALLS])
+def test_forward_errors_match_torch(label, make_args, expected, word):
+    args = make_args()
+    theirs = torch.nn.LSTM(3, 4, num_layers=2)
+    ours = fastlstm.LSTM(3, 4, num_layers=2)
+    with pytest.raises(Exception) as torch_error:
+        theirs(*args)
+    with pytest.raises(expected) as our_error:
+        ours(*args)
+    assert word in str(our_error.value)
+    assert isinstance(torch_error.value, expected), f"torch raised {type(torch_error.value).__name__}"
+    assert type(our_error.value) is type(torch_error.value)
+
+
+def test_state_dtype_mismatch_raises_runtime_error_like_torch():
+    x = _x(5, 2, 3)
+    hx = (torch.zeros(2, 2, 4, dtype=torch.float64), torch.zeros(2, 2, 4))
+    with pytest.raises(RuntimeError):
+        torch.nn.LSTM(3, 4, num_layers=2)(x, hx)
+    with pytest.raises(RuntimeError, match=r"hx\[0\].*dtype"):
+        fastlstm.LSTM(3, 4, num_layers=2)(x, hx)
+
+
+def test_errors_where_torch_has_none_or_an_accidental_one():
+    lstm = fastlstm.LSTM(3, 4)
+    with pytest.raises(TypeError, match="input"):
+        lstm([1.0, 2.0])  # torch: AttributeError 'list' object has no attribute 'dim'
+    with pytest.raises(ValueError, match="hx"):
+        lstm(_x(5, 2, 3), (_x(1, 2, 4), _x(1, 2, 4), _x(1, 2, 4)))  # torch ignores the third
+    with pytest.raises(TypeError, match=r"hx\[1\]"):
+        lstm(_x(5, 2, 3), (_x(1, 2, 4), None))
+    with pytest.raises(RuntimeError, match=r"hidden\[0\]"):
+        # torch indexes a too-large hx with sorted_indices and silently drops a row
+        lstm(_packed(5, [3, 5], 3), (_x(1, 3, 4), _x(1, 3, 4)))
+    with pytest.raises(ValueError, match="hidden_size"):
+        fastlstm.LSTMCell(3, 0)  # torch builds a useless cell
+
+
+CELL_CALLS = [
+    ("input 3-D", lambda: (_x(1, 2, 3),), ValueError, "input"),
+    ("input 0-D", lambda: (torch.tensor(1.0),), ValueError, "input"),
+    ("hx 3-D", lambda: (_x(2, 3), (_x(1, 2, 4), _x(2, 4))), ValueError, r"hx\[0\]"),
+    ("input size", lambda: (_x(2, 5),), RuntimeError, "input_size"),
+    ("batch mismatch", lambda: (_x(2, 3), (_x(3, 4), _x(3, 4))), RuntimeError, "batch size"),
+    ("h hidden size", lambda: (_x(2, 3), (_x(2, 5), _x(2, 4))), RuntimeError, "hidden0"),
+    ("c hidden size", lambda: (_x(2, 3), (_x(2, 4), _x(2, 5))), RuntimeError, "hidden1"),
+    ("1-D input with 2-D hx", lambda: (_x(3), (_x(2, 4), _x(2, 4))), RuntimeError, "hidden"),
+    ("2-D input with 1-D hx", lambda: (_x(1, 3), (_x(4), _x(4))), RuntimeError, "batch size"),
+    ("input dtype", lambda: (_x(2, 3, dtype=torch.float64),), RuntimeError, "dtype"),
+    ("hx dtype", lambda: (_x(2, 3), (_x(2, 4, dtype=torch.float64), _x(2, 4))), RuntimeError, "dtype"),
+]
+
+
+@pytest.mark.parametrize("label,make_args,expected,word", CELL_CALLS, ids=[c[0] for c in CELL_CALLS])
+def test_cell_errors_match_torch(label, make_args, expected, word):
+    args = make_args()
+    with pytest.raises(Exception) as torch_error:
+        torch.nn.LSTMCell(3, 4)(*args)
+    with pytest.raises(expected, match=word) as our_error:
+        fastlstm.LSTMCell(3, 4)(*args)
+    assert isinstance(torch_error.value, expected), f"torch raised {type(torch_error.value).__name__}"
+    assert type(our_error.value) is type(torch_error.value)
+
+
+def test_bad_masks_are_refused():
+    lstm = fastlstm.LSTM(3, 4, num_layers=2, dropout=0.5, zoneout=0.1).train()
+    x = _x(5, 2, 3)
+    good = lstm.sample_masks(x)
+    wrong_shape = LSTMMasks(
+        layers=[[DirectionMasks(zoneout_h=torch.ones(5, 3, 4), zoneout_c=torch.ones(5, 2, 4))], good.layers[1]],
+        inter_layer=good.inter_layer,
+    )
+    with pytest.raises(ValueError, match=r"masks.layers\[0\]\[0\].zoneout_h.*\[5, 2, 4\]"):
+        lstm(x, masks=wrong_shape)
+    option_off = LSTMMasks(layers=[[DirectionMasks(recurrent=torch.ones(2, 4))], good.layers[1]])
+    with pytest.raises(ValueError, match="recurrent"):
+        lstm(x, masks=option_off)
+    with pytest.raises(ValueError, match="training"):
+        lstm.eval()(x, masks=good)
+    with pytest.raises(ValueError, match="masks.layers"):
+        lstm.train()(x, masks=LSTMMasks(layers=[good.layers[0]]))

@@ -1,0 +1,204 @@
+"""The module surface: parameters, initialisation, state_dict both ways, dtype/device, repr, pickling."""
+
+import copy
+import io
+import math
+import pickle
+
+import pytest
+import torch
+from twins import assert_runs_close, make_inputs, run_lstm
+
+import fastlstm
+
+ARCHS = [
+    dict(num_layers=1),
+    dict(num_layers=2, bidirectional=True),
+    dict(num_layers=3, proj_size=2),
+    dict(num_layers=2, bidirectional=True, proj_size=3, bias=False),
+]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_parameters_have_torchs_names_shapes_and_order(arch):
+    theirs = torch.nn.LSTM(5, 4, **arch)
+    ours = fastlstm.LSTM(5, 4, **arch)
+    assert [(n, p.shape) for n, p in ours.named_parameters()] == [(n, p.shape) for n, p in theirs.named_parameters()]
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    assert ours._all_weights == theirs._all_weights
+    assert [[p.shape for p in ps] for ps in ours.all_weights] == [[p.shape for p in ps] for ps in theirs.all_weights]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_same_seed_gives_torchs_weights(arch):
+    torch.manual_seed(123)
+    theirs = torch.nn.LSTM(5, 4, **arch)
+    torch.manual_seed(123)
+    ours = fastlstm.LSTM(5, 4, **arch)
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_cell_same_seed_gives_torchs_weights():
+    torch.manual_seed(7)
+    theirs = torch.nn.LSTMCell(5, 6)
+    torch.manual_seed(7)
+    ours = fastlstm.LSTMCell(5, 6)
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    for p, q in zip(ours.parameters(), theirs.parameters()):
+        assert torch.equal(p, q)
+    assert fastlstm.LSTMCell(5, 6, bias=False).bias_ih is None
+
+
+def test_initialisation_is_uniform_in_plus_minus_one_over_sqrt_hidden():
+    hidden = 64
+    lstm = fastlstm.LSTM(32, hidden, num_layers=2, peephole=True, dtype=torch.float64)
+    bound = 1 / math.sqrt(hidden)
+    for name, p in lstm.named_parameters():
+        assert p.abs().max() <= bound, name
+        # a U(-b, b) sample of this size spans most of the interval and is centred
+        assert p.max() > 0.9 * bound and p.min() < -0.9 * bound, name
+        assert abs(p.mean().item()) < 0.1 * bound, name
+
+
+def test_option_parameters_names_shapes_and_init():
+    lstm = fastlstm.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, layer_norm=True)
+    params = dict(lstm.named_parameters())
+    for suffix in ("l0", "l0_reverse", "l1", "l1_reverse"):
+        assert params[f"weight_peephole_{suffix}"].shape == (12,)
+        assert params[f"layer_norm_ih_weight_{suffix}"].shape == (16,)
+        assert params[f"layer_norm_hh_weight_{suffix}"].shape == (16,)
+        assert torch.equal(params[f"layer_norm_cell_weight_{suffix}"], torch.ones(4))
+        assert torch.equal(params[f"layer_norm_cell_bias_{suffix}"], torch.zeros(4))
+        assert torch.equal(params[f"layer_norm_ih_weight_{suffix}"], torch.ones(16))
+    names = [n for n, _ in lstm.named_parameters()]
+    # torch's parameters first within each direction, in torch's order
+    assert names[:4] == ["weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0"]
+    cell = fastlstm.LSTMCell(3, 4, peephole=True, layer_norm=True)
+    assert {n for n, _ in cell.named_parameters()} == {
+        "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_peephole",
+        "layer_norm_ih_weight", "layer_norm_hh_weight", "layer_norm_cell_weight", "layer_norm_cell_bias",
+    }
+
+
+@pytest.mark.parametrize("module", [fastlstm.LSTM(3, 5, num_layers=2, bidirectional=True), fastlstm.LSTMCell(3, 5)])
+def test_forget_bias_initialisation(module):
+    module = type(module)(3, 5, forget_bias=1.0)
+    for name, p in module.named_parameters():
+        if name.startswith("bias_ih"):
+            assert torch.equal(p[5:10], torch.ones(5))
+            assert p[:5].abs().max() <= 1 / math.sqrt(5)
+        if name.startswith("bias_hh"):
+            assert torch.equal(p[5:10], torch.zeros(5))
+    module.reset_parameters()
+    assert torch.equal(dict(module.named_parameters())["bias_ih" if isinstance(module, fastlstm.LSTMCell) else "bias_ih_l0"][5:10], torch.ones(5))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("direction", ["torch_to_fastlstm", "fastlstm_to_torch"])
+def test_state_dict_round_trip_gives_same_outputs_and_gradients(arch, direction):
+    source_cls, target_cls = (torch.nn.LSTM, fastlstm.LSTM)
+    if direction == "fastlstm_to_torch":
+        source_cls, target_cls = target_cls, source_cls
+    source = source_cls(5, 4, dtype=torch.float64, **arch)
+    target = target_cls(5, 4, dtype=torch.float64, **arch)
+    result = target.load_state_dict(source.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    d = 2 if arch.get("bidirectional") else 1
+    h_out = arch.get("proj_size") or 4
+    layers = arch["num_layers"]
+    inputs = make_inputs("packed_unsorted", 6, 3, 5, (layers * d, 3, h_out), (layers * d, 3, 4), dtype=torch.float64, with_hx=True)
+    assert_runs_close(run_lstm(target, inputs), run_lstm(source, inputs), rtol=1e-10, atol=1e-10)
+
+
+def test_cell_state_dict_both_ways():
+    ours, theirs = fastlstm.LSTMCell(3, 4), torch.nn.LSTMCell(3, 4)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    ours2 = fastlstm.LSTMCell(3, 4)
+    ours2.load_state_dict(theirs.state_dict(), strict=True)
+    x = torch.randn(2, 3)
+    for a, b in zip(ours2(x), theirs(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_options_state_dict_is_not_loadable_into_plain_torch():
+    """Extra parameters must not load silently into a model that would ignore them."""
+    ours = fastlstm.LSTM(3, 4, peephole=True)
+    with pytest.raises(RuntimeError, match="weight_peephole_l0"):
+        torch.nn.LSTM(3, 4).load_state_dict(ours.state_dict(), strict=True)
+
+
+def test_to_double_half_follow_the_parameters():
+    lstm = fastlstm.LSTM(3, 4, layer_norm=True)
+    assert lstm.double().weight_ih_l0.dtype == torch.float64
+    y, (h, c) = lstm(torch.randn(5, 2, 3, dtype=torch.float64))
+    assert y.dtype == h.dtype == c.dtype == torch.float64
+    lstm.half()
+    assert all(p.dtype == torch.float16 for p in lstm.parameters())
+    y, (h, c) = lstm(torch.randn(5, 2, 3).half())
+    assert y.dtype == h.dtype == c.dtype == torch.float16 and torch.isfinite(y).all()
+    lstm.to(torch.bfloat16)
+    y, _ = lstm(torch.randn(5, 2, 3).bfloat16())
+    assert y.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype"):
+        lstm(torch.randn(5, 2, 3))
+    assert fastlstm.LSTM(3, 4, dtype=torch.float64).weight_hh_l0.dtype == torch.float64
+    assert fastlstm.LSTM(3, 4, device="cpu").weight_hh_l0.device.type == "cpu"
+
+
+def test_extra_repr_matches_torch_and_shows_non_default_options():
+    kwargs = dict(num_layers=2, bias=False, batch_first=True, dropout=0.5, bidirectional=True, proj_size=2)
+    assert repr(fastlstm.LSTM(3, 4, **kwargs)) == repr(torch.nn.LSTM(3, 4, **kwargs))
+    assert repr(fastlstm.LSTM(3, 4)) == repr(torch.nn.LSTM(3, 4))
+    assert repr(fastlstm.LSTMCell(3, 4, bias=False)) == repr(torch.nn.LSTMCell(3, 4, bias=False))
+    text = repr(fastlstm.LSTM(3, 4, peephole=True, zoneout=0.1, backend="reference"))
+    assert text == "LSTM(3, 4, peephole=True, zoneout=(0.1, 0.1), backend='reference')"
+    assert repr(fastlstm.LSTMCell(3, 4, layer_norm=True)) == "LSTMCell(3, 4, layer_norm=True)"
+
+
+def test_flatten_parameters_exists_and_changes_nothing():
+    lstm = fastlstm.LSTM(3, 4)
+    before = copy.deepcopy(lstm.state_dict())
+    lstm.flatten_parameters()
+    assert all(torch.equal(before[k], v) for k, v in lstm.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        fastlstm.LSTM(3, 4, num_layers=2, bidirectional=True, peephole=True, zoneout=(0.1, 0.2)),
+        fastlstm.LSTMCell(3, 4, layer_norm=True, activations=("hard_sigmoid", "tanh", "relu")),
+    ],
+)
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy"])
+def test_pickle_save_and_deepcopy(module, how):
+    module.eval()
+    if how == "pickle":
+        clone = pickle.loads(pickle.dumps(module))
+    elif how == "torch.save":
+        buffer = io.BytesIO()
+        torch.save(module, buffer)
+        buffer.seek(0)
+        clone = torch.load(buffer, weights_only=False)
+    else:
+        clone = copy.deepcopy(module)
+    assert clone.options == module.options
+    x = torch.randn(5, 3) if isinstance(module, fastlstm.LSTMCell) else torch.randn(6, 5, 3)
+    a, b = module(x), clone(x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_empty_batch_gives_empty_outputs_like_torch():
+    ours, theirs = fastlstm.LSTM(3, 4, num_layers=2), torch.nn.LSTM(3, 4, num_layers=2)
+    y, (h, c) = ours(torch.randn(5, 0, 3))
+    y2, (h2, c2) = theirs(torch.randn(5, 0, 3))
+    assert y.shape == y2.shape and h.shape == h2.shape and c.shape == c2.shape
+    h, c = fastlstm.LSTMCell(3, 4)(torch.randn(0, 3))
+    assert h.shape == c.shape == (0, 4)
+
+
+def test_backend_is_selectable_and_reference_is_always_available():
+    lstm = fastlstm.LSTM(3, 4, backend="reference")
+    assert lstm.backend == "reference"
+    y, _ = lstm(torch.randn(5, 2, 3))
+    assert y.shape == (5, 2, 4)
