@@ -31,17 +31,17 @@ def _arch_id(arch):
     )
 
 
-def build_pair(arch, input_size, hidden_size, *, batch_first, dtype):
-    ours = fastlstm.LSTM(input_size, hidden_size, batch_first=batch_first, dtype=dtype, **arch)
+def build_pair(arch, input_size, hidden_size, *, batch_first, dtype, backend="auto"):
+    ours = fastlstm.LSTM(input_size, hidden_size, batch_first=batch_first, dtype=dtype, backend=backend, **arch)
     theirs = torch.nn.LSTM(input_size, hidden_size, batch_first=batch_first, dtype=dtype, **arch)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     return ours, theirs
 
 
-def compare(arch, form, shape, with_hx, dtype, tol):
+def compare(arch, form, shape, with_hx, dtype, tol, backend):
     steps, batch, input_size, hidden_size = (shape[k] for k in ("steps", "batch", "input_size", "hidden_size"))
     batch_first = form in ("batch_first", "unbatched_batch_first")
-    ours, theirs = build_pair(arch, input_size, hidden_size, batch_first=batch_first, dtype=dtype)
+    ours, theirs = build_pair(arch, input_size, hidden_size, batch_first=batch_first, dtype=dtype, backend=backend)
     d = 2 if arch["bidirectional"] else 1
     h_out = arch["proj_size"] or hidden_size
     inputs = make_inputs(
@@ -61,14 +61,14 @@ def compare(arch, form, shape, with_hx, dtype, tol):
 @pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("arch", ARCHITECTURES, ids=_arch_id)
-def test_lstm_matches_torch_float64(arch, form, shape, with_hx):
-    compare(arch, form, shape, with_hx, torch.float64, 1e-10)
+def test_lstm_matches_torch_float64(arch, form, shape, with_hx, backend):
+    compare(arch, form, shape, with_hx, torch.float64, 1e-10, backend)
 
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("arch", ARCHITECTURES[::3], ids=_arch_id)
-def test_lstm_matches_torch_float32(arch, form):
-    compare(arch, form, SHAPES["odd"], True, torch.float32, 1e-5)
+def test_lstm_matches_torch_float32(arch, form, backend):
+    compare(arch, form, SHAPES["odd"], True, torch.float32, 1e-5, backend)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["f64", "f32"])
@@ -76,8 +76,8 @@ def test_lstm_matches_torch_float32(arch, form):
 @pytest.mark.parametrize("batched", [True, False], ids=["batched", "unbatched"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("batch,input_size,hidden_size", [(1, 1, 1), (3, 4, 5), (2, 7, 9)])
-def test_cell_matches_torch(bias, batched, with_hx, dtype, tol, batch, input_size, hidden_size):
-    ours = fastlstm.LSTMCell(input_size, hidden_size, bias=bias, dtype=dtype)
+def test_cell_matches_torch(bias, batched, with_hx, dtype, tol, batch, input_size, hidden_size, backend):
+    ours = fastlstm.LSTMCell(input_size, hidden_size, bias=bias, dtype=dtype, backend=backend)
     theirs = torch.nn.LSTMCell(input_size, hidden_size, bias=bias, dtype=dtype)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     shape = (batch,) if batched else ()
@@ -88,9 +88,9 @@ def test_cell_matches_torch(bias, batched, with_hx, dtype, tol, batch, input_siz
     assert_runs_close(run_cell(ours, x, hx), run_cell(theirs, x, hx), rtol=tol, atol=tol)
 
 
-def test_cell_steps_a_sequence_like_the_layer():
+def test_cell_steps_a_sequence_like_the_layer(backend):
     """Stepping LSTMCell over a sequence gives torch.nn.LSTM's output when they share weights."""
-    cell = fastlstm.LSTMCell(3, 4, dtype=torch.float64)
+    cell = fastlstm.LSTMCell(3, 4, dtype=torch.float64, backend=backend)
     layer = torch.nn.LSTM(3, 4, dtype=torch.float64)
     with torch.no_grad():
         for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):

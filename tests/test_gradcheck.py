@@ -1,5 +1,6 @@
 """torch.autograd.gradcheck (float64, small shapes) for every option: the gradients the reference's
-autograd produces are the derivatives of what it computes, inputs, states and every parameter."""
+autograd produces are the derivatives of what it computes, inputs, states and every parameter.
+(The CPU engine's hand-written backward has its own gradcheck in test_cpu_engine.py.)"""
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def _lstm_gradcheck(module, inputs_fn, masks):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
 def test_lstm_gradcheck(cfg, training):
-    module = fastlstm.LSTM(2, 3, bidirectional=True, dtype=F64, **cfg).train(training)
+    module = fastlstm.LSTM(2, 3, bidirectional=True, dtype=F64, backend="reference", **cfg).train(training)
     d, h_out = 2, cfg.get("proj_size") or 3
     x = torch.randn(3, 2, 2, dtype=F64, requires_grad=True)
     h0 = torch.randn(d, 2, h_out, dtype=F64, requires_grad=True)
@@ -61,7 +62,7 @@ def test_lstm_gradcheck(cfg, training):
 
 @pytest.mark.parametrize("cfg", [OPTIONS["everything"], OPTIONS["layer_norm"]], ids=["everything", "layer_norm"])
 def test_two_layer_gradcheck_with_inter_layer_dropout(cfg):
-    module = fastlstm.LSTM(2, 3, num_layers=2, dropout=0.4, dtype=F64, **cfg).train()
+    module = fastlstm.LSTM(2, 3, num_layers=2, dropout=0.4, dtype=F64, backend="reference", **cfg).train()
     h_out = cfg.get("proj_size") or 3
     x = torch.randn(3, 2, 2, dtype=F64, requires_grad=True)
     h0 = torch.randn(2, 2, h_out, dtype=F64, requires_grad=True)
@@ -74,7 +75,7 @@ def test_two_layer_gradcheck_with_inter_layer_dropout(cfg):
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cfg", [c for k, c in OPTIONS.items() if "proj_size" not in c], ids=[k for k, c in OPTIONS.items() if "proj_size" not in c])
 def test_cell_gradcheck(cfg, training):
-    cell = fastlstm.LSTMCell(2, 3, dtype=F64, **cfg).train(training)
+    cell = fastlstm.LSTMCell(2, 3, dtype=F64, backend="reference", **cfg).train(training)
     x = torch.randn(2, 2, dtype=F64, requires_grad=True)
     h0 = torch.randn(2, 3, dtype=F64, requires_grad=True)
     c0 = torch.randn(2, 3, dtype=F64, requires_grad=True)

@@ -38,10 +38,10 @@ def architectures(draw):
     with_hx=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def test_random_architectures_match_torch(arch, form, steps, batch, with_hx, seed):
+def test_random_architectures_match_torch(arch, form, steps, batch, with_hx, seed, backend):
     torch.manual_seed(seed)
     batch_first = form in ("batch_first", "unbatched_batch_first")
-    ours = fastlstm.LSTM(**arch, batch_first=batch_first, dtype=F64)
+    ours = fastlstm.LSTM(**arch, batch_first=batch_first, dtype=F64, backend=backend)
     theirs = torch.nn.LSTM(**arch, batch_first=batch_first, dtype=F64)
     theirs.load_state_dict(ours.state_dict(), strict=True)
     d = 2 if arch["bidirectional"] else 1
@@ -75,14 +75,14 @@ def option_sets(draw, with_projection):
 
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(data=st.data(), training=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_random_option_sets_match_the_hand_written_oracle(data, training, seed):
+def test_random_option_sets_match_the_hand_written_oracle(data, training, seed, backend):
     torch.manual_seed(seed)
     num_layers = data.draw(st.integers(1, 2))
     proj = data.draw(st.sampled_from([0, 2]))
     cfg = data.draw(option_sets(with_projection=proj > 0))
     module = fastlstm.LSTM(
         3, 4, num_layers=num_layers, bidirectional=data.draw(st.booleans()), proj_size=proj,
-        bias=data.draw(st.booleans()), dropout=0.3 if num_layers > 1 else 0.0, dtype=F64, **cfg,
+        bias=data.draw(st.booleans()), dropout=0.3 if num_layers > 1 else 0.0, dtype=F64, **cfg, backend=backend
     )
     randomise(module)
     steps, batch = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 3))

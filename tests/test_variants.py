@@ -87,14 +87,14 @@ ARCHS = {
     ],
     ids=["ln", "ln-peephole-clip", "ln-coupled-acts"],
 )
-def test_layer_norm_matches_hand_written_step(arch, cfg):
-    module = randomise(fastlstm.LSTM(4, 5, dtype=F64, **arch, **cfg))
+def test_layer_norm_matches_hand_written_step(arch, cfg, backend):
+    module = randomise(fastlstm.LSTM(4, 5, dtype=F64, **arch, **cfg, backend=backend))
     check_against_oracle(module, cfg)
 
 
-def test_layer_norm_is_the_written_definition():
+def test_layer_norm_is_the_written_definition(backend):
     """One step by hand, with numbers: gates = LN(x W_ih^T) + LN(h W_hh^T) + b; h = o * tanh(LN(c))."""
-    cell = randomise(fastlstm.LSTMCell(3, 2, layer_norm=True, dtype=F64))
+    cell = randomise(fastlstm.LSTMCell(3, 2, layer_norm=True, dtype=F64, backend=backend))
     x, h, c = torch.randn(3, dtype=F64), torch.randn(2, dtype=F64), torch.randn(2, dtype=F64)
 
     def ln(v, gain, shift=0.0):
@@ -114,11 +114,11 @@ def test_layer_norm_is_the_written_definition():
 
 
 @pytest.mark.parametrize("arch", [ARCHS["uni"], ARCHS["bi"], ARCHS["bi-proj-nobias"]], ids=["uni", "bi", "bi-proj"])
-def test_cell_clip_matches_oracle_and_binds(arch):
+def test_cell_clip_matches_oracle_and_binds(arch, backend):
     cfg = dict(cell_clip=0.2)
-    module = randomise(fastlstm.LSTM(4, 5, dtype=F64, **arch, **cfg), scale=1.5)
+    module = randomise(fastlstm.LSTM(4, 5, dtype=F64, **arch, **cfg, backend=backend), scale=1.5)
     y = check_against_oracle(module, cfg, scale=2.0)
-    unclipped = fastlstm.LSTM(4, 5, dtype=F64, **arch)
+    unclipped = fastlstm.LSTM(4, 5, dtype=F64, **arch, backend=backend)
     unclipped.load_state_dict(module.state_dict())
     torch.manual_seed(0)
     x = 2.0 * torch.randn(5, 3, 4, dtype=F64)
@@ -129,9 +129,9 @@ def test_cell_clip_matches_oracle_and_binds(arch):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_proj_clip_matches_oracle_and_binds(bidirectional):
+def test_proj_clip_matches_oracle_and_binds(bidirectional, backend):
     cfg = dict(proj_clip=0.1)
-    module = randomise(fastlstm.LSTM(4, 5, proj_size=3, bidirectional=bidirectional, dtype=F64, **cfg), scale=1.5)
+    module = randomise(fastlstm.LSTM(4, 5, proj_size=3, bidirectional=bidirectional, dtype=F64, **cfg, backend=backend), scale=1.5)
     y = check_against_oracle(module, cfg, scale=2.0)
     assert y.abs().max().item() == pytest.approx(0.1)
 
@@ -150,9 +150,9 @@ EVERYTHING = dict(
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("proj", [0, 3])
-def test_every_option_at_once_two_layers_bidirectional(training, proj):
+def test_every_option_at_once_two_layers_bidirectional(training, proj, backend):
     cfg = dict(EVERYTHING, **({"proj_clip": 0.5} if proj else {}))
-    module = randomise(fastlstm.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=proj, dropout=0.4, dtype=F64, **cfg))
+    module = randomise(fastlstm.LSTM(4, 5, num_layers=2, bidirectional=True, proj_size=proj, dropout=0.4, dtype=F64, **cfg, backend=backend))
     masks = None
     if training:
         x_shape = torch.zeros(5, 3, 4, dtype=F64)
@@ -173,8 +173,8 @@ def torch_cell_twin(lstm):
     return cell
 
 
-def test_zoneout_replays_masks_against_torch_cell():
-    lstm = fastlstm.LSTM(3, 4, zoneout=(0.3, 0.5), dtype=F64).train()
+def test_zoneout_replays_masks_against_torch_cell(backend):
+    lstm = fastlstm.LSTM(3, 4, zoneout=(0.3, 0.5), dtype=F64, backend=backend).train()
     x = torch.randn(6, 2, 3, dtype=F64, requires_grad=True)
     masks = lstm.sample_masks(x)
     keep_h, keep_c = masks.layers[0][0].zoneout_h, masks.layers[0][0].zoneout_c
@@ -194,8 +194,8 @@ def test_zoneout_replays_masks_against_torch_cell():
     assert_all_close(grads_of((y,), [x]), grads_of((y_ref,), [x]), ["x"])
 
 
-def test_zoneout_eval_uses_the_expectation():
-    lstm = fastlstm.LSTM(3, 4, zoneout=(0.3, 0.5), dtype=F64).eval()
+def test_zoneout_eval_uses_the_expectation(backend):
+    lstm = fastlstm.LSTM(3, 4, zoneout=(0.3, 0.5), dtype=F64, backend=backend).eval()
     x = torch.randn(6, 2, 3, dtype=F64)
     y, (h_n, c_n) = lstm(x)
     cell = torch_cell_twin(lstm)
@@ -211,9 +211,9 @@ def test_zoneout_eval_uses_the_expectation():
     torch.testing.assert_close(y_train, y, rtol=0, atol=0)
 
 
-def test_zoneout_eval_is_the_expected_training_output_of_one_step():
+def test_zoneout_eval_is_the_expected_training_output_of_one_step(backend):
     """For one step h = m h0 + (1 - m) h~ is linear in m, so E[train] = eval exactly; Monte Carlo checks it."""
-    lstm = fastlstm.LSTM(3, 8, zoneout=0.4, dtype=F64)
+    lstm = fastlstm.LSTM(3, 8, zoneout=0.4, dtype=F64, backend=backend)
     x = torch.randn(1, 4, 3, dtype=F64)
     hx = (torch.randn(1, 4, 8, dtype=F64), torch.randn(1, 4, 8, dtype=F64))
     expected, _ = lstm.eval()(x, hx)
@@ -227,9 +227,9 @@ def test_zoneout_eval_is_the_expected_training_output_of_one_step():
 # --- recurrent (variational) dropout ------------------------------------------------------------
 
 
-def test_recurrent_dropout_replays_one_mask_per_sequence_against_torch_cell():
+def test_recurrent_dropout_replays_one_mask_per_sequence_against_torch_cell(backend):
     p = 0.4
-    lstm = fastlstm.LSTM(3, 6, recurrent_dropout=p, dtype=F64).train()
+    lstm = fastlstm.LSTM(3, 6, recurrent_dropout=p, dtype=F64, backend=backend).train()
     x = torch.randn(7, 3, 3, dtype=F64, requires_grad=True)
     hx = (torch.randn(1, 3, 6, dtype=F64), torch.randn(1, 3, 6, dtype=F64))
     masks = lstm.sample_masks(x, hx)
@@ -248,9 +248,9 @@ def test_recurrent_dropout_replays_one_mask_per_sequence_against_torch_cell():
     assert_all_close(grads_of((y,), [x]), grads_of((y_ref,), [x]), ["x"])
 
 
-def test_recurrent_dropout_and_weight_drop_are_identity_in_eval():
+def test_recurrent_dropout_and_weight_drop_are_identity_in_eval(backend):
     ours = fastlstm.LSTM(3, 6, num_layers=2, bidirectional=True, dropout=0.5, recurrent_dropout=0.5,
-                         weight_drop=0.5, dtype=F64).eval()
+                         weight_drop=0.5, dtype=F64, backend=backend).eval()
     theirs = torch.nn.LSTM(3, 6, num_layers=2, bidirectional=True, dropout=0.5, dtype=F64).eval()
     theirs.load_state_dict(ours.state_dict())
     x = torch.randn(5, 2, 3, dtype=F64)
@@ -267,9 +267,9 @@ def test_recurrent_dropout_and_weight_drop_are_identity_in_eval():
 # --- weight drop (DropConnect) ------------------------------------------------------------------
 
 
-def test_weight_drop_matches_torch_lstm_with_masked_weight_and_keeps_the_parameter():
+def test_weight_drop_matches_torch_lstm_with_masked_weight_and_keeps_the_parameter(backend):
     p = 0.5
-    ours = fastlstm.LSTM(3, 5, bidirectional=True, weight_drop=p, dtype=F64).train()
+    ours = fastlstm.LSTM(3, 5, bidirectional=True, weight_drop=p, dtype=F64, backend=backend).train()
     theirs = torch.nn.LSTM(3, 5, bidirectional=True, dtype=F64)
     theirs.load_state_dict(ours.state_dict())
     stored = {n: t.detach().clone() for n, t in ours.named_parameters()}
@@ -294,8 +294,8 @@ def test_weight_drop_matches_torch_lstm_with_masked_weight_and_keeps_the_paramet
         assert torch.equal(value, stored[name]), f"{name} was modified"
 
 
-def test_weight_drop_draws_a_new_mask_every_forward_call():
-    lstm = fastlstm.LSTM(3, 5, weight_drop=0.5).train()
+def test_weight_drop_draws_a_new_mask_every_forward_call(backend):
+    lstm = fastlstm.LSTM(3, 5, weight_drop=0.5, backend=backend).train()
     x = torch.randn(4, 2, 3)
     assert not torch.equal(lstm(x)[0], lstm(x)[0])
     torch.manual_seed(3)
@@ -307,8 +307,8 @@ def test_weight_drop_draws_a_new_mask_every_forward_call():
 # --- inter-layer dropout ------------------------------------------------------------------------
 
 
-def test_inter_layer_dropout_against_stacked_torch_layers():
-    ours = fastlstm.LSTM(3, 4, num_layers=3, bidirectional=True, dropout=0.5, dtype=F64).train()
+def test_inter_layer_dropout_against_stacked_torch_layers(backend):
+    ours = fastlstm.LSTM(3, 4, num_layers=3, bidirectional=True, dropout=0.5, dtype=F64, backend=backend).train()
     x = torch.randn(5, 2, 3, dtype=F64, requires_grad=True)
     masks = ours.sample_masks(x)
     assert len(masks.inter_layer) == 2 and masks.inter_layer[0].shape == (5, 2, 8)
@@ -332,8 +332,8 @@ def test_inter_layer_dropout_against_stacked_torch_layers():
 STOCHASTIC = dict(num_layers=2, bidirectional=True, dropout=0.3, zoneout=(0.1, 0.2), recurrent_dropout=0.3, weight_drop=0.2)
 
 
-def test_manual_seed_reproduces_a_training_run():
-    lstm = fastlstm.LSTM(3, 4, **STOCHASTIC).train()
+def test_manual_seed_reproduces_a_training_run(backend):
+    lstm = fastlstm.LSTM(3, 4, **STOCHASTIC, backend=backend).train()
     x = torch.randn(5, 2, 3)
     torch.manual_seed(11)
     a = lstm(x)[0]
@@ -345,8 +345,8 @@ def test_manual_seed_reproduces_a_training_run():
 
 
 @pytest.mark.parametrize("form", ["padded", "batch_first", "unbatched", "packed"])
-def test_sample_masks_replays_exactly_what_forward_draws(form):
-    lstm = fastlstm.LSTM(3, 4, batch_first=form == "batch_first", **STOCHASTIC).train()
+def test_sample_masks_replays_exactly_what_forward_draws(form, backend):
+    lstm = fastlstm.LSTM(3, 4, batch_first=form == "batch_first", **STOCHASTIC, backend=backend).train()
     x = torch.randn(5, 3, 3)
     inp = {
         "padded": x,
@@ -365,9 +365,9 @@ def test_sample_masks_replays_exactly_what_forward_draws(form):
     assert torch.equal(drawn[1][0], replayed[1][0]) and torch.equal(drawn[1][1], replayed[1][1])
 
 
-def test_mask_statistics():
+def test_mask_statistics(backend):
     lstm = fastlstm.LSTM(16, 64, num_layers=2, dropout=0.3, zoneout=(0.1, 0.25), recurrent_dropout=0.4,
-                         weight_drop=0.2).train()
+                         weight_drop=0.2, backend=backend).train()
     masks = lstm.sample_masks(torch.zeros(50, 32, 16))
     layer = masks.layers[0][0]
     checks = [
@@ -384,8 +384,8 @@ def test_mask_statistics():
     assert masks.inter_layer[0].mean().item() == pytest.approx(1.0, abs=0.02)
 
 
-def test_partial_masks_keep_given_fields_and_draw_the_rest():
-    cell = fastlstm.LSTMCell(3, 4, zoneout=0.5, recurrent_dropout=0.5).train()
+def test_partial_masks_keep_given_fields_and_draw_the_rest(backend):
+    cell = fastlstm.LSTMCell(3, 4, zoneout=0.5, recurrent_dropout=0.5, backend=backend).train()
     x = torch.randn(2, 3)
     fixed = torch.full((2, 4), 2.0)
     masks = fastlstm.functional.draw_cell_masks(x, cell._weights(x.dtype), cell.options, training=True,
@@ -406,8 +406,8 @@ CELL_CFGS = [
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cfg", CELL_CFGS, ids=["peephole", "ln", "clip-coupled", "acts-cellclip", "everything"])
-def test_cell_options_against_oracle(cfg, training):
-    cell = randomise(fastlstm.LSTMCell(3, 4, dtype=F64, **cfg)).train(training)
+def test_cell_options_against_oracle(cfg, training, backend):
+    cell = randomise(fastlstm.LSTMCell(3, 4, dtype=F64, **cfg, backend=backend)).train(training)
     x = torch.randn(2, 3, dtype=F64, requires_grad=True)
     h0 = torch.randn(2, 4, dtype=F64, requires_grad=True)
     c0 = torch.randn(2, 4, dtype=F64, requires_grad=True)
@@ -450,10 +450,10 @@ OPTION_SETS = {
 
 @pytest.mark.parametrize("form", ["padded", "batch_first", "unbatched"])
 @pytest.mark.parametrize("cfg", OPTION_SETS.values(), ids=OPTION_SETS.keys())
-def test_every_option_with_every_input_form_matches_oracle(cfg, form):
+def test_every_option_with_every_input_form_matches_oracle(cfg, form, backend):
     """Eval-mode forms (packed is covered by check_against_oracle above); bidirectional, projected, 2 layers."""
     module = randomise(fastlstm.LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2,
-                                     batch_first=form == "batch_first", dtype=F64, **cfg)).eval()
+                                     batch_first=form == "batch_first", dtype=F64, **cfg, backend=backend)).eval()
     batch = 1 if form == "unbatched" else 3
     x = torch.randn(4, batch, 3, dtype=F64)
     h0 = torch.randn(4, batch, 2, dtype=F64)

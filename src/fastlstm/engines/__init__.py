@@ -19,6 +19,7 @@ import torch
 
 from .. import reference
 from ..options import LSTMOptions
+from . import cpu
 
 LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -36,6 +37,7 @@ def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> b
 
 # Priority order for "auto": the first engine that supports the call computes it.
 ENGINES: dict[str, Engine] = {
+    "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports),
     "reference": Engine("reference", reference.lstm_layer, _always),
 }
 

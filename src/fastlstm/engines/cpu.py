@@ -1,0 +1,544 @@
+"""The CPU engine: one input GEMM, a compiled time loop, and a hand-written backward (BPTT).
+
+Read top to bottom: the compiled kernels and the GEMMs they call, the per-direction launcher, the
+``autograd.Function`` of one layer, and the public op with the engine signature.
+
+Shape legend: ``T`` steps, ``B`` batch, ``I`` input features, ``H`` hidden, ``P`` projection,
+``H_out = P or H``, ``D`` directions, ``N`` real tokens (``T * B`` without lengths).
+
+Layout. Sequences are sorted by length (longest first), so the rows still running at step ``t``
+are a prefix ``[0, n_t)`` of the batch, and every per-step tensor is stored *packed*: step ``t``'s
+``n_t`` rows start at row ``offsets[t]``. No work and no memory go to padding. The reverse
+direction walks ``t = T-1 .. 0`` over the same prefixes; a row joins at its own last step with its
+initial state, which its untouched state row still holds.
+
+Work per layer:
+    forward:  XW = X W_ih^T for all steps and both directions (one GEMM), then per direction and
+              step one recurrent GEMM and one fused pointwise update (plus the projection GEMM).
+    backward: per step one GEMM for dh (plus the projection's), then after the loop one GEMM each
+              for dW_hh and dW_ih (K = N), one for dx, and a reduction for the biases.
+Saved for backward: gate activations (not pre-activations), the fresh cell, the recurrent GEMM's
+input, and what the options need (clip masks, zoneout-carried cell, layer-norm statistics).
+
+The time loop runs in C++ with BLAS gemm (the one torch itself links) or, where torch's oneDNN
+GEMM is measured to be faster for the step's shape, as a Python loop around the same C++ phases.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..masks import DirectionMasks
+from ..options import GATE_ACTIVATIONS, LSTMOptions
+from ..weights import DirectionWeights
+
+try:
+    from . import _cpu_kernels as kernels
+except ImportError:  # built without a compiler: the engine is unavailable, "auto" uses the reference
+    kernels = None
+
+LAYER_NORM_EPS = 1e-5
+_ACTIVATION_CODES = {name: code for code, name in enumerate(GATE_ACTIVATIONS)}
+_U8, _I64, _F64, _PTR = ctypes.c_uint8, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+
+
+class Plan(ctypes.Structure):
+    """Mirror of ``struct Plan`` in cpu_kernels.cpp (every field 8 bytes, same order)."""
+
+    _fields_ = [
+        ("dtype", _I64), ("steps", _I64), ("batch", _I64), ("hidden", _I64), ("proj", _I64), ("h_out", _I64),
+        ("reverse", _I64), ("act_gate", _I64), ("act_in", _I64), ("act_out", _I64),
+        ("peephole", _I64), ("coupled", _I64), ("layer_norm", _I64),
+        ("clip", _F64), ("cell_clip", _F64), ("proj_clip", _F64),
+        ("zoneout_mode", _I64), ("z_h", _F64), ("z_c", _F64),
+        ("n_rows", _PTR), ("offsets", _PTR),
+        ("w_hh", _PTR), ("w_hr", _PTR), ("peep", _PTR), ("ln_hh", _PTR), ("ln_c_w", _PTR), ("ln_c_b", _PTR),
+        ("rec_mask", _PTR), ("zh_mask", _PTR), ("zc_mask", _PTR),
+        ("xg", _PTR), ("ld_xg", _I64), ("c0", _PTR), ("h_state", _PTR), ("c_state", _PTR),
+        ("y", _PTR), ("ld_y", _I64),
+        ("gates", _PTR), ("clip_mask", _PTR), ("c_fresh", _PTR), ("cclip_mask", _PTR), ("c_carried", _PTR),
+        ("h_in", _PTR), ("m", _PTR), ("pclip_mask", _PTR), ("hw_hat", _PTR), ("hw_rstd", _PTR),
+        ("c_hat", _PTR), ("c_rstd", _PTR), ("hw", _PTR), ("ld_hw", _I64), ("htilde", _PTR),
+        ("dy", _PTR), ("ld_dy", _I64), ("dh_state", _PTR), ("dc_state", _PTR),
+        ("dgates", _PTR), ("ld_dgates", _I64), ("dhw", _PTR), ("ld_dhw", _I64), ("dproj", _PTR),
+        ("dm", _PTR), ("dh_in", _PTR), ("dpeep", _PTR), ("dln_hh", _PTR), ("dln_c_w", _PTR), ("dln_c_b", _PTR),
+        ("sgemm", _PTR), ("dgemm", _PTR),
+    ]
+
+
+def _find_blas() -> tuple[int | None, int | None]:
+    """Addresses of the Fortran ``sgemm_``/``dgemm_`` that torch's CPU library links, if it exports them."""
+    if os.environ.get("FASTLSTM_CPU_NO_BLAS"):
+        return None, None
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        lib = ctypes.CDLL(path)
+        return (ctypes.cast(lib.sgemm_, _PTR).value, ctypes.cast(lib.dgemm_, _PTR).value)
+    except (OSError, AttributeError):
+        return None, None
+
+
+if kernels is not None and kernels.plan_size() != ctypes.sizeof(Plan):  # pragma: no cover - build mismatch
+    kernels = None
+_SGEMM, _DGEMM = _find_blas() if kernels is not None else (None, None)
+
+
+def available() -> bool:
+    return kernels is not None
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _contiguous(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().contiguous()
+
+
+# -- GEMM choice ------------------------------------------------------------------------------------
+#
+# torch's CPU matmul is BLAS (MKL on x86), whose speed depends strongly on the CPU: on some it is
+# the fastest, on others oneDNN (torch's mkldnn linear) is several times faster for the same
+# product. Each product shape is timed once both ways and the faster kept.
+
+_CHOICES: dict[tuple, str] = {}
+
+
+def _onednn_ok(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def _onednn_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+def _blas_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    return torch.mm(a, b.t()) if bias is None else torch.addmm(bias, a, b.t())
+
+
+def _median_time(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def _faster(key: tuple, make_args, candidates: dict[str, object]) -> str:
+    if key not in _CHOICES:
+        args = make_args()
+        timed = {name: _median_time(lambda f=f: f(*args)) for name, f in candidates.items()}
+        _CHOICES[key] = min(timed, key=timed.get)
+    return _CHOICES[key]
+
+
+def matmul_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``a [M, K] @ b [N, K]^T (+ bias [N])`` with the faster of BLAS and oneDNN for this shape."""
+    if not _onednn_ok(a.dtype):
+        return _blas_nt(a, b, bias)
+    key = ("nt", a.shape[0], a.shape[1], b.shape[0], bias is not None)
+    choice = _faster(
+        key,
+        lambda: (torch.randn(a.shape), torch.randn(b.shape), None if bias is None else torch.randn(b.shape[0])),
+        {"blas": _blas_nt, "onednn": _onednn_nt},
+    )
+    if choice == "onednn":
+        return _onednn_nt(a.contiguous(), b.contiguous(), bias)
+    return _blas_nt(a, b, bias)
+
+
+def matmul_tn(a: Tensor, b: Tensor) -> Tensor:
+    """``a [K, M]^T @ b [K, N]`` (weight gradients, ``K = N`` tokens)."""
+    if not _onednn_ok(a.dtype):
+        return torch.mm(a.t(), b)
+    key = ("tn", a.shape[0], a.shape[1], b.shape[1])
+    choice = _faster(
+        key,
+        lambda: (torch.randn(a.shape), torch.randn(b.shape)),
+        {"blas": lambda x, y: torch.mm(x.t(), y), "onednn": lambda x, y: _onednn_nt(x.t().contiguous(), y.t().contiguous())},
+    )
+    if choice == "onednn":
+        return _onednn_nt(a.t().contiguous(), b.t().contiguous())
+    return torch.mm(a.t(), b)
+
+
+def matmul_nn(a: Tensor, b: Tensor) -> Tensor:
+    """``a [M, K] @ b [K, N]`` (input gradients)."""
+    if not _onednn_ok(a.dtype):
+        return torch.mm(a, b)
+    key = ("nn", a.shape[0], a.shape[1], b.shape[1])
+    choice = _faster(
+        key,
+        lambda: (torch.randn(a.shape), torch.randn(b.shape)),
+        {"blas": torch.mm, "onednn": lambda x, y: _onednn_nt(x, y.t().contiguous())},
+    )
+    if choice == "onednn":
+        return _onednn_nt(a.contiguous(), b.t().contiguous())
+    return torch.mm(a, b)
+
+
+def _loop_driver(batch: int, h_out: int, gates: int, dtype: torch.dtype) -> str:
+    """"compiled" (the whole loop in C++ with BLAS) or "python" (per-step torch GEMM + C++ phases)."""
+    blas = _SGEMM if dtype == torch.float32 else _DGEMM
+    if blas is None:
+        return "python"
+    if not _onednn_ok(dtype):
+        return "compiled"
+    key = ("step", batch, h_out, gates)
+    # The Python loop pays a few microseconds of interpreter time per step, so oneDNN must win clearly.
+    choice = _faster(
+        key,
+        lambda: (torch.randn(batch, h_out), torch.randn(gates, h_out)),
+        {"blas": _blas_nt, "onednn": _onednn_nt},
+    )
+    if choice == "onednn" and _CHOICES.get(key + ("margin",)) is None:
+        a, b = torch.randn(batch, h_out), torch.randn(gates, h_out)
+        _CHOICES[key + ("margin",)] = (
+            "python" if _median_time(lambda: _onednn_nt(a, b)) < 0.8 * _median_time(lambda: _blas_nt(a, b)) else "compiled"
+        )
+    return _CHOICES.get(key + ("margin",), "compiled") if choice == "onednn" else "compiled"
+
+
+# -- layout -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Packed-by-step rows of a batch sorted by length (see the module docstring)."""
+
+    steps: int
+    batch: int
+    n_rows: Tensor  # [T] int64
+    offsets: Tensor  # [T] int64
+    total: int  # N
+    order: Tensor | None  # [B] sorted position -> user batch index; None when every length is T
+    flat_index: Tensor | None  # [N] row -> index into the padded [T * B] rows; None when no padding
+
+    @staticmethod
+    def of(steps: int, batch: int, lengths: Tensor | None) -> "Layout":
+        if lengths is None or bool((lengths == steps).all()):
+            n_rows = torch.full((steps,), batch, dtype=torch.int64)
+            offsets = torch.arange(steps, dtype=torch.int64) * batch
+            return Layout(steps, batch, n_rows, offsets, steps * batch, None, None)
+        sorted_lengths, order = torch.sort(lengths.cpu(), descending=True, stable=True)
+        n_rows = (sorted_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
+        offsets = torch.cumsum(n_rows, 0) - n_rows
+        rows_t = torch.repeat_interleave(torch.arange(steps), n_rows)
+        slot = torch.arange(int(n_rows.sum())) - offsets[rows_t]
+        flat_index = rows_t * batch + order[slot]
+        return Layout(steps, batch, n_rows, offsets, int(n_rows.sum()), order, flat_index)
+
+    def rows(self, padded: Tensor) -> Tensor:
+        """``[T, B, F]`` -> ``[N, F]`` (contiguous)."""
+        flat = padded.reshape(self.steps * self.batch, padded.shape[-1])
+        return flat.contiguous() if self.flat_index is None else flat.index_select(0, self.flat_index)
+
+    def padded(self, rows: Tensor) -> Tensor:
+        """``[N, F]`` -> zero-padded ``[T, B, F]``."""
+        if self.flat_index is None:
+            return rows.view(self.steps, self.batch, rows.shape[-1])
+        out = rows.new_zeros(self.steps * self.batch, rows.shape[-1])
+        out.index_copy_(0, self.flat_index, rows)
+        return out.view(self.steps, self.batch, rows.shape[-1])
+
+    def sort(self, per_batch: Tensor, dim: int = 0) -> Tensor:
+        return per_batch if self.order is None else per_batch.index_select(dim, self.order)
+
+    def unsort(self, per_batch: Tensor, dim: int = 0) -> Tensor:
+        if self.order is None:
+            return per_batch
+        return torch.empty_like(per_batch).index_copy_(dim, self.order, per_batch)
+
+
+# -- one direction: the launcher ------------------------------------------------------------------
+
+
+class _Direction:
+    """Buffers and the plan of one direction of one layer, forward and (later) backward."""
+
+    def __init__(self, layout: Layout, w: DirectionWeights, masks: DirectionMasks, options: LSTMOptions,
+                 *, training: bool, reverse: bool, dtype: torch.dtype, driver: str | None):
+        self.layout, self.w, self.masks, self.options = layout, w, masks, options
+        self.reverse, self.dtype = reverse, dtype
+        self.hidden = w.weight_hh.shape[0] // 4
+        self.proj = 0 if w.weight_hr is None else w.weight_hr.shape[0]
+        self.h_out = self.proj or self.hidden
+        self.driver = driver or _loop_driver(layout.batch, self.h_out, 4 * self.hidden, dtype)
+        if self.driver == "compiled" and (_SGEMM if dtype == torch.float32 else _DGEMM) is None:
+            raise RuntimeError("fastlstm CPU engine: the compiled driver needs BLAS gemm, which torch does not export here")
+        self.w_hh_eff = (w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh).contiguous()
+        if not training:
+            self.zoneout_mode = 2 if options.has_zoneout else 0
+        else:
+            self.zoneout_mode = 1 if (masks.zoneout_h is not None or masks.zoneout_c is not None) else 0
+        # contiguous views (copies only if a parameter is strided) that the plan points into
+        self.w_hr, self.peep = _contiguous(w.weight_hr), _contiguous(w.weight_peephole)
+        self.ln_hh, self.ln_c_w, self.ln_c_b = (
+            _contiguous(t) for t in (w.layer_norm_hh_weight, w.layer_norm_cell_weight, w.layer_norm_cell_bias)
+        )
+        self.rec_mask = None if masks.recurrent is None else layout.sort(masks.recurrent).contiguous()
+        self.zh_mask = None if masks.zoneout_h is None else layout.rows(masks.zoneout_h)
+        self.zc_mask = None if masks.zoneout_c is None else layout.rows(masks.zoneout_c)
+
+    def _base_plan(self) -> Plan:
+        o, lay = self.options, self.layout
+        p = Plan()
+        p.dtype = 0 if self.dtype == torch.float32 else 1
+        p.steps, p.batch, p.hidden, p.proj, p.h_out = lay.steps, lay.batch, self.hidden, self.proj, self.h_out
+        p.reverse = int(self.reverse)
+        p.act_gate, p.act_in, p.act_out = (_ACTIVATION_CODES[a] for a in o.activations)
+        p.peephole, p.coupled, p.layer_norm = int(o.peephole), int(o.coupled_input_forget), int(o.layer_norm)
+        p.clip = o.clip or 0.0
+        p.cell_clip = o.cell_clip or 0.0
+        p.proj_clip = (o.proj_clip or 0.0) if self.proj else 0.0
+        p.zoneout_mode, p.z_h, p.z_c = self.zoneout_mode, o.zoneout_h, o.zoneout_c
+        p.n_rows, p.offsets = lay.n_rows.data_ptr(), lay.offsets.data_ptr()
+        p.w_hh, p.w_hr, p.peep = _ptr(self.w_hh_eff), _ptr(self.w_hr), _ptr(self.peep)
+        p.ln_hh, p.ln_c_w, p.ln_c_b = _ptr(self.ln_hh), _ptr(self.ln_c_w), _ptr(self.ln_c_b)
+        p.rec_mask, p.zh_mask, p.zc_mask = _ptr(self.rec_mask), _ptr(self.zh_mask), _ptr(self.zc_mask)
+        p.sgemm, p.dgemm = _SGEMM, _DGEMM
+        return p
+
+    # forward ------------------------------------------------------------------------------------
+
+    def forward(self, xg: Tensor, h0: Tensor, c0: Tensor, y: Tensor, d: int) -> tuple[Tensor, Tensor]:
+        """Run the loop. ``xg [N, D*4H]`` (this direction's columns at ``d*4H``), ``h0``/``c0`` sorted;
+        writes ``y [N, D*H_out]`` columns ``d*H_out``; returns ``(h_n, c_n)`` sorted."""
+        lay, H, G, N = self.layout, self.hidden, 4 * self.hidden, self.layout.total
+        o = self.options
+        new = lambda *shape, dtype=self.dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
+        self.h_state, self.c_state = h0.contiguous().clone(), c0.contiguous().clone()
+        self.c0 = c0.contiguous()
+        self.gates, self.c_fresh, self.h_in = new(N, G), new(N, H), new(N, self.h_out)
+        self.clip_mask = new(N, G, dtype=torch.uint8) if o.clip is not None else None
+        self.cclip_mask = new(N, H, dtype=torch.uint8) if o.cell_clip is not None else None
+        zc = (self.zoneout_mode == 1 and self.zc_mask is not None) or (self.zoneout_mode == 2 and o.zoneout_c > 0)
+        self.c_carried = new(N, H) if zc else None
+        self.m = new(N, H) if self.proj else None
+        self.pclip_mask = new(N, self.proj, dtype=torch.uint8) if self.proj and o.proj_clip is not None else None
+        if o.layer_norm:
+            self.hw_hat, self.hw_rstd, self.c_hat, self.c_rstd = new(N, G), new(N), new(N, H), new(N)
+        else:
+            self.hw_hat = self.hw_rstd = self.c_hat = self.c_rstd = None
+        hw = new(lay.batch, G)
+        htilde = new(lay.batch, self.proj) if self.proj else None
+
+        p = self._base_plan()
+        p.xg, p.ld_xg = xg.data_ptr() + d * G * xg.element_size(), xg.stride(0)
+        p.c0, p.h_state, p.c_state = _ptr(self.c0), _ptr(self.h_state), _ptr(self.c_state)
+        p.y, p.ld_y = y.data_ptr() + d * self.h_out * y.element_size(), y.stride(0)
+        p.gates, p.clip_mask, p.c_fresh, p.cclip_mask = _ptr(self.gates), _ptr(self.clip_mask), _ptr(self.c_fresh), _ptr(self.cclip_mask)
+        p.c_carried, p.h_in, p.m, p.pclip_mask = _ptr(self.c_carried), _ptr(self.h_in), _ptr(self.m), _ptr(self.pclip_mask)
+        p.hw_hat, p.hw_rstd, p.c_hat, p.c_rstd = _ptr(self.hw_hat), _ptr(self.hw_rstd), _ptr(self.c_hat), _ptr(self.c_rstd)
+        p.hw, p.ld_hw, p.htilde = hw.data_ptr(), G, _ptr(htilde)
+        address = ctypes.addressof(p)
+
+        if self.driver == "compiled":
+            kernels.forward_all(address)
+        else:
+            for s in range(lay.steps):
+                t = lay.steps - 1 - s if self.reverse else s
+                n, row0 = int(lay.n_rows[t]), int(lay.offsets[t])
+                kernels.fwd_prepare(address, t)
+                step_hw = matmul_nt(self.h_in[row0 : row0 + n], self.w_hh_eff)
+                p.hw = step_hw.data_ptr()
+                kernels.fwd_cell(address, t)
+                if self.proj:
+                    step_ht = matmul_nt(self.m[row0 : row0 + n], self.w_hr)
+                    p.htilde = step_ht.data_ptr()
+                    kernels.fwd_finish(address, t)
+        self._plan = p
+        return self.h_state, self.c_state
+
+    # backward -----------------------------------------------------------------------------------
+
+    def backward(self, dy: Tensor, dh_n: Tensor, dc_n: Tensor, dgates: Tensor, d: int) -> dict[str, Tensor | None]:
+        """BPTT. ``dy [N, D*H_out]``, ``dh_n``/``dc_n`` sorted; writes ``dgates [N, D*4H]`` columns
+        ``d*4H`` (the gradient of ``xg``). Returns the gradients of this direction's recurrent
+        parameters and of ``h0``, ``c0`` (sorted)."""
+        lay, H, G, N, o = self.layout, self.hidden, 4 * self.hidden, self.layout.total, self.options
+        new = lambda *shape: torch.empty(shape, dtype=self.dtype)  # noqa: E731
+        zeros = lambda *shape: torch.zeros(shape, dtype=self.dtype)  # noqa: E731
+        dh_state, dc_state = dh_n.contiguous().clone(), dc_n.contiguous().clone()
+        dgates_dir = dgates[:, d * G : (d + 1) * G]
+        dhw = new(N, G) if o.layer_norm else dgates_dir
+        dproj = new(N, self.proj) if self.proj else None
+        dm, dh_in = new(lay.batch, H), new(lay.batch, self.h_out)
+        dpeep = zeros(3 * H) if o.peephole else None
+        dln_hh, dln_c_w, dln_c_b = (zeros(G), zeros(H), zeros(H)) if o.layer_norm else (None, None, None)
+
+        p = self._plan
+        p.dy, p.ld_dy = dy.data_ptr() + d * self.h_out * dy.element_size(), dy.stride(0)
+        p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
+        p.dgates, p.ld_dgates = dgates_dir.data_ptr(), dgates.stride(0)
+        p.dhw, p.ld_dhw = dhw.data_ptr(), dhw.stride(0)
+        p.dproj, p.dm, p.dh_in = _ptr(dproj), dm.data_ptr(), dh_in.data_ptr()
+        p.dpeep, p.dln_hh, p.dln_c_w, p.dln_c_b = _ptr(dpeep), _ptr(dln_hh), _ptr(dln_c_w), _ptr(dln_c_b)
+        address = ctypes.addressof(p)
+
+        if self.driver == "compiled":
+            kernels.backward_all(address)
+        else:
+            for s in range(lay.steps - 1, -1, -1):
+                t = lay.steps - 1 - s if self.reverse else s
+                n, row0 = int(lay.n_rows[t]), int(lay.offsets[t])
+                kernels.bwd_begin(address, t)
+                if self.proj:
+                    torch.mm(dproj[row0 : row0 + n], self.w_hr, out=dm[:n])
+                kernels.bwd_cell(address, t)
+                step_dh = matmul_nn(dhw[row0 : row0 + n], self.w_hh_eff)
+                p.dh_in = step_dh.data_ptr()
+                kernels.bwd_end(address, t)
+            p.dh_in = dh_in.data_ptr()
+
+        grads: dict[str, Tensor | None] = {"h0": dh_state, "c0": dc_state}
+        d_w_eff = matmul_tn(dhw, self.h_in)  # [4H, H_out], K = N
+        grads["weight_hh"] = d_w_eff if self.masks.weight_hh is None else d_w_eff * self.masks.weight_hh
+        grads["weight_hr"] = matmul_tn(dproj, self.m) if self.proj else None
+        grads["weight_peephole"] = dpeep
+        grads["layer_norm_hh_weight"], grads["layer_norm_cell_weight"], grads["layer_norm_cell_bias"] = dln_hh, dln_c_w, dln_c_b
+        return grads
+
+
+# -- one layer: the autograd.Function --------------------------------------------------------------
+
+_FIELDS = DirectionWeights._fields
+
+
+class _LayerFunction(torch.autograd.Function):
+    """One layer, every direction. Inputs after the non-tensor context: ``x [T, B, I]``,
+    ``h0 [D, B, H_out]``, ``c0 [D, B, H]``, then each direction's ``DirectionWeights`` fields."""
+
+    @staticmethod
+    def forward(ctx, setup, x, h0, c0, *flat_weights):
+        layout, options, masks, training, driver = setup
+        num_directions = len(flat_weights) // len(_FIELDS)
+        weights = [DirectionWeights(*flat_weights[d * len(_FIELDS) : (d + 1) * len(_FIELDS)]) for d in range(num_directions)]
+        dtype = x.dtype
+        hidden = weights[0].weight_hh.shape[0] // 4
+        G = 4 * hidden
+
+        x_rows = layout.rows(x)  # [N, I]
+        w_ih = torch.cat([w.weight_ih for w in weights])  # [D*4H, I]
+        bias = None
+        if weights[0].bias_ih is not None:
+            bias = torch.cat([w.bias_ih + w.bias_hh for w in weights])  # [D*4H]
+        x_hat = x_rstd = None
+        if options.layer_norm:
+            xw = matmul_nt(x_rows, w_ih).view(-1, num_directions, G)
+            x_hat, _, x_rstd = torch.native_layer_norm(xw, [G], None, None, LAYER_NORM_EPS)
+            gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
+            xg = (x_hat * gains).view(-1, num_directions * G)
+            if bias is not None:
+                xg = xg + bias
+            xg = xg.contiguous()
+        else:
+            xg = matmul_nt(x_rows, w_ih, bias).contiguous()
+
+        y_rows = torch.empty(layout.total, num_directions * (weights[0].weight_hh.shape[1]), dtype=dtype)
+        directions, h_n, c_n = [], [], []
+        for d, w in enumerate(weights):
+            direction = _Direction(layout, w, masks[d], options, training=training, reverse=d == 1, dtype=dtype,
+                                   driver=driver)
+            h, c = direction.forward(xg, layout.sort(h0[d]), layout.sort(c0[d]), y_rows, d)
+            directions.append(direction)
+            h_n.append(layout.unsort(h))
+            c_n.append(layout.unsort(c))
+
+        ctx.layout, ctx.options, ctx.directions, ctx.num_directions = layout, options, directions, num_directions
+        ctx.x_hat, ctx.x_rstd = x_hat, x_rstd
+        ctx.save_for_backward(x_rows, w_ih, *flat_weights)
+        return layout.padded(y_rows), torch.stack(h_n), torch.stack(c_n)
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        layout, options, D = ctx.layout, ctx.options, ctx.num_directions
+        x_rows, w_ih, *flat_weights = ctx.saved_tensors
+        weights = [DirectionWeights(*flat_weights[d * len(_FIELDS) : (d + 1) * len(_FIELDS)]) for d in range(D)]
+        G = 4 * (weights[0].weight_hh.shape[0] // 4)
+        dtype = x_rows.dtype
+        dy_rows = layout.rows(dy.to(dtype))
+
+        dgates = torch.empty(layout.total, D * G, dtype=dtype)
+        per_direction = []
+        for d, direction in enumerate(ctx.directions):
+            per_direction.append(direction.backward(dy_rows, layout.sort(dh_n[d]), layout.sort(dc_n[d]), dgates, d))
+
+        # gates = LN(x W_ih^T) + ... : the x part's gradient, all steps and directions at once
+        if options.layer_norm:
+            gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
+            dg = dgates.view(-1, D, G)
+            d_gain = (dg * ctx.x_hat).sum(0)  # [D, 4H]
+            dxh = dg * gains
+            dxw = ctx.x_rstd * (dxh - dxh.mean(-1, keepdim=True) - ctx.x_hat * (dxh * ctx.x_hat).mean(-1, keepdim=True))
+            dxw = dxw.reshape(-1, D * G)
+        else:
+            d_gain = None
+            dxw = dgates
+        needs = ctx.needs_input_grad
+        d_x = None
+        if needs[1]:
+            d_x = layout.padded(matmul_nn(dxw, w_ih))
+        d_w_ih = matmul_tn(dxw, x_rows) if any(needs[4 + d * len(_FIELDS)] for d in range(D)) else None
+        d_bias = dgates.sum(0) if weights[0].bias_ih is not None else None
+
+        d_h0 = torch.stack([layout.unsort(g["h0"]) for g in per_direction])
+        d_c0 = torch.stack([layout.unsort(g["c0"]) for g in per_direction])
+        flat_grads = []
+        for d, w in enumerate(weights):
+            g = per_direction[d]
+            for name in _FIELDS:
+                if getattr(w, name) is None:
+                    flat_grads.append(None)
+                elif name == "weight_ih":
+                    flat_grads.append(None if d_w_ih is None else d_w_ih[d * G : (d + 1) * G])
+                elif name in ("bias_ih", "bias_hh"):
+                    flat_grads.append(d_bias[d * G : (d + 1) * G])
+                elif name == "layer_norm_ih_weight":
+                    flat_grads.append(d_gain[d])
+                else:
+                    flat_grads.append(g[name])
+        return (None, d_x, d_h0, d_c0, *flat_grads)
+
+
+# -- the public op ----------------------------------------------------------------------------------
+
+
+def supports(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
+    return kernels is not None and device.type == "cpu" and dtype in (torch.float32, torch.float64)
+
+
+def lstm_layer(
+    x: Tensor,
+    lengths: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[DirectionWeights],
+    options: LSTMOptions,
+    masks: Sequence[DirectionMasks] | None,
+    *,
+    training: bool,
+    driver: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The engine entry point; the signature and semantics of :func:`fastlstm.reference.lstm_layer`.
+
+    ``driver`` ("compiled" or "python") pins the time-loop driver instead of the measured choice;
+    tests use it to cover both.
+    """
+    if driver not in (None, "compiled", "python"):
+        raise ValueError(f"driver should be None, 'compiled' or 'python', got {driver!r}")
+    if masks is not None and not training:
+        raise ValueError("masks are only used in training mode; eval mode uses their expectations")
+    layout = Layout.of(x.shape[0], x.shape[1], lengths)
+    masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
+    flat = [t for w in weights for t in w]
+    return _LayerFunction.apply((layout, options, masks, training, driver), x, h0, c0, *flat)

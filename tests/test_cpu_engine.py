@@ -1,0 +1,250 @@
+"""The CPU engine against the reference engine: outputs, final states and every gradient.
+
+Both time-loop drivers (the compiled loop with BLAS, and the Python loop around torch GEMMs) are
+run for every option, direction, projection, bias and length configuration, in float64 (<= 1e-10)
+and float32 (<= 1e-5); gradcheck covers the hand-written backward on its own.
+"""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+from fastlstm import reference
+from fastlstm.engines import cpu
+from fastlstm.masks import sample_direction_masks
+from fastlstm.options import make_options
+from fastlstm.weights import DirectionWeights, direction_shapes
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU engine kernels were not built")
+
+OPTIONS = {
+    "plain": {},
+    "activations": dict(activations=("hard_sigmoid", "softsign", "relu")),
+    "activations2": dict(activations=("tanh", "sigmoid", "hard_sigmoid")),
+    "peephole": dict(peephole=True),
+    "clip": dict(clip=0.4),
+    "coupled": dict(coupled_input_forget=True),
+    "coupled-peephole-clip": dict(coupled_input_forget=True, peephole=True, clip=0.8),
+    "layer_norm": dict(layer_norm=True),
+    "zoneout": dict(zoneout=(0.3, 0.6)),
+    "zoneout_h_only": dict(zoneout=(0.4, 0.0)),
+    "recurrent_dropout": dict(recurrent_dropout=0.4),
+    "weight_drop": dict(weight_drop=0.4),
+    "cell_clip": dict(cell_clip=0.3),
+    "everything": dict(
+        activations=("sigmoid", "tanh", "softsign"), peephole=True, clip=1.5, layer_norm=True,
+        zoneout=(0.2, 0.3), recurrent_dropout=0.3, weight_drop=0.3, cell_clip=0.8,
+    ),
+}
+ARCHS = {
+    "uni": dict(directions=1, proj=0, bias=True),
+    "bi-proj": dict(directions=2, proj=3, bias=True),
+    "bi-nobias": dict(directions=2, proj=0, bias=False),
+    "uni-proj-nobias": dict(directions=1, proj=2, bias=False),
+}
+
+
+def make_layer(arch, cfg, *, input_size=4, hidden=5, dtype=torch.float64, seed=0):
+    """Random weights for one layer (every direction) with the options' parameters."""
+    g = torch.Generator().manual_seed(seed)
+    options = make_options(**cfg, has_bias=arch["bias"], has_projection=arch["proj"] > 0,
+                           proj_clip=0.2 if (arch["proj"] and "cell_clip" in cfg) else None)
+    shapes = direction_shapes(input_size, hidden, arch["proj"], bias=arch["bias"], peephole=options.peephole,
+                              layer_norm=options.layer_norm)
+    weights = []
+    for _ in range(arch["directions"]):
+        params = {}
+        for name, shape in shapes.items():
+            scale = 0.3 if name.startswith("layer_norm") else 0.6
+            base = 1.0 if name.startswith("layer_norm") and "bias" not in name else 0.0
+            params[name] = (base + scale * (2 * torch.rand(shape, generator=g, dtype=dtype) - 1)).requires_grad_()
+        weights.append(DirectionWeights(**params))
+    return options, weights
+
+
+def run(fn, x, lengths, h0, c0, weights, options, masks, training, **kw):
+    leaves = [x, h0, c0] + [p for w in weights for p in w if p is not None]
+    y, h, c = fn(x, lengths, h0, c0, weights, options, masks, training=training, **kw)
+    if lengths is not None:
+        valid = (torch.arange(x.shape[0]).unsqueeze(1) < lengths).unsqueeze(-1)
+        assert (y.masked_select(~valid) == 0).all(), "padding of the output must be zero"
+    g = torch.Generator().manual_seed(9)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (y, h, c))
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [y, h, c] + [torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves)]
+
+
+def compare(arch, cfg, *, lengths, training, driver, dtype, tol, steps=6, batch=4):
+    options, weights = make_layer(arch, cfg, dtype=dtype)
+    hidden, proj, d = 5, arch["proj"], arch["directions"]
+    h_out = proj or hidden
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(steps, batch, 4, generator=g, dtype=dtype).requires_grad_()
+    h0 = torch.randn(d, batch, h_out, generator=g, dtype=dtype).requires_grad_()
+    c0 = torch.randn(d, batch, hidden, generator=g, dtype=dtype).requires_grad_()
+    masks = None
+    if training and options.is_stochastic:
+        masks = [sample_direction_masks(options, steps=steps, batch=batch, hidden_size=hidden, h_out=h_out,
+                                        device="cpu", dtype=dtype) for _ in range(d)]
+    ours = run(cpu.lstm_layer, x, lengths, h0, c0, weights, options, masks, training, driver=driver)
+    theirs = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
+    names = ["output", "h_n", "c_n", "x", "h0", "c0"] + [
+        f"dir{k}.{f}" for k, w in enumerate(weights) for f, p in zip(DirectionWeights._fields, w) if p is not None
+    ]
+    for name, a, b in zip(names, ours, theirs):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+LENGTHS = {"full": None, "unequal": torch.tensor([3, 6, 1, 4])}
+
+
+@pytest.mark.parametrize("driver", ["compiled", "python"])
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+@pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
+def test_engine_matches_reference_float64(cfg, arch, lengths, driver):
+    training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop", "everything"))
+    compare(arch, cfg, lengths=lengths, training=training, driver=driver, dtype=torch.float64, tol=1e-10)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("cfg", [OPTIONS["zoneout"], OPTIONS["everything"]], ids=["zoneout", "everything"])
+def test_engine_eval_and_train_modes(cfg, training):
+    compare(ARCHS["bi-proj"], cfg, lengths=LENGTHS["unequal"], training=training, driver="compiled",
+            dtype=torch.float64, tol=1e-10)
+
+
+def _inputs_and_masks(arch, cfg, dtype, steps=6, batch=4, training=False):
+    options, weights = make_layer(arch, cfg, dtype=dtype)
+    hidden, d = 5, arch["directions"]
+    h_out = arch["proj"] or hidden
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(steps, batch, 4, generator=g, dtype=dtype).requires_grad_()
+    h0 = torch.randn(d, batch, h_out, generator=g, dtype=dtype).requires_grad_()
+    c0 = torch.randn(d, batch, hidden, generator=g, dtype=dtype).requires_grad_()
+    masks = None
+    if training and options.is_stochastic:
+        masks = [sample_direction_masks(options, steps=steps, batch=batch, hidden_size=hidden, h_out=h_out,
+                                        device="cpu", dtype=dtype) for _ in range(d)]
+    return options, weights, x, h0, c0, masks
+
+
+def _cast(t, dtype):
+    return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("driver", ["compiled", "python"])
+@pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
+def test_engine_float32_error_is_at_most_twice_the_references(cfg, driver):
+    """float32: both engines against the float64 reference; ours may err at most 2x the float32
+    reference's error, plus 1e-6 (flash-attention's rule for low-precision comparisons)."""
+    training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
+    options, weights, x, h0, c0, masks = _inputs_and_masks(ARCHS["bi-proj"], cfg, torch.float64, training=training)
+    lengths = LENGTHS["unequal"]
+    truth = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
+    f32 = lambda ts: [_cast(t, torch.float32) for t in ts]  # noqa: E731
+    weights32 = [DirectionWeights(*f32(w)) for w in weights]
+    masks32 = None if masks is None else [type(m)(*f32([m.zoneout_h, m.zoneout_c, m.recurrent, m.weight_hh])) for m in masks]
+    args32 = (*f32([x]), lengths, *f32([h0, c0]), weights32, options, masks32, training)
+    ours = run(cpu.lstm_layer, *args32, driver=driver)
+    theirs = run(reference.lstm_layer, *args32)
+    for k, (a, b, t) in enumerate(zip(ours, theirs, truth)):
+        err_ours = (a.double() - t).abs().max().item()
+        err_ref = (b.double() - t).abs().max().item()
+        assert err_ours <= 2 * err_ref + 1e-6, (k, err_ours, err_ref)
+
+
+@pytest.mark.parametrize("driver", ["compiled", "python"])
+@pytest.mark.parametrize("cfg", [OPTIONS["plain"], OPTIONS["layer_norm"], OPTIONS["everything"]], ids=["plain", "ln", "everything"])
+def test_larger_shapes(cfg, driver):
+    """Sizes past any small-size special case: H = 40, B = 9, T = 17."""
+    options, weights = make_layer(ARCHS["bi-proj"], cfg, input_size=11, hidden=40, dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(17, 9, 11, generator=g, dtype=torch.float64).requires_grad_()
+    h0 = torch.randn(2, 9, 3, generator=g, dtype=torch.float64).requires_grad_()
+    c0 = torch.randn(2, 9, 40, generator=g, dtype=torch.float64).requires_grad_()
+    lengths = torch.randint(1, 18, (9,), generator=g)
+    training = options.is_stochastic
+    masks = None
+    if training:
+        masks = [sample_direction_masks(options, steps=17, batch=9, hidden_size=40, h_out=3, device="cpu",
+                                        dtype=torch.float64) for _ in range(2)]
+    ours = run(cpu.lstm_layer, x, lengths, h0, c0, weights, options, masks, training, driver=driver)
+    theirs = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+GRADCHECK = {k: OPTIONS[k] for k in ("plain", "peephole", "clip", "coupled", "layer_norm", "zoneout", "cell_clip", "everything")}
+
+
+@pytest.mark.parametrize("driver", ["compiled", "python"])
+@pytest.mark.parametrize("cfg", GRADCHECK.values(), ids=GRADCHECK.keys())
+def test_hand_written_backward_gradcheck(cfg, driver):
+    options, weights = make_layer(ARCHS["bi-proj"], cfg, input_size=2, hidden=3)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(4, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([2, 4, 3])
+    masks = None
+    if options.is_stochastic:
+        masks = [sample_direction_masks(options, steps=4, batch=3, hidden_size=3, h_out=3, device="cpu",
+                                        dtype=torch.float64) for _ in range(2)]
+    flat = [p for w in weights for p in w]
+    present = [i for i, p in enumerate(flat) if p is not None]
+
+    def f(x, h0, c0, *params):
+        full = list(flat)
+        for i, p in zip(present, params):
+            full[i] = p
+        ws = [DirectionWeights(*full[k * 10 : (k + 1) * 10]) for k in range(2)]
+        return cpu.lstm_layer(x, lengths, h0, c0, ws, options, masks, training=masks is not None, driver=driver)
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *[flat[i] for i in present]), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+FORMS = ["padded", "batch_first", "unbatched", "packed"]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("arch", [dict(num_layers=1), dict(num_layers=3, bidirectional=True, proj_size=2)], ids=["1", "3bi-proj"])
+def test_module_backend_cpu_matches_torch(arch, form):
+    """The whole contract through the module: backend="cpu" against torch.nn.LSTM in float64."""
+    ours = fastlstm.LSTM(4, 5, batch_first=form == "batch_first", backend="cpu", dtype=torch.float64, **arch)
+    theirs = torch.nn.LSTM(4, 5, batch_first=form == "batch_first", dtype=torch.float64, **arch)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(6, 3, 4, dtype=torch.float64)
+    results = []
+    for model in (ours, theirs):
+        xx = x.clone().requires_grad_()
+        inp = {"padded": xx, "batch_first": xx.transpose(0, 1), "unbatched": xx[:, 0],
+               "packed": pack_padded_sequence(xx, [4, 6, 2], enforce_sorted=False)}[form]
+        out, (h, c) = model(inp)
+        out = out.data if form == "packed" else out
+        (out.sum() + 2 * h.sum() + 3 * c.sum()).backward()
+        results.append([out, h, c, xx.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_auto_picks_cpu_for_float_and_reference_otherwise():
+    from fastlstm.engines import select_engine
+
+    opts = make_options()
+    assert select_engine("auto", torch.device("cpu"), torch.float32, opts).name == "cpu"
+    assert select_engine("auto", torch.device("cpu"), torch.float64, opts).name == "cpu"
+    assert select_engine("auto", torch.device("cpu"), torch.bfloat16, opts).name == "reference"
+    with pytest.raises(ValueError, match="backend='cpu'"):
+        select_engine("cpu", torch.device("cpu"), torch.float16, opts)
+
+
+def test_cell_backend_cpu_matches_torch_cell():
+    ours = fastlstm.LSTMCell(4, 6, backend="cpu", dtype=torch.float64)
+    theirs = torch.nn.LSTMCell(4, 6, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(3, 4, dtype=torch.float64)
+    hx = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64))
+    for a, b in zip(ours(x, hx), theirs(x, hx)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
