@@ -248,3 +248,18 @@ def test_cell_backend_cpu_matches_torch_cell():
     hx = (torch.randn(3, 6, dtype=torch.float64), torch.randn(3, 6, dtype=torch.float64))
     for a, b in zip(ours(x, hx), theirs(x, hx)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("driver", ["compiled", "python"])
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+@pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
+def test_inference_path_matches_reference(cfg, arch, driver):
+    """Without autograd the engine keeps one step of buffers instead of all: same results."""
+    training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
+    options, weights, x, h0, c0, masks = _inputs_and_masks(arch, cfg, torch.float64, training=training)
+    lengths = LENGTHS["unequal"]
+    with torch.no_grad():
+        ours = cpu.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training, driver=driver)
+        theirs = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -69,7 +69,7 @@ class Plan(ctypes.Structure):
         ("dy", _PTR), ("ld_dy", _I64), ("dh_state", _PTR), ("dc_state", _PTR),
         ("dgates", _PTR), ("ld_dgates", _I64), ("dhw", _PTR), ("ld_dhw", _I64), ("dproj", _PTR),
         ("dm", _PTR), ("dh_in", _PTR), ("dpeep", _PTR), ("dln_hh", _PTR), ("dln_c_w", _PTR), ("dln_c_b", _PTR),
-        ("sgemm", _PTR), ("dgemm", _PTR),
+        ("sgemm", _PTR), ("dgemm", _PTR), ("save", _I64),
     ]
 
 
@@ -310,23 +310,24 @@ class _Direction:
 
     # forward ------------------------------------------------------------------------------------
 
-    def forward(self, xg: Tensor, h0: Tensor, c0: Tensor, y: Tensor, d: int) -> tuple[Tensor, Tensor]:
+    def forward(self, xg: Tensor, h0: Tensor, c0: Tensor, y: Tensor, d: int, *, save: bool) -> tuple[Tensor, Tensor]:
         """Run the loop. ``xg [N, D*4H]`` (this direction's columns at ``d*4H``), ``h0``/``c0`` sorted;
-        writes ``y [N, D*H_out]`` columns ``d*H_out``; returns ``(h_n, c_n)`` sorted."""
-        lay, H, G, N = self.layout, self.hidden, 4 * self.hidden, self.layout.total
-        o = self.options
+        writes ``y [N, D*H_out]`` columns ``d*H_out``; returns ``(h_n, c_n)`` sorted. With ``save``
+        every step's activations are kept for :meth:`backward`; without, one step's rows are reused."""
+        lay, H, G, o = self.layout, self.hidden, 4 * self.hidden, self.options
+        rows = lay.total if save else lay.batch
         new = lambda *shape, dtype=self.dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
         self.h_state, self.c_state = h0.contiguous().clone(), c0.contiguous().clone()
         self.c0 = c0.contiguous()
-        self.gates, self.c_fresh, self.h_in = new(N, G), new(N, H), new(N, self.h_out)
-        self.clip_mask = new(N, G, dtype=torch.uint8) if o.clip is not None else None
-        self.cclip_mask = new(N, H, dtype=torch.uint8) if o.cell_clip is not None else None
+        self.gates, self.c_fresh, self.h_in = new(rows, G), new(rows, H), new(rows, self.h_out)
+        self.clip_mask = new(rows, G, dtype=torch.uint8) if o.clip is not None else None
+        self.cclip_mask = new(rows, H, dtype=torch.uint8) if o.cell_clip is not None else None
         zc = (self.zoneout_mode == 1 and self.zc_mask is not None) or (self.zoneout_mode == 2 and o.zoneout_c > 0)
-        self.c_carried = new(N, H) if zc else None
-        self.m = new(N, H) if self.proj else None
-        self.pclip_mask = new(N, self.proj, dtype=torch.uint8) if self.proj and o.proj_clip is not None else None
+        self.c_carried = new(lay.total, H) if zc and save else None
+        self.m = new(rows, H) if self.proj else None
+        self.pclip_mask = new(rows, self.proj, dtype=torch.uint8) if self.proj and o.proj_clip is not None else None
         if o.layer_norm:
-            self.hw_hat, self.hw_rstd, self.c_hat, self.c_rstd = new(N, G), new(N), new(N, H), new(N)
+            self.hw_hat, self.hw_rstd, self.c_hat, self.c_rstd = new(rows, G), new(rows), new(rows, H), new(rows)
         else:
             self.hw_hat = self.hw_rstd = self.c_hat = self.c_rstd = None
         hw = new(lay.batch, G)
@@ -340,6 +341,7 @@ class _Direction:
         p.c_carried, p.h_in, p.m, p.pclip_mask = _ptr(self.c_carried), _ptr(self.h_in), _ptr(self.m), _ptr(self.pclip_mask)
         p.hw_hat, p.hw_rstd, p.c_hat, p.c_rstd = _ptr(self.hw_hat), _ptr(self.hw_rstd), _ptr(self.c_hat), _ptr(self.c_rstd)
         p.hw, p.ld_hw, p.htilde = hw.data_ptr(), G, _ptr(htilde)
+        p.save = int(save)
         address = ctypes.addressof(p)
 
         if self.driver == "compiled":
@@ -347,7 +349,8 @@ class _Direction:
         else:
             for s in range(lay.steps):
                 t = lay.steps - 1 - s if self.reverse else s
-                n, row0 = int(lay.n_rows[t]), int(lay.offsets[t])
+                n = int(lay.n_rows[t])
+                row0 = int(lay.offsets[t]) if save else 0
                 kernels.fwd_prepare(address, t)
                 step_hw = matmul_nt(self.h_in[row0 : row0 + n], self.w_hh_eff)
                 p.hw = step_hw.data_ptr()
@@ -414,56 +417,68 @@ class _Direction:
 _FIELDS = DirectionWeights._fields
 
 
+def _unflatten(flat: Sequence[Tensor | None]) -> list[DirectionWeights]:
+    n = len(_FIELDS)
+    return [DirectionWeights(*flat[d * n : (d + 1) * n]) for d in range(len(flat) // n)]
+
+
+def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, driver: str | None, save: bool,
+                   x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights]):
+    """The forward pass of one layer (no autograd). Returns the outputs and what backward needs."""
+    num_directions = len(weights)
+    dtype = x.dtype
+    G = 4 * (weights[0].weight_hh.shape[0] // 4)
+    x_rows = layout.rows(x)  # [N, I]
+    w_ih = weights[0].weight_ih if num_directions == 1 else torch.cat([w.weight_ih for w in weights])  # [D*4H, I]
+    bias = None
+    if weights[0].bias_ih is not None:
+        bias = torch.cat([w.bias_ih + w.bias_hh for w in weights])  # [D*4H]
+    x_hat = x_rstd = None
+    if options.layer_norm:
+        xw = matmul_nt(x_rows, w_ih).view(-1, num_directions, G)
+        x_hat, _, x_rstd = torch.native_layer_norm(xw, [G], None, None, LAYER_NORM_EPS)
+        gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
+        xg = (x_hat * gains).view(-1, num_directions * G)
+        if bias is not None:
+            xg = xg + bias
+        xg = xg.contiguous()
+    else:
+        xg = matmul_nt(x_rows, w_ih, bias).contiguous()
+
+    y_rows = torch.empty(layout.total, num_directions * weights[0].weight_hh.shape[1], dtype=dtype)
+    directions, h_n, c_n = [], [], []
+    for d, w in enumerate(weights):
+        direction = _Direction(layout, w, masks[d], options, training=training, reverse=d == 1, dtype=dtype,
+                               driver=driver)
+        h, c = direction.forward(xg, layout.sort(h0[d]), layout.sort(c0[d]), y_rows, d, save=save)
+        directions.append(direction)
+        h_n.append(layout.unsort(h))
+        c_n.append(layout.unsort(c))
+    outputs = (layout.padded(y_rows), torch.stack(h_n), torch.stack(c_n))
+    return outputs, (x_rows, w_ih, x_hat, x_rstd, directions)
+
+
 class _LayerFunction(torch.autograd.Function):
-    """One layer, every direction. Inputs after the non-tensor context: ``x [T, B, I]``,
+    """One layer, every direction. Inputs after the non-tensor setup: ``x [T, B, I]``,
     ``h0 [D, B, H_out]``, ``c0 [D, B, H]``, then each direction's ``DirectionWeights`` fields."""
 
     @staticmethod
     def forward(ctx, setup, x, h0, c0, *flat_weights):
         layout, options, masks, training, driver = setup
-        num_directions = len(flat_weights) // len(_FIELDS)
-        weights = [DirectionWeights(*flat_weights[d * len(_FIELDS) : (d + 1) * len(_FIELDS)]) for d in range(num_directions)]
-        dtype = x.dtype
-        hidden = weights[0].weight_hh.shape[0] // 4
-        G = 4 * hidden
-
-        x_rows = layout.rows(x)  # [N, I]
-        w_ih = torch.cat([w.weight_ih for w in weights])  # [D*4H, I]
-        bias = None
-        if weights[0].bias_ih is not None:
-            bias = torch.cat([w.bias_ih + w.bias_hh for w in weights])  # [D*4H]
-        x_hat = x_rstd = None
-        if options.layer_norm:
-            xw = matmul_nt(x_rows, w_ih).view(-1, num_directions, G)
-            x_hat, _, x_rstd = torch.native_layer_norm(xw, [G], None, None, LAYER_NORM_EPS)
-            gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
-            xg = (x_hat * gains).view(-1, num_directions * G)
-            if bias is not None:
-                xg = xg + bias
-            xg = xg.contiguous()
-        else:
-            xg = matmul_nt(x_rows, w_ih, bias).contiguous()
-
-        y_rows = torch.empty(layout.total, num_directions * (weights[0].weight_hh.shape[1]), dtype=dtype)
-        directions, h_n, c_n = [], [], []
-        for d, w in enumerate(weights):
-            direction = _Direction(layout, w, masks[d], options, training=training, reverse=d == 1, dtype=dtype,
-                                   driver=driver)
-            h, c = direction.forward(xg, layout.sort(h0[d]), layout.sort(c0[d]), y_rows, d)
-            directions.append(direction)
-            h_n.append(layout.unsort(h))
-            c_n.append(layout.unsort(c))
-
-        ctx.layout, ctx.options, ctx.directions, ctx.num_directions = layout, options, directions, num_directions
+        weights = _unflatten(flat_weights)
+        outputs, (x_rows, w_ih, x_hat, x_rstd, directions) = _layer_forward(
+            layout, options, masks, training, driver, True, x, h0, c0, weights
+        )
+        ctx.layout, ctx.options, ctx.directions, ctx.num_directions = layout, options, directions, len(weights)
         ctx.x_hat, ctx.x_rstd = x_hat, x_rstd
         ctx.save_for_backward(x_rows, w_ih, *flat_weights)
-        return layout.padded(y_rows), torch.stack(h_n), torch.stack(c_n)
+        return outputs
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
         layout, options, D = ctx.layout, ctx.options, ctx.num_directions
         x_rows, w_ih, *flat_weights = ctx.saved_tensors
-        weights = [DirectionWeights(*flat_weights[d * len(_FIELDS) : (d + 1) * len(_FIELDS)]) for d in range(D)]
+        weights = _unflatten(flat_weights)
         G = 4 * (weights[0].weight_hh.shape[0] // 4)
         dtype = x_rows.dtype
         dy_rows = layout.rows(dy.to(dtype))
@@ -541,4 +556,9 @@ def lstm_layer(
     layout = Layout.of(x.shape[0], x.shape[1], lengths)
     masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
     flat = [t for w in weights for t in w]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *flat))
+    if not needs_grad:  # inference: nothing is kept per step
+        with torch.no_grad():
+            outputs, _ = _layer_forward(layout, options, masks, training, driver, False, x, h0, c0, list(weights))
+        return outputs
     return _LayerFunction.apply((layout, options, masks, training, driver), x, h0, c0, *flat)

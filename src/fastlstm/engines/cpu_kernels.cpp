@@ -83,7 +83,12 @@ struct Plan {
   void* dln_c_b;                      // [H] accumulated
   void* sgemm;                        // BLAS sgemm_ (Fortran, LP64) or null
   void* dgemm;                        // BLAS dgemm_ or null
+  int64_t save;                       // 1: keep every step for backward; 0: inference, [B] rows reused
 };
+
+// Row of the buffers kept for backward: the packed row when saving, else the batch row (inference
+// reuses one step's worth of rows, so no memory grows with T).
+inline int64_t saved_row(const Plan& p, int64_t row, int64_t r) { return p.save ? row : r; }
 
 constexpr double kLayerNormEps = 1e-5;
 
@@ -188,7 +193,7 @@ template <typename T>
 void fwd_prepare(const Plan& p, int64_t t) {
   const int64_t n = p.n_rows[t], row0 = p.offsets[t], ho = p.h_out;
   const T* h = static_cast<const T*>(p.h_state);
-  T* h_in = static_cast<T*>(p.h_in) + row0 * ho;
+  T* h_in = static_cast<T*>(p.h_in) + saved_row(p, row0, 0) * ho;
   if (p.rec_mask) {
     const T* r = static_cast<const T*>(p.rec_mask);
     for (int64_t k = 0; k < n * ho; ++k) h_in[k] = h[k] * r[k];
@@ -218,19 +223,20 @@ void fwd_cell(const Plan& p, int64_t t) {
   const bool zc = has_zoneout_c(p);
   for (int64_t r = 0; r < n; ++r) {
     const int64_t row = row0 + r;
+    const int64_t sr = saved_row(p, row, r);
     const T* xg = static_cast<const T*>(p.xg) + row * p.ld_xg;
     T* hw = static_cast<T*>(p.hw) + r * p.ld_hw;
-    T* gates = static_cast<T*>(p.gates) + row * G;
+    T* gates = static_cast<T*>(p.gates) + sr * G;
     T* c_state = static_cast<T*>(p.c_state) + r * H;
-    T* c_fresh = static_cast<T*>(p.c_fresh) + row * H;
-    uint8_t* clip_mask = p.clip_mask ? static_cast<uint8_t*>(p.clip_mask) + row * G : nullptr;
-    uint8_t* cclip_mask = p.cclip_mask ? static_cast<uint8_t*>(p.cclip_mask) + row * H : nullptr;
+    T* c_fresh = static_cast<T*>(p.c_fresh) + sr * H;
+    uint8_t* clip_mask = p.clip_mask ? static_cast<uint8_t*>(p.clip_mask) + sr * G : nullptr;
+    uint8_t* cclip_mask = p.cclip_mask ? static_cast<uint8_t*>(p.cclip_mask) + sr * H : nullptr;
 
     // gates = xg + hw, or xg + LN(hw; g_hh) (the x part is normalised outside)
     if (p.layer_norm) {
-      T* hw_hat = static_cast<T*>(p.hw_hat) + row * G;
+      T* hw_hat = static_cast<T*>(p.hw_hat) + sr * G;
       layer_norm_row<T>(hw, G, static_cast<const T*>(p.ln_hh), nullptr, hw_hat,
-                        static_cast<T*>(p.hw_rstd) + row, hw);
+                        static_cast<T*>(p.hw_rstd) + sr, hw);
     }
     for (int64_t j = 0; j < G; ++j) gates[j] = xg[j] + hw[j];  // pre-activations for now
 
@@ -268,10 +274,10 @@ void fwd_cell(const Plan& p, int64_t t) {
     const T* c_shown = c_fresh;
     if (p.layer_norm) {
       layer_norm_row<T>(c_fresh, H, static_cast<const T*>(p.ln_c_w), static_cast<const T*>(p.ln_c_b),
-                        static_cast<T*>(p.c_hat) + row * H, static_cast<T*>(p.c_rstd) + row, hw);
+                        static_cast<T*>(p.c_hat) + sr * H, static_cast<T*>(p.c_rstd) + sr, hw);
       c_shown = hw;
     }
-    T* m_out = p.proj ? static_cast<T*>(p.m) + row * H : hw + (p.layer_norm ? H : 0);
+    T* m_out = p.proj ? static_cast<T*>(p.m) + sr * H : hw + (p.layer_norm ? H : 0);
     for (int64_t j = 0; j < H; ++j) m_out[j] = a_o[j] * activate(p.act_out, c_shown[j]);
 
     // carried cell: zoneout with the previous cell
@@ -280,7 +286,7 @@ void fwd_cell(const Plan& p, int64_t t) {
       if (zc) { T k = keep_c<T>(p, row, j); c = k * c_state[j] + (T(1) - k) * c; }
       c_state[j] = c;
     }
-    if (zc) std::memcpy(static_cast<T*>(p.c_carried) + row * H, c_state, sizeof(T) * H);
+    if (zc && p.save) std::memcpy(static_cast<T*>(p.c_carried) + row * H, c_state, sizeof(T) * H);
     if (!p.proj) finish_row<T>(p, r, row, m_out);
   }
 }
@@ -292,7 +298,7 @@ void fwd_finish(const Plan& p, int64_t t) {  // projection only: proj clip, zone
     const int64_t row = row0 + r;
     T* ht = static_cast<T*>(p.htilde) + r * P;
     if (p.proj_clip > 0) {
-      uint8_t* mask = static_cast<uint8_t*>(p.pclip_mask) + row * P;
+      uint8_t* mask = static_cast<uint8_t*>(p.pclip_mask) + saved_row(p, row, r) * P;
       for (int64_t j = 0; j < P; ++j) ht[j] = clip_value(ht[j], p.proj_clip, mask + j);
     }
     finish_row<T>(p, r, row, ht);
@@ -467,11 +473,11 @@ void forward_all(const Plan& p) {
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t n = p.n_rows[t], row0 = p.offsets[t];
     fwd_prepare<T>(p, t);
-    gemm<T>(p, true, n, 4 * H, ho, static_cast<const T*>(p.h_in) + row0 * ho, ho, static_cast<const T*>(p.w_hh), ho,
+    gemm<T>(p, true, n, 4 * H, ho, static_cast<const T*>(p.h_in) + saved_row(p, row0, 0) * ho, ho, static_cast<const T*>(p.w_hh), ho,
             static_cast<T*>(p.hw), p.ld_hw);
     fwd_cell<T>(p, t);
     if (p.proj) {
-      gemm<T>(p, true, n, p.proj, H, static_cast<const T*>(p.m) + row0 * H, H, static_cast<const T*>(p.w_hr), H,
+      gemm<T>(p, true, n, p.proj, H, static_cast<const T*>(p.m) + saved_row(p, row0, 0) * H, H, static_cast<const T*>(p.w_hr), H,
               static_cast<T*>(p.htilde), p.proj);
       fwd_finish<T>(p, t);
     }
