@@ -2,7 +2,8 @@
 
 ``fastlstm example`` runs a short, self-checking usage example: a model trained with
 ``torch.nn.LSTM`` loads into ``fastlstm.LSTM`` and gives the same outputs and gradients, then a few
-variants run on the same data.
+variants run on the same data. ``fastlstm bench`` times fastlstm's engines against torch.nn.LSTM
+(see :mod:`fastlstm.bench`); ``fastlstm demo`` runs :mod:`fastlstm.demo`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 import torch
 
-from . import __version__
+from . import __version__, bench
 from .modules import LSTM
 
 
@@ -76,9 +77,24 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     example = commands.add_parser("example", help="run a short, self-checking usage example")
     example.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    bench_parser = commands.add_parser(
+        "bench", help="time fastlstm's engines against torch.nn.LSTM (checked for correctness first)",
+        description=bench.__doc__.splitlines()[0],
+    )
+    bench.add_arguments(bench_parser)
+    # demo parses its own arguments: everything after "demo" is handed over untouched.
+    commands.add_parser("demo", help="run the fastlstm demo (fastlstm demo --help for its options)", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "demo":
+        from . import demo  # imported on use: the demo may need more than the library does
+
+        return demo.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "example":
         return run_example(args.seed)
+    if args.command == "bench":
+        return bench.run(args, bench_parser)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
