@@ -215,3 +215,20 @@ def test_autocast_runs_in_the_autocast_dtype():
         h1, c1 = fastlstm.LSTMCell(4, 8)(x[0])
     assert y.dtype == h.dtype == c.dtype == h1.dtype == torch.bfloat16
     assert (y.float() - exact).abs().max() < 0.05
+
+
+def test_functional_call_and_parametrizations_see_the_substituted_weights(backend):
+    lstm = fastlstm.LSTM(3, 4, backend=backend)
+    x = torch.randn(5, 2, 3)
+    zeros = {k: torch.zeros_like(v) for k, v in lstm.named_parameters()}
+    y, (h, c) = torch.func.functional_call(lstm, zeros, (x,))
+    assert y.abs().max() == 0 and c.abs().max() == 0
+    # weight_norm re-parametrises weight_hh_l0 as a property: the module must read it through getattr
+    reference = torch.nn.LSTM(3, 4)
+    reference.load_state_dict(lstm.state_dict())
+    torch.nn.utils.parametrizations.weight_norm(lstm, "weight_hh_l0")
+    torch.nn.utils.parametrizations.weight_norm(reference, "weight_hh_l0")
+    with torch.no_grad():
+        lstm.parametrizations.weight_hh_l0.original0.mul_(0.5)
+        reference.parametrizations.weight_hh_l0.original0.mul_(0.5)
+    torch.testing.assert_close(lstm(x)[0], reference(x)[0], rtol=1e-5, atol=1e-6)

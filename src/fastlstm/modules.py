@@ -54,6 +54,23 @@ def _init_parameters(module: nn.Module, hidden_size: int, options: LSTMOptions) 
 _FIELDS = frozenset(DirectionWeights._fields)
 
 
+_MISSING = object()
+
+
+def _direction_weights(module: nn.Module, layer: int | None, reverse: bool, dtype: torch.dtype) -> DirectionWeights:
+    """A direction's parameters as the module holds them now (after .to(), functional_call, etc.)."""
+    params = module._parameters  # the fast path; getattr covers re-parametrised or plain-tensor attributes
+    values = []
+    for field in DirectionWeights._fields:
+        name = parameter_name(field, layer, reverse)
+        value = params.get(name, _MISSING)
+        values.append(getattr(module, name, None) if value is _MISSING else value)
+    w = DirectionWeights(*values)
+    if w.weight_ih.dtype != dtype:  # only under autocast; the dtype check ran before
+        w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
+    return w
+
+
 def _options_repr(options: LSTMOptions, backend: str) -> str:
     extra = "".join(f", {name}={value!r}" for name, value in options.non_defaults().items())
     return extra + (f", backend={backend!r}" if backend != "auto" else "")
@@ -316,21 +333,10 @@ class LSTM(nn.Module):
 
     def _weights(self, dtype: torch.dtype) -> list[list[DirectionWeights]]:
         num_directions = 2 if self.bidirectional else 1
-        weights = []
-        for layer in range(self.num_layers):
-            directions = []
-            for direction in range(num_directions):
-                w = DirectionWeights(
-                    **{
-                        field: getattr(self, parameter_name(field, layer, direction == 1), None)
-                        for field in DirectionWeights._fields
-                    }
-                )
-                if w.weight_ih.dtype != dtype:  # only under autocast; the dtype check ran before
-                    w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
-                directions.append(w)
-            weights.append(directions)
-        return weights
+        return [
+            [_direction_weights(self, layer, direction == 1, dtype) for direction in range(num_directions)]
+            for layer in range(self.num_layers)
+        ]
 
     def _parse(self, input, hx) -> _ParsedInput:
         weight_dtype = self.weight_ih_l0.dtype
@@ -509,10 +515,7 @@ class LSTMCell(nn.Module):
         return functional.draw_cell_masks(x, self._weights(x.dtype), self.options, training=True)
 
     def _weights(self, dtype: torch.dtype) -> DirectionWeights:
-        w = DirectionWeights(**{field: getattr(self, field, None) for field in DirectionWeights._fields})
-        if w.weight_ih.dtype != dtype:  # only under autocast
-            w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
-        return w
+        return _direction_weights(self, None, False, dtype)
 
     def _parse(self, input, hx) -> tuple[Tensor, Tensor, Tensor, bool]:
         _check_input_tensor(input)

@@ -27,6 +27,7 @@ GEMM is measured to be faster for the step's shape, as a Python loop around the 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -111,8 +112,11 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
 _CHOICES: dict[tuple, str] = {}
 
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 def _onednn_ok(dtype: torch.dtype) -> bool:
-    return dtype == torch.float32 and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    return _ONEDNN and dtype == torch.float32
 
 
 def _onednn_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -226,9 +230,7 @@ class Layout:
     @staticmethod
     def of(steps: int, batch: int, lengths: Tensor | None) -> "Layout":
         if lengths is None or bool((lengths == steps).all()):
-            n_rows = torch.full((steps,), batch, dtype=torch.int64)
-            offsets = torch.arange(steps, dtype=torch.int64) * batch
-            return Layout(steps, batch, n_rows, offsets, steps * batch, None, None)
+            return _full_layout(steps, batch)
         sorted_lengths, order = torch.sort(lengths.cpu(), descending=True, stable=True)
         n_rows = (sorted_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
         offsets = torch.cumsum(n_rows, 0) - n_rows
@@ -257,6 +259,14 @@ class Layout:
         if self.order is None:
             return per_batch
         return torch.empty_like(per_batch).index_copy_(dim, self.order, per_batch)
+
+
+@functools.lru_cache(maxsize=64)
+def _full_layout(steps: int, batch: int) -> Layout:
+    """Every sequence of length T (read-only, so shared between calls)."""
+    n_rows = torch.full((steps,), batch, dtype=torch.int64)
+    offsets = torch.arange(steps, dtype=torch.int64) * batch
+    return Layout(steps, batch, n_rows, offsets, steps * batch, None, None)
 
 
 # -- one direction: the launcher ------------------------------------------------------------------
@@ -432,7 +442,8 @@ def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, 
     w_ih = weights[0].weight_ih if num_directions == 1 else torch.cat([w.weight_ih for w in weights])  # [D*4H, I]
     bias = None
     if weights[0].bias_ih is not None:
-        bias = torch.cat([w.bias_ih + w.bias_hh for w in weights])  # [D*4H]
+        sums = [w.bias_ih + w.bias_hh for w in weights]
+        bias = sums[0] if num_directions == 1 else torch.cat(sums)  # [D*4H]
     x_hat = x_rstd = None
     if options.layer_norm:
         xw = matmul_nt(x_rows, w_ih).view(-1, num_directions, G)
