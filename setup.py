@@ -9,7 +9,8 @@ setup(
         Extension(
             "fastlstm.engines._cpu_kernels",
             sources=["src/fastlstm/engines/cpu_kernels.cpp"],
-            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno"],
+            depends=["src/fastlstm/engines/cpu_kernels.h"],
+            extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math"],
             language="c++",
             optional=True,
         )

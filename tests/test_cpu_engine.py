@@ -1,8 +1,8 @@
 """The CPU engine against the reference engine: outputs, final states and every gradient.
 
-Both time-loop drivers (the compiled loop with BLAS, and the Python loop around torch GEMMs) are
-run for every option, direction, projection, bias and length configuration, in float64 (<= 1e-10)
-and float32 (<= 1e-5); gradcheck covers the hand-written backward on its own.
+Every option, direction, projection, bias and length configuration runs on one thread and on a
+team of threads that split the batch rows, in float64 (<= 1e-10) and float32 (error at most twice
+the reference's own); gradcheck covers the hand-written backward on its own.
 """
 
 import pytest
@@ -17,6 +17,17 @@ from fastlstm.options import make_options
 from fastlstm.weights import DirectionWeights, direction_shapes
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU engine kernels were not built")
+
+
+@pytest.fixture(params=["one-thread", "team"])
+def threads(request, monkeypatch):
+    """Small test shapes would run on one thread; "team" splits rows whatever the size."""
+    if request.param == "team":
+        monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    else:
+        monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1 << 30)
+    return request.param
 
 OPTIONS = {
     "plain": {},
@@ -75,7 +86,7 @@ def run(fn, x, lengths, h0, c0, weights, options, masks, training, **kw):
     return [y, h, c] + [torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves)]
 
 
-def compare(arch, cfg, *, lengths, training, driver, dtype, tol, steps=6, batch=4):
+def compare(arch, cfg, *, lengths, training, dtype, tol, steps=6, batch=4):
     options, weights = make_layer(arch, cfg, dtype=dtype)
     hidden, proj, d = 5, arch["proj"], arch["directions"]
     h_out = proj or hidden
@@ -87,7 +98,7 @@ def compare(arch, cfg, *, lengths, training, driver, dtype, tol, steps=6, batch=
     if training and options.is_stochastic:
         masks = [sample_direction_masks(options, steps=steps, batch=batch, hidden_size=hidden, h_out=h_out,
                                         device="cpu", dtype=dtype) for _ in range(d)]
-    ours = run(cpu.lstm_layer, x, lengths, h0, c0, weights, options, masks, training, driver=driver)
+    ours = run(cpu.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
     theirs = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
     names = ["output", "h_n", "c_n", "x", "h0", "c0"] + [
         f"dir{k}.{f}" for k, w in enumerate(weights) for f, p in zip(DirectionWeights._fields, w) if p is not None
@@ -99,19 +110,18 @@ def compare(arch, cfg, *, lengths, training, driver, dtype, tol, steps=6, batch=
 LENGTHS = {"full": None, "unequal": torch.tensor([3, 6, 1, 4])}
 
 
-@pytest.mark.parametrize("driver", ["compiled", "python"])
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
 @pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
-def test_engine_matches_reference_float64(cfg, arch, lengths, driver):
+def test_engine_matches_reference_float64(cfg, arch, lengths, threads):
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop", "everything"))
-    compare(arch, cfg, lengths=lengths, training=training, driver=driver, dtype=torch.float64, tol=1e-10)
+    compare(arch, cfg, lengths=lengths, training=training, dtype=torch.float64, tol=1e-10)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cfg", [OPTIONS["zoneout"], OPTIONS["everything"]], ids=["zoneout", "everything"])
-def test_engine_eval_and_train_modes(cfg, training):
-    compare(ARCHS["bi-proj"], cfg, lengths=LENGTHS["unequal"], training=training, driver="compiled",
+def test_engine_eval_and_train_modes(cfg, training, threads):
+    compare(ARCHS["bi-proj"], cfg, lengths=LENGTHS["unequal"], training=training,
             dtype=torch.float64, tol=1e-10)
 
 
@@ -134,9 +144,8 @@ def _cast(t, dtype):
     return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
 
 
-@pytest.mark.parametrize("driver", ["compiled", "python"])
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
-def test_engine_float32_error_is_at_most_twice_the_references(cfg, driver):
+def test_engine_float32_error_is_at_most_twice_the_references(cfg, threads):
     """float32: both engines against the float64 reference; ours may err at most 2x the float32
     reference's error, plus 1e-6 (flash-attention's rule for low-precision comparisons)."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
@@ -147,7 +156,7 @@ def test_engine_float32_error_is_at_most_twice_the_references(cfg, driver):
     weights32 = [DirectionWeights(*f32(w)) for w in weights]
     masks32 = None if masks is None else [type(m)(*f32([m.zoneout_h, m.zoneout_c, m.recurrent, m.weight_hh])) for m in masks]
     args32 = (*f32([x]), lengths, *f32([h0, c0]), weights32, options, masks32, training)
-    ours = run(cpu.lstm_layer, *args32, driver=driver)
+    ours = run(cpu.lstm_layer, *args32)
     theirs = run(reference.lstm_layer, *args32)
     for k, (a, b, t) in enumerate(zip(ours, theirs, truth)):
         err_ours = (a.double() - t).abs().max().item()
@@ -155,9 +164,8 @@ def test_engine_float32_error_is_at_most_twice_the_references(cfg, driver):
         assert err_ours <= 2 * err_ref + 1e-6, (k, err_ours, err_ref)
 
 
-@pytest.mark.parametrize("driver", ["compiled", "python"])
 @pytest.mark.parametrize("cfg", [OPTIONS["plain"], OPTIONS["layer_norm"], OPTIONS["everything"]], ids=["plain", "ln", "everything"])
-def test_larger_shapes(cfg, driver):
+def test_larger_shapes(cfg, threads):
     """Sizes past any small-size special case: H = 40, B = 9, T = 17."""
     options, weights = make_layer(ARCHS["bi-proj"], cfg, input_size=11, hidden=40, dtype=torch.float64)
     g = torch.Generator().manual_seed(2)
@@ -170,7 +178,7 @@ def test_larger_shapes(cfg, driver):
     if training:
         masks = [sample_direction_masks(options, steps=17, batch=9, hidden_size=40, h_out=3, device="cpu",
                                         dtype=torch.float64) for _ in range(2)]
-    ours = run(cpu.lstm_layer, x, lengths, h0, c0, weights, options, masks, training, driver=driver)
+    ours = run(cpu.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
     theirs = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -179,9 +187,8 @@ def test_larger_shapes(cfg, driver):
 GRADCHECK = {k: OPTIONS[k] for k in ("plain", "peephole", "clip", "coupled", "layer_norm", "zoneout", "cell_clip", "everything")}
 
 
-@pytest.mark.parametrize("driver", ["compiled", "python"])
 @pytest.mark.parametrize("cfg", GRADCHECK.values(), ids=GRADCHECK.keys())
-def test_hand_written_backward_gradcheck(cfg, driver):
+def test_hand_written_backward_gradcheck(cfg, threads):
     options, weights = make_layer(ARCHS["bi-proj"], cfg, input_size=2, hidden=3)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
@@ -200,7 +207,7 @@ def test_hand_written_backward_gradcheck(cfg, driver):
         for i, p in zip(present, params):
             full[i] = p
         ws = [DirectionWeights(*full[k * 10 : (k + 1) * 10]) for k in range(2)]
-        return cpu.lstm_layer(x, lengths, h0, c0, ws, options, masks, training=masks is not None, driver=driver)
+        return cpu.lstm_layer(x, lengths, h0, c0, ws, options, masks, training=masks is not None)
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *[flat[i] for i in present]), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -210,7 +217,7 @@ FORMS = ["padded", "batch_first", "unbatched", "packed"]
 
 @pytest.mark.parametrize("form", FORMS)
 @pytest.mark.parametrize("arch", [dict(num_layers=1), dict(num_layers=3, bidirectional=True, proj_size=2)], ids=["1", "3bi-proj"])
-def test_module_backend_cpu_matches_torch(arch, form):
+def test_module_backend_cpu_matches_torch(arch, form, threads):
     """The whole contract through the module: backend="cpu" against torch.nn.LSTM in float64."""
     ours = fastlstm.LSTM(4, 5, batch_first=form == "batch_first", backend="cpu", dtype=torch.float64, **arch)
     theirs = torch.nn.LSTM(4, 5, batch_first=form == "batch_first", dtype=torch.float64, **arch)
@@ -250,16 +257,15 @@ def test_cell_backend_cpu_matches_torch_cell():
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("driver", ["compiled", "python"])
 @pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
-def test_inference_path_matches_reference(cfg, arch, driver):
+def test_inference_path_matches_reference(cfg, arch, threads):
     """Without autograd the engine keeps one step of buffers instead of all: same results."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
     options, weights, x, h0, c0, masks = _inputs_and_masks(arch, cfg, torch.float64, training=training)
     lengths = LENGTHS["unequal"]
     with torch.no_grad():
-        ours = cpu.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training, driver=driver)
+        ours = cpu.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
         theirs = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -1,7 +1,8 @@
 """The CPU engine: one input GEMM, a compiled time loop, and a hand-written backward (BPTT).
 
-Read top to bottom: the compiled kernels and the GEMMs they call, the per-direction launcher, the
-``autograd.Function`` of one layer, and the public op with the engine signature.
+Read top to bottom: the compiled kernels (``cpu_kernels.cpp``/``.h``) and their ``Plan``, the
+GEMMs outside the loop, the packed layout, the per-direction launcher, the ``autograd.Function``
+of one layer, and the public op with the engine signature.
 
 Shape legend: ``T`` steps, ``B`` batch, ``I`` input features, ``H`` hidden, ``P`` projection,
 ``H_out = P or H``, ``D`` directions, ``N`` real tokens (``T * B`` without lengths).
@@ -20,15 +21,15 @@ Work per layer:
 Saved for backward: gate activations (not pre-activations), the fresh cell, the recurrent GEMM's
 input, and what the options need (clip masks, zoneout-carried cell, layer-norm statistics).
 
-The time loop runs in C++ with BLAS gemm (the one torch itself links) or, where torch's oneDNN
-GEMM is measured to be faster for the step's shape, as a Python loop around the same C++ phases.
+The time loop runs in C++ with a GEMM of its own over weights packed once per call; batch rows
+are independent recurrences, so disjoint row ranges run on separate threads, one per core torch
+may use. The GEMMs outside the loop are torch's (BLAS or oneDNN, whichever is measured faster).
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -47,7 +48,7 @@ except ImportError:  # built without a compiler: the engine is unavailable, "aut
 
 LAYER_NORM_EPS = 1e-5
 _ACTIVATION_CODES = {name: code for code, name in enumerate(GATE_ACTIVATIONS)}
-_U8, _I64, _F64, _PTR = ctypes.c_uint8, ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
+_I64, _F64, _PTR = ctypes.c_int64, ctypes.c_double, ctypes.c_void_p
 
 
 class Plan(ctypes.Structure):
@@ -70,25 +71,13 @@ class Plan(ctypes.Structure):
         ("dy", _PTR), ("ld_dy", _I64), ("dh_state", _PTR), ("dc_state", _PTR),
         ("dgates", _PTR), ("ld_dgates", _I64), ("dhw", _PTR), ("ld_dhw", _I64), ("dproj", _PTR),
         ("dm", _PTR), ("dh_in", _PTR), ("dpeep", _PTR), ("dln_hh", _PTR), ("dln_c_w", _PTR), ("dln_c_b", _PTR),
-        ("sgemm", _PTR), ("dgemm", _PTR), ("save", _I64),
+        ("w_hh_packed", _PTR), ("w_hh_packed_t", _PTR), ("save", _I64), ("work", _PTR),
+        ("row_begin", _I64), ("row_end", _I64), ("w_hr_packed", _PTR), ("w_hr_packed_t", _PTR),
     ]
-
-
-def _find_blas() -> tuple[int | None, int | None]:
-    """Addresses of the Fortran ``sgemm_``/``dgemm_`` that torch's CPU library links, if it exports them."""
-    if os.environ.get("FASTLSTM_CPU_NO_BLAS"):
-        return None, None
-    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
-    try:
-        lib = ctypes.CDLL(path)
-        return (ctypes.cast(lib.sgemm_, _PTR).value, ctypes.cast(lib.dgemm_, _PTR).value)
-    except (OSError, AttributeError):
-        return None, None
 
 
 if kernels is not None and kernels.plan_size() != ctypes.sizeof(Plan):  # pragma: no cover - build mismatch
     kernels = None
-_SGEMM, _DGEMM = _find_blas() if kernels is not None else (None, None)
 
 
 def available() -> bool:
@@ -103,113 +92,81 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().contiguous()
 
 
-# -- GEMM choice ------------------------------------------------------------------------------------
+# -- the GEMMs outside the loop ---------------------------------------------------------------------
 #
-# torch's CPU matmul is BLAS (MKL on x86), whose speed depends strongly on the CPU: on some it is
-# the fastest, on others oneDNN (torch's mkldnn linear) is several times faster for the same
-# product. Each product shape is timed once both ways and the faster kept.
+# torch's CPU matmul is BLAS (MKL on x86), whose speed depends strongly on the CPU; on some,
+# oneDNN (torch's mkldnn linear) is several times faster for the same product. Each product shape
+# is timed once both ways (best of 5) and the faster one kept for the process.
 
+_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 _CHOICES: dict[tuple, str] = {}
 
 
-_ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-def _onednn_ok(dtype: torch.dtype) -> bool:
-    return _ONEDNN and dtype == torch.float32
-
-
 def _onednn_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), b.contiguous(), bias, "none", [], "")
 
 
-def _blas_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    return torch.mm(a, b.t()) if bias is None else torch.addmm(bias, a, b.t())
+# kind -> (BLAS, oneDNN) implementations of the same product
+_PRODUCTS = {
+    "nt": (  # a [M, K] @ b [N, K]^T (+ bias)
+        lambda a, b, bias: torch.mm(a, b.t()) if bias is None else torch.addmm(bias, a, b.t()),
+        _onednn_nt,
+    ),
+    "tn": (  # a [K, M]^T @ b [K, N]
+        lambda a, b, bias: torch.mm(a.t(), b),
+        lambda a, b, bias: _onednn_nt(a.t(), b.t()),
+    ),
+    "nn": (  # a [M, K] @ b [K, N]
+        lambda a, b, bias: torch.mm(a, b),
+        lambda a, b, bias: _onednn_nt(a, b.t()),
+    ),
+}
 
 
-def _median_time(fn, repeats: int = 5) -> float:
+def _best_time(fn, repeats: int = 5) -> float:
     fn()
-    times = []
+    best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
-def _faster(key: tuple, make_args, candidates: dict[str, object]) -> str:
+def _matmul(kind: str, a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
+    blas, onednn = _PRODUCTS[kind]
+    if not (_ONEDNN and a.dtype == torch.float32):
+        return blas(a, b, bias)
+    key = (kind, *a.shape, *b.shape, bias is not None)
     if key not in _CHOICES:
-        args = make_args()
-        timed = {name: _median_time(lambda f=f: f(*args)) for name, f in candidates.items()}
-        _CHOICES[key] = min(timed, key=timed.get)
-    return _CHOICES[key]
+        args = (torch.randn(a.shape), torch.randn(b.shape), None if bias is None else torch.randn(bias.shape))
+        _CHOICES[key] = "onednn" if _best_time(lambda: onednn(*args)) < _best_time(lambda: blas(*args)) else "blas"
+    return (onednn if _CHOICES[key] == "onednn" else blas)(a, b, bias)
 
 
 def matmul_nt(a: Tensor, b: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``a [M, K] @ b [N, K]^T (+ bias [N])`` with the faster of BLAS and oneDNN for this shape."""
-    if not _onednn_ok(a.dtype):
-        return _blas_nt(a, b, bias)
-    key = ("nt", a.shape[0], a.shape[1], b.shape[0], bias is not None)
-    choice = _faster(
-        key,
-        lambda: (torch.randn(a.shape), torch.randn(b.shape), None if bias is None else torch.randn(b.shape[0])),
-        {"blas": _blas_nt, "onednn": _onednn_nt},
-    )
-    if choice == "onednn":
-        return _onednn_nt(a.contiguous(), b.contiguous(), bias)
-    return _blas_nt(a, b, bias)
+    """``a [M, K] @ b [N, K]^T (+ bias [N])``."""
+    return _matmul("nt", a, b, bias)
 
 
 def matmul_tn(a: Tensor, b: Tensor) -> Tensor:
     """``a [K, M]^T @ b [K, N]`` (weight gradients, ``K = N`` tokens)."""
-    if not _onednn_ok(a.dtype):
-        return torch.mm(a.t(), b)
-    key = ("tn", a.shape[0], a.shape[1], b.shape[1])
-    choice = _faster(
-        key,
-        lambda: (torch.randn(a.shape), torch.randn(b.shape)),
-        {"blas": lambda x, y: torch.mm(x.t(), y), "onednn": lambda x, y: _onednn_nt(x.t().contiguous(), y.t().contiguous())},
-    )
-    if choice == "onednn":
-        return _onednn_nt(a.t().contiguous(), b.t().contiguous())
-    return torch.mm(a.t(), b)
+    return _matmul("tn", a, b)
 
 
 def matmul_nn(a: Tensor, b: Tensor) -> Tensor:
     """``a [M, K] @ b [K, N]`` (input gradients)."""
-    if not _onednn_ok(a.dtype):
-        return torch.mm(a, b)
-    key = ("nn", a.shape[0], a.shape[1], b.shape[1])
-    choice = _faster(
-        key,
-        lambda: (torch.randn(a.shape), torch.randn(b.shape)),
-        {"blas": torch.mm, "onednn": lambda x, y: _onednn_nt(x, y.t().contiguous())},
-    )
-    if choice == "onednn":
-        return _onednn_nt(a.contiguous(), b.t().contiguous())
-    return torch.mm(a, b)
+    return _matmul("nn", a, b)
 
 
-def _loop_driver(batch: int, h_out: int, gates: int, dtype: torch.dtype) -> str:
-    """"compiled" (the whole loop in C++ with BLAS) or "python" (per-step torch GEMM + C++ phases)."""
-    blas = _SGEMM if dtype == torch.float32 else _DGEMM
-    if blas is None:
-        return "python"
-    if not _onednn_ok(dtype):
-        return "compiled"
-    key = ("step", batch, h_out, gates)
-    # The Python loop pays a few microseconds of interpreter time per step, so oneDNN must win clearly.
-    choice = _faster(
-        key,
-        lambda: (torch.randn(batch, h_out), torch.randn(gates, h_out)),
-        {"blas": _blas_nt, "onednn": _onednn_nt},
-    )
-    if choice == "onednn" and _CHOICES.get(key + ("margin",)) is None:
-        a, b = torch.randn(batch, h_out), torch.randn(gates, h_out)
-        _CHOICES[key + ("margin",)] = (
-            "python" if _median_time(lambda: _onednn_nt(a, b)) < 0.8 * _median_time(lambda: _blas_nt(a, b)) else "compiled"
-        )
-    return _CHOICES.get(key + ("margin",), "compiled") if choice == "onednn" else "compiled"
+def _pack_panels(b: Tensor) -> Tensor:
+    """``b [K, N]`` -> ``[ceil(N / NR), K, NR]``: the column panels the loop's GEMM streams
+    (NR = two 32-byte vectors: 16 floats or 8 doubles), zero-padded past N."""
+    nr = 16 if b.dtype == torch.float32 else 8
+    k, n = b.shape
+    if n % nr:
+        b = torch.nn.functional.pad(b, (0, nr - n % nr))
+    return b.reshape(k, -1, nr).permute(1, 0, 2).contiguous()
 
 
 # -- layout -----------------------------------------------------------------------------------------
@@ -224,11 +181,12 @@ class Layout:
     n_rows: Tensor  # [T] int64
     offsets: Tensor  # [T] int64
     total: int  # N
+    lengths: Tensor  # [B] int64, sorted
     order: Tensor | None  # [B] sorted position -> user batch index; None when every length is T
     flat_index: Tensor | None  # [N] row -> index into the padded [T * B] rows; None when no padding
 
     @staticmethod
-    def of(steps: int, batch: int, lengths: Tensor | None) -> "Layout":
+    def of(steps: int, batch: int, lengths: Tensor | None) -> Layout:
         if lengths is None or bool((lengths == steps).all()):
             return _full_layout(steps, batch)
         sorted_lengths, order = torch.sort(lengths.cpu(), descending=True, stable=True)
@@ -237,7 +195,7 @@ class Layout:
         rows_t = torch.repeat_interleave(torch.arange(steps), n_rows)
         slot = torch.arange(int(n_rows.sum())) - offsets[rows_t]
         flat_index = rows_t * batch + order[slot]
-        return Layout(steps, batch, n_rows, offsets, int(n_rows.sum()), order, flat_index)
+        return Layout(steps, batch, n_rows, offsets, int(n_rows.sum()), sorted_lengths, order, flat_index)
 
     def rows(self, padded: Tensor) -> Tensor:
         """``[T, B, F]`` -> ``[N, F]`` (contiguous)."""
@@ -252,13 +210,22 @@ class Layout:
         out.index_copy_(0, self.flat_index, rows)
         return out.view(self.steps, self.batch, rows.shape[-1])
 
-    def sort(self, per_batch: Tensor, dim: int = 0) -> Tensor:
-        return per_batch if self.order is None else per_batch.index_select(dim, self.order)
+    def sort(self, per_batch: Tensor) -> Tensor:
+        return per_batch if self.order is None else per_batch.index_select(0, self.order)
 
-    def unsort(self, per_batch: Tensor, dim: int = 0) -> Tensor:
+    def unsort(self, per_batch: Tensor) -> Tensor:
         if self.order is None:
             return per_batch
-        return torch.empty_like(per_batch).index_copy_(dim, self.order, per_batch)
+        return torch.empty_like(per_batch).index_copy_(0, self.order, per_batch)
+
+    def row_ranges(self, parts: int) -> list[tuple[int, int]]:
+        """Up to ``parts`` disjoint batch-row ranges holding about equal numbers of tokens."""
+        cumulative = torch.cumsum(self.lengths, 0)
+        bounds = [0]
+        for k in range(1, parts):
+            bounds.append(max(bounds[-1], int(torch.searchsorted(cumulative, self.total * k / parts)) + 1))
+        bounds.append(self.batch)
+        return [(begin, end) for begin, end in zip(bounds, bounds[1:]) if end > begin]
 
 
 @functools.lru_cache(maxsize=64)
@@ -266,25 +233,34 @@ def _full_layout(steps: int, batch: int) -> Layout:
     """Every sequence of length T (read-only, so shared between calls)."""
     n_rows = torch.full((steps,), batch, dtype=torch.int64)
     offsets = torch.arange(steps, dtype=torch.int64) * batch
-    return Layout(steps, batch, n_rows, offsets, steps * batch, None, None)
+    return Layout(steps, batch, n_rows, offsets, steps * batch, torch.full((batch,), steps), None, None)
+
+
+# The loop splits rows across threads only when each thread keeps at least this many rows: its
+# GEMM needs 4-row blocks to stay efficient, and every thread streams all of W_hh. Measured on the
+# 2-core development machine (fp32, H 128..1024): 2 threads lose below 4 rows each, gain 5-10% at
+# 4-8 rows and 10-50% from 8 rows each.
+_MIN_ROWS_PER_THREAD = 8
+
+
+def _thread_count(layout: Layout) -> int:
+    return max(1, min(torch.get_num_threads(), layout.batch // _MIN_ROWS_PER_THREAD))
 
 
 # -- one direction: the launcher ------------------------------------------------------------------
 
 
 class _Direction:
-    """Buffers and the plan of one direction of one layer, forward and (later) backward."""
+    """Buffers and plans of one direction of one layer, forward and then backward."""
 
     def __init__(self, layout: Layout, w: DirectionWeights, masks: DirectionMasks, options: LSTMOptions,
-                 *, training: bool, reverse: bool, dtype: torch.dtype, driver: str | None):
+                 *, training: bool, reverse: bool, dtype: torch.dtype):
         self.layout, self.w, self.masks, self.options = layout, w, masks, options
         self.reverse, self.dtype = reverse, dtype
         self.hidden = w.weight_hh.shape[0] // 4
         self.proj = 0 if w.weight_hr is None else w.weight_hr.shape[0]
         self.h_out = self.proj or self.hidden
-        self.driver = driver or _loop_driver(layout.batch, self.h_out, 4 * self.hidden, dtype)
-        if self.driver == "compiled" and (_SGEMM if dtype == torch.float32 else _DGEMM) is None:
-            raise RuntimeError("fastlstm CPU engine: the compiled driver needs BLAS gemm, which torch does not export here")
+        self.threads = _thread_count(layout)
         self.w_hh_eff = (w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh).contiguous()
         if not training:
             self.zoneout_mode = 2 if options.has_zoneout else 0
@@ -315,8 +291,19 @@ class _Direction:
         p.w_hh, p.w_hr, p.peep = _ptr(self.w_hh_eff), _ptr(self.w_hr), _ptr(self.peep)
         p.ln_hh, p.ln_c_w, p.ln_c_b = _ptr(self.ln_hh), _ptr(self.ln_c_w), _ptr(self.ln_c_b)
         p.rec_mask, p.zh_mask, p.zc_mask = _ptr(self.rec_mask), _ptr(self.zh_mask), _ptr(self.zc_mask)
-        p.sgemm, p.dgemm = _SGEMM, _DGEMM
+        p.row_begin, p.row_end = 0, lay.batch
         return p
+
+    def _team(self, plan: Plan) -> list[Plan]:
+        """One copy of ``plan`` per thread, each owning a range of batch rows."""
+        if self.threads == 1:
+            return [plan]
+        team = []
+        for begin, end in self.layout.row_ranges(self.threads):
+            q = Plan.from_buffer_copy(plan)
+            q.row_begin, q.row_end = begin, end
+            team.append(q)
+        return team
 
     # forward ------------------------------------------------------------------------------------
 
@@ -342,6 +329,7 @@ class _Direction:
             self.hw_hat = self.hw_rstd = self.c_hat = self.c_rstd = None
         hw = new(lay.batch, G)
         htilde = new(lay.batch, self.proj) if self.proj else None
+        self.packed = [_pack_panels(self.w_hh_eff.t())] + ([_pack_panels(self.w_hr.t())] if self.proj else [])
 
         p = self._base_plan()
         p.xg, p.ld_xg = xg.data_ptr() + d * G * xg.element_size(), xg.stride(0)
@@ -351,24 +339,11 @@ class _Direction:
         p.c_carried, p.h_in, p.m, p.pclip_mask = _ptr(self.c_carried), _ptr(self.h_in), _ptr(self.m), _ptr(self.pclip_mask)
         p.hw_hat, p.hw_rstd, p.c_hat, p.c_rstd = _ptr(self.hw_hat), _ptr(self.hw_rstd), _ptr(self.c_hat), _ptr(self.c_rstd)
         p.hw, p.ld_hw, p.htilde = hw.data_ptr(), G, _ptr(htilde)
+        p.w_hh_packed = self.packed[0].data_ptr()
+        p.w_hr_packed = self.packed[1].data_ptr() if self.proj else None
         p.save = int(save)
-        address = ctypes.addressof(p)
-
-        if self.driver == "compiled":
-            kernels.forward_all(address)
-        else:
-            for s in range(lay.steps):
-                t = lay.steps - 1 - s if self.reverse else s
-                n = int(lay.n_rows[t])
-                row0 = int(lay.offsets[t]) if save else 0
-                kernels.fwd_prepare(address, t)
-                step_hw = matmul_nt(self.h_in[row0 : row0 + n], self.w_hh_eff)
-                p.hw = step_hw.data_ptr()
-                kernels.fwd_cell(address, t)
-                if self.proj:
-                    step_ht = matmul_nt(self.m[row0 : row0 + n], self.w_hr)
-                    p.htilde = step_ht.data_ptr()
-                    kernels.fwd_finish(address, t)
+        team = self._team(p)  # the plans must outlive the call that reads them
+        kernels.forward_all(tuple(ctypes.addressof(q) for q in team))
         self._plan = p
         return self.h_state, self.c_state
 
@@ -386,8 +361,7 @@ class _Direction:
         dhw = new(N, G) if o.layer_norm else dgates_dir
         dproj = new(N, self.proj) if self.proj else None
         dm, dh_in = new(lay.batch, H), new(lay.batch, self.h_out)
-        dpeep = zeros(3 * H) if o.peephole else None
-        dln_hh, dln_c_w, dln_c_b = (zeros(G), zeros(H), zeros(H)) if o.layer_norm else (None, None, None)
+        packed_t = [_pack_panels(self.w_hh_eff)] + ([_pack_panels(self.w_hr)] if self.proj else [])
 
         p = self._plan
         p.dy, p.ld_dy = dy.data_ptr() + d * self.h_out * dy.element_size(), dy.stride(0)
@@ -395,30 +369,26 @@ class _Direction:
         p.dgates, p.ld_dgates = dgates_dir.data_ptr(), dgates.stride(0)
         p.dhw, p.ld_dhw = dhw.data_ptr(), dhw.stride(0)
         p.dproj, p.dm, p.dh_in = _ptr(dproj), dm.data_ptr(), dh_in.data_ptr()
-        p.dpeep, p.dln_hh, p.dln_c_w, p.dln_c_b = _ptr(dpeep), _ptr(dln_hh), _ptr(dln_c_w), _ptr(dln_c_b)
-        address = ctypes.addressof(p)
-
-        if self.driver == "compiled":
-            kernels.backward_all(address)
-        else:
-            for s in range(lay.steps - 1, -1, -1):
-                t = lay.steps - 1 - s if self.reverse else s
-                n, row0 = int(lay.n_rows[t]), int(lay.offsets[t])
-                kernels.bwd_begin(address, t)
-                if self.proj:
-                    torch.mm(dproj[row0 : row0 + n], self.w_hr, out=dm[:n])
-                kernels.bwd_cell(address, t)
-                step_dh = matmul_nn(dhw[row0 : row0 + n], self.w_hh_eff)
-                p.dh_in = step_dh.data_ptr()
-                kernels.bwd_end(address, t)
-            p.dh_in = dh_in.data_ptr()
+        p.w_hh_packed_t = packed_t[0].data_ptr()
+        p.w_hr_packed_t = packed_t[1].data_ptr() if self.proj else None
+        team = self._team(p)
+        # each plan of a team accumulates its own parameter-gradient sums and has its own scratch
+        sums = []
+        for q in team:
+            work = new(2 * H)
+            dpeep = zeros(3 * H) if o.peephole else None
+            dln = (zeros(G), zeros(H), zeros(H)) if o.layer_norm else (None, None, None)
+            q.work, q.dpeep, q.dln_hh, q.dln_c_w, q.dln_c_b = work.data_ptr(), _ptr(dpeep), *(_ptr(t) for t in dln)
+            sums.append((work, dpeep, *dln))
+        kernels.backward_all(tuple(ctypes.addressof(q) for q in team))
 
         grads: dict[str, Tensor | None] = {"h0": dh_state, "c0": dc_state}
         d_w_eff = matmul_tn(dhw, self.h_in)  # [4H, H_out], K = N
         grads["weight_hh"] = d_w_eff if self.masks.weight_hh is None else d_w_eff * self.masks.weight_hh
         grads["weight_hr"] = matmul_tn(dproj, self.m) if self.proj else None
-        grads["weight_peephole"] = dpeep
-        grads["layer_norm_hh_weight"], grads["layer_norm_cell_weight"], grads["layer_norm_cell_bias"] = dln_hh, dln_c_w, dln_c_b
+        totals = [None if parts[0] is None else torch.stack(parts).sum(0) for parts in zip(*(s[1:] for s in sums))]
+        grads["weight_peephole"] = totals[0]
+        grads["layer_norm_hh_weight"], grads["layer_norm_cell_weight"], grads["layer_norm_cell_bias"] = totals[1:]
         return grads
 
 
@@ -432,11 +402,10 @@ def _unflatten(flat: Sequence[Tensor | None]) -> list[DirectionWeights]:
     return [DirectionWeights(*flat[d * n : (d + 1) * n]) for d in range(len(flat) // n)]
 
 
-def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, driver: str | None, save: bool,
+def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, save: bool,
                    x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights]):
     """The forward pass of one layer (no autograd). Returns the outputs and what backward needs."""
     num_directions = len(weights)
-    dtype = x.dtype
     G = 4 * (weights[0].weight_hh.shape[0] // 4)
     x_rows = layout.rows(x)  # [N, I]
     w_ih = weights[0].weight_ih if num_directions == 1 else torch.cat([w.weight_ih for w in weights])  # [D*4H, I]
@@ -456,11 +425,10 @@ def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, 
     else:
         xg = matmul_nt(x_rows, w_ih, bias).contiguous()
 
-    y_rows = torch.empty(layout.total, num_directions * weights[0].weight_hh.shape[1], dtype=dtype)
+    y_rows = torch.empty(layout.total, num_directions * weights[0].weight_hh.shape[1], dtype=x.dtype)
     directions, h_n, c_n = [], [], []
     for d, w in enumerate(weights):
-        direction = _Direction(layout, w, masks[d], options, training=training, reverse=d == 1, dtype=dtype,
-                               driver=driver)
+        direction = _Direction(layout, w, masks[d], options, training=training, reverse=d == 1, dtype=x.dtype)
         h, c = direction.forward(xg, layout.sort(h0[d]), layout.sort(c0[d]), y_rows, d, save=save)
         directions.append(direction)
         h_n.append(layout.unsort(h))
@@ -475,10 +443,10 @@ class _LayerFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, setup, x, h0, c0, *flat_weights):
-        layout, options, masks, training, driver = setup
+        layout, options, masks, training = setup
         weights = _unflatten(flat_weights)
         outputs, (x_rows, w_ih, x_hat, x_rstd, directions) = _layer_forward(
-            layout, options, masks, training, driver, True, x, h0, c0, weights
+            layout, options, masks, training, True, x, h0, c0, weights
         )
         ctx.layout, ctx.options, ctx.directions, ctx.num_directions = layout, options, directions, len(weights)
         ctx.x_hat, ctx.x_rstd = x_hat, x_rstd
@@ -495,9 +463,10 @@ class _LayerFunction(torch.autograd.Function):
         dy_rows = layout.rows(dy.to(dtype))
 
         dgates = torch.empty(layout.total, D * G, dtype=dtype)
-        per_direction = []
-        for d, direction in enumerate(ctx.directions):
-            per_direction.append(direction.backward(dy_rows, layout.sort(dh_n[d]), layout.sort(dc_n[d]), dgates, d))
+        per_direction = [
+            direction.backward(dy_rows, layout.sort(dh_n[d]), layout.sort(dc_n[d]), dgates, d)
+            for d, direction in enumerate(ctx.directions)
+        ]
 
         # gates = LN(x W_ih^T) + ... : the x part's gradient, all steps and directions at once
         if options.layer_norm:
@@ -511,9 +480,7 @@ class _LayerFunction(torch.autograd.Function):
             d_gain = None
             dxw = dgates
         needs = ctx.needs_input_grad
-        d_x = None
-        if needs[1]:
-            d_x = layout.padded(matmul_nn(dxw, w_ih))
+        d_x = layout.padded(matmul_nn(dxw, w_ih)) if needs[1] else None
         d_w_ih = matmul_tn(dxw, x_rows) if any(needs[4 + d * len(_FIELDS)] for d in range(D)) else None
         d_bias = dgates.sum(0) if weights[0].bias_ih is not None else None
 
@@ -553,15 +520,8 @@ def lstm_layer(
     masks: Sequence[DirectionMasks] | None,
     *,
     training: bool,
-    driver: str | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The engine entry point; the signature and semantics of :func:`fastlstm.reference.lstm_layer`.
-
-    ``driver`` ("compiled" or "python") pins the time-loop driver instead of the measured choice;
-    tests use it to cover both.
-    """
-    if driver not in (None, "compiled", "python"):
-        raise ValueError(f"driver should be None, 'compiled' or 'python', got {driver!r}")
+    """The engine entry point; the signature and semantics of :func:`fastlstm.reference.lstm_layer`."""
     if masks is not None and not training:
         raise ValueError("masks are only used in training mode; eval mode uses their expectations")
     layout = Layout.of(x.shape[0], x.shape[1], lengths)
@@ -570,6 +530,6 @@ def lstm_layer(
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *flat))
     if not needs_grad:  # inference: nothing is kept per step
         with torch.no_grad():
-            outputs, _ = _layer_forward(layout, options, masks, training, driver, False, x, h0, c0, list(weights))
+            outputs, _ = _layer_forward(layout, options, masks, training, False, x, h0, c0, list(weights))
         return outputs
-    return _LayerFunction.apply((layout, options, masks, training, driver), x, h0, c0, *flat)
+    return _LayerFunction.apply((layout, options, masks, training), x, h0, c0, *flat)

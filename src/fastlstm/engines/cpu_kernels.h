@@ -1,0 +1,532 @@
+// fastlstm CPU engine: the math of one LSTM direction, forward and backward, as phases.
+//
+// Included twice by cpu_kernels.cpp, once per instruction set (generic, and AVX2+FMA on x86-64),
+// inside a namespace; so this file includes nothing and defines nothing outside templates and
+// inline functions. `Plan` (the description of a direction) is defined in cpu_kernels.cpp.
+//
+// Every elementwise loop is a separate pass over one contiguous slice, with its options decided
+// outside the loop, so that the compiler vectorises it; the float transcendental functions are
+// branch-free for the same reason. Row statistics and parameter-gradient sums accumulate in double.
+
+constexpr double kLayerNormEps = 1e-5;
+
+// -- transcendental functions -----------------------------------------------------------------
+
+template <typename T> inline T exp_(T x) { return std::exp(x); }
+template <typename T> inline T tanh_(T x) { return std::tanh(x); }
+
+// Cephes' expf: Cody-Waite range reduction, a degree-7 polynomial, and the exponent set by bit
+// arithmetic; about 1 ulp on [-87, 88], branch-free. Rounding by the 1.5 * 2^23 trick.
+template <> inline float exp_<float>(float x) {
+  x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float shifter = 12582912.0f;
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Cephes' tanhf: an odd polynomial below 0.625, 1 - 2 / (exp(2|x|) + 1) above; both are computed
+// and one is selected, so the loop stays branch-free.
+template <> inline float tanh_<float>(float x) {
+  const float a = x < 0.0f ? -x : x;
+  const float z = x * x;
+  float small = -5.70498872745e-3f;
+  small = small * z + 2.06390887954e-2f;
+  small = small * z - 5.37397155531e-2f;
+  small = small * z + 1.33314422036e-1f;
+  small = small * z - 3.33332819422e-1f;
+  small = small * z * a + a;
+  const float large = 1.0f - 2.0f / (exp_<float>(2.0f * a) + 1.0f);
+  const float r = a < 0.625f ? small : large;
+  return x < 0.0f ? -r : r;
+}
+
+// -- activations ----------------------------------------------------------------------------
+
+template <typename T>
+inline void activate(int64_t code, T* __restrict__ v, int64_t n) {
+  switch (code) {
+    case 0: for (int64_t j = 0; j < n; ++j) v[j] = T(1) / (T(1) + exp_<T>(-v[j])); break;
+    case 1:
+      for (int64_t j = 0; j < n; ++j) {
+        const T u = T(0.2) * v[j] + T(0.5);
+        v[j] = u < T(0) ? T(0) : (u > T(1) ? T(1) : u);
+      }
+      break;
+    case 2: for (int64_t j = 0; j < n; ++j) v[j] = tanh_<T>(v[j]); break;
+    case 3: for (int64_t j = 0; j < n; ++j) v[j] = v[j] / (T(1) + (v[j] < T(0) ? -v[j] : v[j])); break;
+    default: for (int64_t j = 0; j < n; ++j) v[j] = v[j] > T(0) ? v[j] : T(0); break;
+  }
+}
+
+// d[j] *= activation'(a[j]), the derivative written with the activation's output y.
+template <typename T>
+inline void times_activation_grad(int64_t code, const T* __restrict__ y, T* __restrict__ d, int64_t n) {
+  switch (code) {
+    case 0: for (int64_t j = 0; j < n; ++j) d[j] *= y[j] * (T(1) - y[j]); break;
+    case 1: for (int64_t j = 0; j < n; ++j) d[j] *= (y[j] > T(0) && y[j] < T(1)) ? T(0.2) : T(0); break;
+    case 2: for (int64_t j = 0; j < n; ++j) d[j] *= T(1) - y[j] * y[j]; break;
+    case 3:
+      for (int64_t j = 0; j < n; ++j) {
+        const T s = T(1) - (y[j] < T(0) ? -y[j] : y[j]);
+        d[j] *= s * s;
+      }
+      break;
+    default: for (int64_t j = 0; j < n; ++j) d[j] *= y[j] > T(0) ? T(1) : T(0); break;
+  }
+}
+
+// Clip v to [-bound, bound]; inside[j] = 1 where the gradient passes (torch's clamp passes at the bounds).
+template <typename T>
+inline void clip_pass(T* __restrict__ v, int64_t n, double bound, uint8_t* __restrict__ inside) {
+  const T b = T(bound);
+  for (int64_t j = 0; j < n; ++j) {
+    const T x = v[j];
+    inside[j] = (x >= -b) & (x <= b);
+    v[j] = x < -b ? -b : (x > b ? b : x);
+  }
+}
+
+template <typename T>
+inline void mask_pass(T* __restrict__ d, const uint8_t* __restrict__ inside, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) d[j] = inside[j] ? d[j] : T(0);
+}
+
+// -- layer norm -----------------------------------------------------------------------------
+
+// out = v_hat * gain (+ shift) over v[0:n]; saves v_hat and 1/std. out may alias v.
+template <typename T>
+inline void layer_norm_row(const T* v, int64_t n, const T* gain, const T* shift, T* v_hat, T* rstd_out, T* out) {
+  double mean = 0.0;
+  for (int64_t j = 0; j < n; ++j) mean += v[j];
+  mean /= double(n);
+  double var = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = double(v[j]) - mean;
+    var += d * d;
+  }
+  var /= double(n);
+  const T rstd = T(1.0 / std::sqrt(var + kLayerNormEps));
+  const T m = T(mean);
+  *rstd_out = rstd;
+  for (int64_t j = 0; j < n; ++j) v_hat[j] = (v[j] - m) * rstd;
+  if (shift) {
+    for (int64_t j = 0; j < n; ++j) out[j] = v_hat[j] * gain[j] + shift[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) out[j] = v_hat[j] * gain[j];
+  }
+}
+
+// dv from dout; accumulates the gain (and shift) gradients. dv may alias dout.
+template <typename T>
+inline void layer_norm_row_backward(const T* dout, int64_t n, const T* v_hat, T rstd, const T* gain, T* dgain,
+                                    T* dshift, T* dv) {
+  double mean_e = 0.0, mean_e_vh = 0.0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double e = double(dout[j]) * gain[j];
+    mean_e += e;
+    mean_e_vh += e * v_hat[j];
+  }
+  for (int64_t j = 0; j < n; ++j) dgain[j] += dout[j] * v_hat[j];
+  if (dshift) for (int64_t j = 0; j < n; ++j) dshift[j] += dout[j];
+  const T a = T(mean_e / double(n)), b = T(mean_e_vh / double(n));
+  for (int64_t j = 0; j < n; ++j) dv[j] = rstd * (dout[j] * gain[j] - a - v_hat[j] * b);
+}
+
+// -- zoneout ----------------------------------------------------------------------------------
+
+// fresh <- keep * previous + (1 - keep) * fresh, keep a mask row or a probability.
+template <typename T>
+inline void zoneout_pass(const T* __restrict__ previous, T* __restrict__ fresh, const T* keep_row, T keep_p, int64_t n) {
+  if (keep_row) {
+    for (int64_t j = 0; j < n; ++j) fresh[j] = keep_row[j] * previous[j] + (T(1) - keep_row[j]) * fresh[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) fresh[j] = keep_p * previous[j] + (T(1) - keep_p) * fresh[j];
+  }
+}
+
+template <typename T> inline const T* zh_row(const Plan& p, int64_t row) {
+  return p.zoneout_mode == 1 && p.zh_mask ? static_cast<const T*>(p.zh_mask) + row * p.h_out : nullptr;
+}
+template <typename T> inline const T* zc_row(const Plan& p, int64_t row) {
+  return p.zoneout_mode == 1 && p.zc_mask ? static_cast<const T*>(p.zc_mask) + row * p.hidden : nullptr;
+}
+inline bool has_zoneout_h(const Plan& p) {
+  return (p.zoneout_mode == 1 && p.zh_mask) || (p.zoneout_mode == 2 && p.z_h > 0);
+}
+inline bool has_zoneout_c(const Plan& p) {
+  return (p.zoneout_mode == 1 && p.zc_mask) || (p.zoneout_mode == 2 && p.z_c > 0);
+}
+
+// The batch rows this plan owns at step t: [row_begin, end), end clipped to the active prefix n_t.
+// Several plans with disjoint row ranges run concurrently, one per thread (rows are independent).
+inline int64_t rows_end(const Plan& p, int64_t t) {
+  const int64_t n = p.n_rows[t];
+  return n < p.row_end ? n : p.row_end;
+}
+
+// Row of the buffers kept for backward: the packed row when saving, else the batch row (inference
+// reuses one step's worth of rows, so no memory grows with T).
+inline int64_t saved_row(const Plan& p, int64_t row, int64_t r) { return p.save ? row : r; }
+
+// -- forward phases -------------------------------------------------------------------------
+
+template <typename T>
+void fwd_prepare(const Plan& p, int64_t t) {  // h_in = h (* recurrent dropout mask)
+  const int64_t rb = p.row_begin, count = (rows_end(p, t) - rb) * p.h_out;
+  if (count <= 0) return;
+  const T* h = static_cast<const T*>(p.h_state) + rb * p.h_out;
+  T* h_in = static_cast<T*>(p.h_in) + (saved_row(p, p.offsets[t], 0) + rb) * p.h_out;
+  if (p.rec_mask) {
+    const T* rm = static_cast<const T*>(p.rec_mask) + rb * p.h_out;
+    for (int64_t k = 0; k < count; ++k) h_in[k] = h[k] * rm[k];
+  } else {
+    std::memcpy(h_in, h, sizeof(T) * count);
+  }
+}
+
+// h~ is final: zoneout with the previous h, then the output and the state.
+template <typename T>
+inline void finish_row(const Plan& p, int64_t r, int64_t row, T* h_tilde) {
+  T* h_state = static_cast<T*>(p.h_state) + r * p.h_out;
+  T* y = static_cast<T*>(p.y) + row * p.ld_y;
+  if (has_zoneout_h(p)) zoneout_pass<T>(h_state, h_tilde, zh_row<T>(p, row), T(p.z_h), p.h_out);
+  std::memcpy(y, h_tilde, sizeof(T) * p.h_out);
+  std::memcpy(h_state, h_tilde, sizeof(T) * p.h_out);
+}
+
+template <typename T>
+void fwd_cell(const Plan& p, int64_t t) {
+  const int64_t n = rows_end(p, t), row0 = p.offsets[t], H = p.hidden, G = 4 * H;
+  const T* peep = static_cast<const T*>(p.peep);
+  const bool zc = has_zoneout_c(p);
+  for (int64_t r = p.row_begin; r < n; ++r) {
+    const int64_t row = row0 + r, sr = saved_row(p, row, r);
+    const T* xg = static_cast<const T*>(p.xg) + row * p.ld_xg;
+    T* hw = static_cast<T*>(p.hw) + r * p.ld_hw;  // the step's recurrent product, then this row's scratch
+    T* a = static_cast<T*>(p.gates) + sr * G;     // pre-activations, then activations, i f g o
+    T* c_state = static_cast<T*>(p.c_state) + r * H;
+    T* c = static_cast<T*>(p.c_fresh) + sr * H;
+    uint8_t* clip_mask = p.clip_mask ? static_cast<uint8_t*>(p.clip_mask) + sr * G : nullptr;
+
+    if (p.layer_norm) {
+      layer_norm_row<T>(hw, G, static_cast<const T*>(p.ln_hh), nullptr, static_cast<T*>(p.hw_hat) + sr * G,
+                        static_cast<T*>(p.hw_rstd) + sr, hw);
+    }
+    for (int64_t j = 0; j < G; ++j) a[j] = xg[j] + hw[j];
+    if (p.peephole) {
+      for (int64_t j = 0; j < H; ++j) a[j] += peep[j] * c_state[j];
+      for (int64_t j = 0; j < H; ++j) a[H + j] += peep[H + j] * c_state[j];
+    }
+    if (clip_mask) clip_pass<T>(a, 3 * H, p.clip, clip_mask);
+    activate<T>(p.act_gate, a, H);
+    if (p.coupled) {
+      for (int64_t j = 0; j < H; ++j) a[H + j] = T(1) - a[j];
+    } else {
+      activate<T>(p.act_gate, a + H, H);
+    }
+    activate<T>(p.act_in, a + 2 * H, H);
+    for (int64_t j = 0; j < H; ++j) c[j] = a[H + j] * c_state[j] + a[j] * a[2 * H + j];
+    if (p.cclip_mask) clip_pass<T>(c, H, p.cell_clip, static_cast<uint8_t*>(p.cclip_mask) + sr * H);
+
+    // output gate, after the fresh cell (its peephole reads c_t)
+    T* o = a + 3 * H;
+    if (p.peephole) for (int64_t j = 0; j < H; ++j) o[j] += peep[2 * H + j] * c[j];
+    if (clip_mask) clip_pass<T>(o, H, p.clip, clip_mask + 3 * H);
+    activate<T>(p.act_gate, o, H);
+
+    // m = o * act(LN(c)), built in hw's first H entries
+    T* shown = hw;
+    if (p.layer_norm) {
+      layer_norm_row<T>(c, H, static_cast<const T*>(p.ln_c_w), static_cast<const T*>(p.ln_c_b),
+                        static_cast<T*>(p.c_hat) + sr * H, static_cast<T*>(p.c_rstd) + sr, shown);
+    } else {
+      std::memcpy(shown, c, sizeof(T) * H);
+    }
+    activate<T>(p.act_out, shown, H);
+    T* m = p.proj ? static_cast<T*>(p.m) + sr * H : hw + H;
+    for (int64_t j = 0; j < H; ++j) m[j] = o[j] * shown[j];
+
+    // the carried cell: zoneout with the previous one
+    if (zc) {
+      T* carried = hw + 2 * H;
+      std::memcpy(carried, c, sizeof(T) * H);
+      zoneout_pass<T>(c_state, carried, zc_row<T>(p, row), T(p.z_c), H);
+      std::memcpy(c_state, carried, sizeof(T) * H);
+      if (p.save) std::memcpy(static_cast<T*>(p.c_carried) + row * H, carried, sizeof(T) * H);
+    } else {
+      std::memcpy(c_state, c, sizeof(T) * H);
+    }
+    if (!p.proj) finish_row<T>(p, r, row, m);
+  }
+}
+
+template <typename T>
+void fwd_finish(const Plan& p, int64_t t) {  // projection only: proj clip, zoneout, outputs
+  const int64_t n = rows_end(p, t), row0 = p.offsets[t], P = p.proj;
+  for (int64_t r = p.row_begin; r < n; ++r) {
+    const int64_t row = row0 + r;
+    T* ht = static_cast<T*>(p.htilde) + r * P;
+    if (p.pclip_mask) clip_pass<T>(ht, P, p.proj_clip, static_cast<uint8_t*>(p.pclip_mask) + saved_row(p, row, r) * P);
+    finish_row<T>(p, r, row, ht);
+  }
+}
+
+// -- backward phases ------------------------------------------------------------------------
+
+template <typename T>
+void bwd_begin(const Plan& p, int64_t t) {  // dh through zoneout (and the projection's clip)
+  const int64_t n = rows_end(p, t), row0 = p.offsets[t], ho = p.h_out;
+  const bool zh = has_zoneout_h(p);
+  for (int64_t r = p.row_begin; r < n; ++r) {
+    const int64_t row = row0 + r;
+    T* dh_state = static_cast<T*>(p.dh_state) + r * ho;
+    const T* dy = static_cast<const T*>(p.dy) + row * p.ld_dy;
+    T* dh_tilde = p.proj ? static_cast<T*>(p.dproj) + row * ho : static_cast<T*>(p.dm) + r * ho;
+    for (int64_t j = 0; j < ho; ++j) dh_tilde[j] = dh_state[j] + dy[j];
+    if (zh) {
+      // dh_state keeps the part that flows straight to h_{t-1}; bwd_end adds the GEMM's part
+      const T* keep = zh_row<T>(p, row);
+      if (keep) {
+        for (int64_t j = 0; j < ho; ++j) dh_state[j] = keep[j] * dh_tilde[j];
+        for (int64_t j = 0; j < ho; ++j) dh_tilde[j] *= T(1) - keep[j];
+      } else {
+        const T k = T(p.z_h);
+        for (int64_t j = 0; j < ho; ++j) dh_state[j] = k * dh_tilde[j];
+        for (int64_t j = 0; j < ho; ++j) dh_tilde[j] *= T(1) - k;
+      }
+    } else {
+      std::memset(dh_state, 0, sizeof(T) * ho);
+    }
+    if (p.pclip_mask) mask_pass<T>(dh_tilde, static_cast<const uint8_t*>(p.pclip_mask) + row * ho, ho);
+  }
+}
+
+template <typename T>
+inline const T* cell_prev(const Plan& p, int64_t t, int64_t r) {
+  // The cell that entered step t for batch row r (see the packed-layout notes in cpu.py).
+  const int64_t H = p.hidden;
+  const T* carried = static_cast<const T*>(has_zoneout_c(p) ? p.c_carried : p.c_fresh);
+  if (!p.reverse) {
+    if (t == 0) return static_cast<const T*>(p.c0) + r * H;
+    return carried + (p.offsets[t - 1] + r) * H;
+  }
+  if (t == p.steps - 1 || r >= p.n_rows[t + 1]) return static_cast<const T*>(p.c0) + r * H;
+  return carried + (p.offsets[t + 1] + r) * H;
+}
+
+template <typename T>
+void bwd_cell(const Plan& p, int64_t t) {
+  const int64_t n = rows_end(p, t), row0 = p.offsets[t], H = p.hidden, G = 4 * H;
+  const T* peep = static_cast<const T*>(p.peep);
+  T* dpeep = static_cast<T*>(p.dpeep);
+  const bool zc = has_zoneout_c(p);
+  T* work = static_cast<T*>(p.work);  // [2H], this plan's own: act(shown) | d(shown)
+  for (int64_t r = p.row_begin; r < n; ++r) {
+    const int64_t row = row0 + r;
+    const T* i = static_cast<const T*>(p.gates) + row * G;
+    const T* f = i + H;
+    const T* g = i + 2 * H;
+    const T* o = i + 3 * H;
+    const T* c = static_cast<const T*>(p.c_fresh) + row * H;
+    const T* c_prev = cell_prev<T>(p, t, r);
+    const uint8_t* clip_mask = p.clip_mask ? static_cast<const uint8_t*>(p.clip_mask) + row * G : nullptr;
+    T* dc_state = static_cast<T*>(p.dc_state) + r * H;  // in: d c_t (carried); out: d c_{t-1}
+    const T* dm = static_cast<const T*>(p.dm) + r * H;
+    T* da = static_cast<T*>(p.dgates) + row * p.ld_dgates;  // out: d pre-activations i f g o
+    T* da_i = da;
+    T* da_f = da + H;
+    T* da_g = da + 2 * H;
+    T* da_o = da + 3 * H;
+    T* act = work;
+    T* d_shown = work + H;
+
+    // m = o * act(shown): recompute act(shown), then do and d(shown)
+    if (p.layer_norm) {
+      const T* c_hat = static_cast<const T*>(p.c_hat) + row * H;
+      const T* w = static_cast<const T*>(p.ln_c_w);
+      const T* b = static_cast<const T*>(p.ln_c_b);
+      for (int64_t j = 0; j < H; ++j) act[j] = c_hat[j] * w[j] + b[j];
+    } else {
+      std::memcpy(act, c, sizeof(T) * H);
+    }
+    activate<T>(p.act_out, act, H);
+    for (int64_t j = 0; j < H; ++j) da_o[j] = dm[j] * act[j];  // do, the gradient of o
+    for (int64_t j = 0; j < H; ++j) d_shown[j] = dm[j] * o[j];
+    times_activation_grad<T>(p.act_out, act, d_shown, H);
+
+    // d c~ (held in the i slot): from the output path, the carried cell and the o peephole
+    T* dc = da_i;
+    if (p.layer_norm) {
+      layer_norm_row_backward<T>(d_shown, H, static_cast<const T*>(p.c_hat) + row * H,
+                                 static_cast<const T*>(p.c_rstd)[row], static_cast<const T*>(p.ln_c_w),
+                                 static_cast<T*>(p.dln_c_w), static_cast<T*>(p.dln_c_b), dc);
+    } else {
+      std::memcpy(dc, d_shown, sizeof(T) * H);
+    }
+    times_activation_grad<T>(p.act_gate, o, da_o, H);
+    if (clip_mask) mask_pass<T>(da_o, clip_mask + 3 * H, H);
+    if (p.peephole) {
+      for (int64_t j = 0; j < H; ++j) dc[j] += da_o[j] * peep[2 * H + j];
+      for (int64_t j = 0; j < H; ++j) dpeep[2 * H + j] += da_o[j] * c[j];
+    }
+    const T* keep = zc ? zc_row<T>(p, row) : nullptr;
+    const T keep_p = zc && !keep ? T(p.z_c) : T(0);
+    if (keep) {
+      for (int64_t j = 0; j < H; ++j) dc[j] += (T(1) - keep[j]) * dc_state[j];
+    } else {
+      for (int64_t j = 0; j < H; ++j) dc[j] += (T(1) - keep_p) * dc_state[j];
+    }
+    if (p.cclip_mask) mask_pass<T>(dc, static_cast<const uint8_t*>(p.cclip_mask) + row * H, H);
+
+    // c~ = f c_{t-1} + i g
+    if (keep) {
+      for (int64_t j = 0; j < H; ++j) dc_state[j] = dc[j] * f[j] + keep[j] * dc_state[j];
+    } else {
+      for (int64_t j = 0; j < H; ++j) dc_state[j] = dc[j] * f[j] + keep_p * dc_state[j];
+    }
+    for (int64_t j = 0; j < H; ++j) da_g[j] = dc[j] * i[j];
+    if (p.coupled) {
+      for (int64_t j = 0; j < H; ++j) da_f[j] = T(0);
+      for (int64_t j = 0; j < H; ++j) da_i[j] = dc[j] * (g[j] - c_prev[j]);  // f = 1 - i
+    } else {
+      for (int64_t j = 0; j < H; ++j) da_f[j] = dc[j] * c_prev[j];
+      for (int64_t j = 0; j < H; ++j) da_i[j] = dc[j] * g[j];
+      times_activation_grad<T>(p.act_gate, f, da_f, H);
+    }
+    times_activation_grad<T>(p.act_gate, i, da_i, H);
+    times_activation_grad<T>(p.act_in, g, da_g, H);
+    if (clip_mask) mask_pass<T>(da, clip_mask, 3 * H);
+    if (p.peephole) {
+      for (int64_t j = 0; j < H; ++j) dc_state[j] += da_i[j] * peep[j] + da_f[j] * peep[H + j];
+      for (int64_t j = 0; j < H; ++j) dpeep[j] += da_i[j] * c_prev[j];
+      for (int64_t j = 0; j < H; ++j) dpeep[H + j] += da_f[j] * c_prev[j];
+    }
+    if (p.layer_norm) {
+      layer_norm_row_backward<T>(da, G, static_cast<const T*>(p.hw_hat) + row * G, static_cast<const T*>(p.hw_rstd)[row],
+                                 static_cast<const T*>(p.ln_hh), static_cast<T*>(p.dln_hh), nullptr,
+                                 static_cast<T*>(p.dhw) + row * p.ld_dhw);
+    }
+  }
+}
+
+template <typename T>
+void bwd_end(const Plan& p, int64_t t) {  // dh_{t-1} += (dhw W_hh) * recurrent dropout mask
+  const int64_t rb = p.row_begin, count = (rows_end(p, t) - rb) * p.h_out;
+  T* dh_state = static_cast<T*>(p.dh_state) + rb * p.h_out;
+  const T* dh_in = static_cast<const T*>(p.dh_in) + rb * p.h_out;
+  if (p.rec_mask) {
+    const T* rm = static_cast<const T*>(p.rec_mask) + rb * p.h_out;
+    for (int64_t k = 0; k < count; ++k) dh_state[k] += dh_in[k] * rm[k];
+  } else {
+    for (int64_t k = 0; k < count; ++k) dh_state[k] += dh_in[k];
+  }
+}
+
+// -- GEMM: C[M, N] = A[M, K] @ B, with B packed once per call into panels ---------------------
+//
+// The recurrent weights are reused by every step, so they are packed once per call into column
+// panels of NR = two vectors (packed[panel][k][NR], zero-padded past N; built in cpu.py) that each
+// step streams; a 4-row x NR register block keeps 8 accumulators busy (about 80% of an AVX2
+// core's FMA peak at B = 8, H = 256 on the development machine).
+
+template <typename T> struct Lanes;
+template <> struct Lanes<float> {
+  typedef float V __attribute__((vector_size(32)));
+  static constexpr int n = 8;
+};
+template <> struct Lanes<double> {
+  typedef double V __attribute__((vector_size(32)));
+  static constexpr int n = 4;
+};
+
+template <typename T, int MR>
+inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panel, T* c, int64_t ldc, int64_t ncols) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::n;
+  V acc0[MR], acc1[MR];
+  for (int m = 0; m < MR; ++m) {
+    acc0[m] = V{};
+    acc1[m] = V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    V b0, b1;
+    std::memcpy(&b0, panel + k * 2 * L, sizeof(V));
+    std::memcpy(&b1, panel + k * 2 * L + L, sizeof(V));
+    for (int m = 0; m < MR; ++m) {
+      const T av = a[m * lda + k];  // scalar operand: broadcast by the vector extension
+      acc0[m] += b0 * av;
+      acc1[m] += b1 * av;
+    }
+  }
+  for (int m = 0; m < MR; ++m) {
+    T out[2 * L];
+    std::memcpy(out, &acc0[m], sizeof(V));
+    std::memcpy(out + L, &acc1[m], sizeof(V));
+    std::memcpy(c + m * ldc, out, sizeof(T) * ncols);
+  }
+}
+
+template <typename T>
+void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* packed, T* c, int64_t ldc) {
+  constexpr int64_t NR = 2 * Lanes<T>::n;
+  const int64_t panels = (N + NR - 1) / NR;
+  for (int64_t q = 0; q < panels; ++q) {  // a panel stays in L1 while every row block uses it
+    const T* panel = packed + q * K * NR;
+    const int64_t ncols = N - q * NR < NR ? N - q * NR : NR;
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) gemm_block<T, 4>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
+    for (; m < M; ++m) gemm_block<T, 1>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
+  }
+}
+
+// -- drivers: the whole loop of one plan ------------------------------------------------------
+
+template <typename T>
+void forward_all(const Plan& p) {
+  const int64_t H = p.hidden, ho = p.h_out, rb = p.row_begin;
+  for (int64_t s = 0; s < p.steps; ++s) {
+    const int64_t t = p.reverse ? p.steps - 1 - s : s;
+    const int64_t count = rows_end(p, t) - rb, base = saved_row(p, p.offsets[t], 0) + rb;
+    if (count <= 0) continue;
+    fwd_prepare<T>(p, t);
+    gemm_packed<T>(count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho,
+                   static_cast<const T*>(p.w_hh_packed), static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
+    fwd_cell<T>(p, t);
+    if (p.proj) {
+      gemm_packed<T>(count, p.proj, H, static_cast<const T*>(p.m) + base * H, H, static_cast<const T*>(p.w_hr_packed),
+                     static_cast<T*>(p.htilde) + rb * p.proj, p.proj);
+      fwd_finish<T>(p, t);
+    }
+  }
+}
+
+template <typename T>
+void backward_all(const Plan& p) {
+  const int64_t H = p.hidden, ho = p.h_out, rb = p.row_begin;
+  for (int64_t s = p.steps - 1; s >= 0; --s) {
+    const int64_t t = p.reverse ? p.steps - 1 - s : s;
+    const int64_t count = rows_end(p, t) - rb, row0 = p.offsets[t] + rb;
+    if (count <= 0) continue;
+    bwd_begin<T>(p, t);
+    if (p.proj) {
+      gemm_packed<T>(count, H, p.proj, static_cast<const T*>(p.dproj) + row0 * ho, ho,
+                     static_cast<const T*>(p.w_hr_packed_t), static_cast<T*>(p.dm) + rb * H, H);
+    }
+    bwd_cell<T>(p, t);
+    gemm_packed<T>(count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw,
+                   static_cast<const T*>(p.w_hh_packed_t), static_cast<T*>(p.dh_in) + rb * ho, ho);
+    bwd_end<T>(p, t);
+  }
+}
