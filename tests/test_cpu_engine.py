@@ -19,14 +19,18 @@ from fastlstm.weights import DirectionWeights, direction_shapes
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU engine kernels were not built")
 
 
-@pytest.fixture(params=["one-thread", "team"])
+@pytest.fixture(params=["one-thread", "one-thread-natural", "team", "team-natural"])
 def threads(request, monkeypatch):
-    """Small test shapes would run on one thread; "team" splits rows whatever the size."""
-    if request.param == "team":
+    """Test shapes are small; force both thread counts and both weight layouts (packed panels,
+    natural) whatever the size."""
+    if request.param.startswith("team"):
         monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1)
         monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     else:
         monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1 << 30)
+    natural = request.param.endswith("natural")
+    monkeypatch.setattr(cpu, "_MIN_ROWS_TO_PACK", 1 << 30 if natural else 1)
+    monkeypatch.setattr(cpu, "_MIN_STEPS_TO_PACK", 1 << 30 if natural else 1)
     return request.param
 
 OPTIONS = {
@@ -269,3 +273,41 @@ def test_inference_path_matches_reference(cfg, arch, threads):
         theirs = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
+def test_single_step_inference_path_matches_reference(cfg, training):
+    """LSTMCell and T = 1 calls without autograd take a path of their own (one C++ call)."""
+    options, weights = make_layer(ARCHS["uni"], cfg, dtype=torch.float64)
+    w = weights[0]
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    h0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    c0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    masks = None
+    if training and options.is_stochastic:
+        masks = sample_direction_masks(options, steps=1, batch=3, hidden_size=5, h_out=5, device="cpu",
+                                       dtype=torch.float64)
+    train = training and masks is not None
+    with torch.no_grad():
+        h, c = cpu.lstm_cell(x, h0, c0, w, options, masks, training=train)
+        y1, h1, c1 = cpu.lstm_layer(x[None], None, h0[None], c0[None], [w], options,
+                                    None if masks is None else [masks], training=train)
+        _, h_ref, c_ref = reference.lstm_layer(x[None], None, h0[None], c0[None], [w], options,
+                                               None if masks is None else [masks], training=train)
+    for ours in ((h, c), (h1[0], c1[0]), (y1[0], c1[0])):
+        torch.testing.assert_close(ours[0], h_ref[0], rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ours[1], c_ref[0], rtol=1e-10, atol=1e-10)
+    assert y1.data_ptr() != h1.data_ptr()  # output and h_n must not alias
+
+
+def test_cell_module_no_grad_and_grad_agree():
+    cell = fastlstm.LSTMCell(4, 6, peephole=True, zoneout=0.2, dtype=torch.float64).eval()
+    x = torch.randn(2, 4, dtype=torch.float64)
+    hx = (torch.randn(2, 6, dtype=torch.float64), torch.randn(2, 6, dtype=torch.float64))
+    with torch.no_grad():
+        fast = cell(x, hx)
+    slow = cell(x, hx)
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

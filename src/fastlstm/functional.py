@@ -89,6 +89,8 @@ def lstm_cell(
     """
     masks = draw_cell_masks(x, weights, options, training=training, given=masks)
     engine = select_engine(backend, x.device, x.dtype, options)
+    if engine.cell is not None:
+        return engine.cell(x, h0, c0, weights, options, masks, training=training)
     _, h, c = engine.layer(
         x.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), (weights,), options,
         None if masks is None else (masks,), training=training,

@@ -57,18 +57,27 @@ _FIELDS = frozenset(DirectionWeights._fields)
 _MISSING = object()
 
 
-def _direction_weights(module: nn.Module, layer: int | None, reverse: bool, dtype: torch.dtype) -> DirectionWeights:
-    """A direction's parameters as the module holds them now (after .to(), functional_call, etc.)."""
+def _direction_weights(module: nn.Module, names: tuple[str | None, ...], dtype: torch.dtype) -> DirectionWeights:
+    """A direction's parameters as the module holds them now (after .to(), functional_call, etc.).
+
+    ``names`` gives each DirectionWeights field's parameter name, or None where the module has none.
+    """
     params = module._parameters  # the fast path; getattr covers re-parametrised or plain-tensor attributes
     values = []
-    for field in DirectionWeights._fields:
-        name = parameter_name(field, layer, reverse)
+    for name in names:
+        if name is None:
+            values.append(None)
+            continue
         value = params.get(name, _MISSING)
-        values.append(getattr(module, name, None) if value is _MISSING else value)
+        values.append(getattr(module, name) if value is _MISSING else value)
     w = DirectionWeights(*values)
     if w.weight_ih.dtype != dtype:  # only under autocast; the dtype check ran before
         w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
     return w
+
+
+def _names_by_field(shapes: dict, layer: int | None, reverse: bool) -> tuple[str | None, ...]:
+    return tuple(parameter_name(f, layer, reverse) if f in shapes else None for f in DirectionWeights._fields)
 
 
 def _options_repr(options: LSTMOptions, backend: str) -> str:
@@ -233,6 +242,7 @@ class LSTM(nn.Module):
         h_out = proj_size if proj_size > 0 else hidden_size
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
+        self._direction_names: list[tuple[str | None, ...]] = []  # per (layer, direction), by field
         for layer in range(num_layers):
             layer_input_size = input_size if layer == 0 else h_out * num_directions
             shapes = direction_shapes(
@@ -252,6 +262,7 @@ class LSTM(nn.Module):
                     if field in TORCH_FIELDS:
                         self._flat_weights_names.append(name)
                 self._all_weights.append(names)
+                self._direction_names.append(_names_by_field(shapes, layer, direction == 1))
         self.reset_parameters()
 
     # -- torch.nn.LSTM's public surface ---------------------------------------------------------
@@ -334,7 +345,7 @@ class LSTM(nn.Module):
     def _weights(self, dtype: torch.dtype) -> list[list[DirectionWeights]]:
         num_directions = 2 if self.bidirectional else 1
         return [
-            [_direction_weights(self, layer, direction == 1, dtype) for direction in range(num_directions)]
+            [_direction_weights(self, self._direction_names[layer * num_directions + d], dtype) for d in range(num_directions)]
             for layer in range(self.num_layers)
         ]
 
@@ -486,6 +497,7 @@ class LSTMCell(nn.Module):
         )
         for field, shape in shapes.items():
             setattr(self, field, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+        self._direction_names = _names_by_field(shapes, None, False)
         if not bias:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
@@ -515,7 +527,7 @@ class LSTMCell(nn.Module):
         return functional.draw_cell_masks(x, self._weights(x.dtype), self.options, training=True)
 
     def _weights(self, dtype: torch.dtype) -> DirectionWeights:
-        return _direction_weights(self, None, False, dtype)
+        return _direction_weights(self, self._direction_names, dtype)
 
     def _parse(self, input, hx) -> tuple[Tensor, Tensor, Tensor, bool]:
         _check_input_tensor(input)

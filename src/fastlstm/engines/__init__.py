@@ -29,6 +29,9 @@ class Engine:
     name: str
     layer: LayerFn
     supports: Callable[[torch.device, torch.dtype, LSTMOptions], bool]
+    # Optional single-step entry point (x [B, I], h0, c0 [B, H], weights, options, masks, *, training)
+    # -> (h_1, c_1); without one, a step is the layer with T = 1.
+    cell: Callable | None = None
 
 
 def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
@@ -37,7 +40,7 @@ def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> b
 
 # Priority order for "auto": the first engine that supports the call computes it.
 ENGINES: dict[str, Engine] = {
-    "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports),
+    "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell),
     "reference": Engine("reference", reference.lstm_layer, _always),
 }
 

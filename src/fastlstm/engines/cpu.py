@@ -247,6 +247,43 @@ def _thread_count(layout: Layout) -> int:
     return max(1, min(torch.get_num_threads(), layout.batch // _MIN_ROWS_PER_THREAD))
 
 
+# Packing the recurrent weights costs about one step's worth of memory traffic, and the packed
+# GEMM needs 4-row blocks: a single step, or fewer than 4 rows per thread, uses the weights'
+# natural layout instead (dot products for B = 1 are as fast from it).
+_MIN_STEPS_TO_PACK = 2
+_MIN_ROWS_TO_PACK = 4
+
+
+def _packs(layout: Layout, threads: int) -> bool:
+    return layout.steps >= _MIN_STEPS_TO_PACK and layout.batch // threads >= _MIN_ROWS_TO_PACK
+
+
+class _Arena:
+    """One allocation carved into the named buffers a plan points at: a call makes one allocator
+    request per dtype instead of one per buffer (it matters for single-step calls)."""
+
+    def __init__(self, dtype: torch.dtype, sizes: dict[str, int], *, zero: bool = False):
+        self.offsets: dict[str, int | None] = {}
+        total = 0
+        for name, count in sizes.items():
+            self.offsets[name] = total if count else None
+            total += -(-count // 16) * 16  # whole cache lines per buffer
+        self.tensor = (torch.zeros if zero else torch.empty)(max(total, 1), dtype=dtype)
+        self._base, self._item = self.tensor.data_ptr(), self.tensor.element_size()
+
+    def ptr(self, name: str) -> int | None:
+        offset = self.offsets[name]
+        return None if offset is None else self._base + offset * self._item
+
+    def view(self, name: str, *shape: int) -> Tensor:
+        offset, count = self.offsets[name], 1
+        for extent in shape:
+            count *= extent
+        if offset is None:  # a buffer of no elements (B = 0, say)
+            return self.tensor[:0].view(shape)
+        return self.tensor[offset : offset + count].view(shape)
+
+
 # -- one direction: the launcher ------------------------------------------------------------------
 
 
@@ -311,41 +348,49 @@ class _Direction:
         """Run the loop. ``xg [N, D*4H]`` (this direction's columns at ``d*4H``), ``h0``/``c0`` sorted;
         writes ``y [N, D*H_out]`` columns ``d*H_out``; returns ``(h_n, c_n)`` sorted. With ``save``
         every step's activations are kept for :meth:`backward`; without, one step's rows are reused."""
-        lay, H, G, o = self.layout, self.hidden, 4 * self.hidden, self.options
-        rows = lay.total if save else lay.batch
-        new = lambda *shape, dtype=self.dtype: torch.empty(shape, dtype=dtype)  # noqa: E731
-        self.h_state, self.c_state = h0.contiguous().clone(), c0.contiguous().clone()
-        self.c0 = c0.contiguous()
-        self.gates, self.c_fresh, self.h_in = new(rows, G), new(rows, H), new(rows, self.h_out)
-        self.clip_mask = new(rows, G, dtype=torch.uint8) if o.clip is not None else None
-        self.cclip_mask = new(rows, H, dtype=torch.uint8) if o.cell_clip is not None else None
+        lay, H, G, P, ho, o = self.layout, self.hidden, 4 * self.hidden, self.proj, self.h_out, self.options
+        B, rows = lay.batch, (lay.total if save else lay.batch)
         zc = (self.zoneout_mode == 1 and self.zc_mask is not None) or (self.zoneout_mode == 2 and o.zoneout_c > 0)
-        self.c_carried = new(lay.total, H) if zc and save else None
-        self.m = new(rows, H) if self.proj else None
-        self.pclip_mask = new(rows, self.proj, dtype=torch.uint8) if self.proj and o.proj_clip is not None else None
-        if o.layer_norm:
-            self.hw_hat, self.hw_rstd, self.c_hat, self.c_rstd = new(rows, G), new(rows), new(rows, H), new(rows)
-        else:
-            self.hw_hat = self.hw_rstd = self.c_hat = self.c_rstd = None
-        hw = new(lay.batch, G)
-        htilde = new(lay.batch, self.proj) if self.proj else None
-        self.packed = [_pack_panels(self.w_hh_eff.t())] + ([_pack_panels(self.w_hr.t())] if self.proj else [])
+        ln = o.layer_norm
+        self.arena = _Arena(self.dtype, {
+            "h_state": B * ho, "c_state": B * H, "gates": rows * G, "c_fresh": rows * H, "h_in": rows * ho,
+            "c_carried": lay.total * H if zc and save else 0, "m": rows * H if P else 0,
+            "hw_hat": rows * G if ln else 0, "hw_rstd": rows if ln else 0,
+            "c_hat": rows * H if ln else 0, "c_rstd": rows if ln else 0,
+            "hw": B * G, "htilde": B * P,
+        })
+        masks = _Arena(torch.uint8, {
+            "clip_mask": rows * G if o.clip is not None else 0,
+            "cclip_mask": rows * H if o.cell_clip is not None else 0,
+            "pclip_mask": rows * P if P and o.proj_clip is not None else 0,
+        })
+        a = self.arena
+        h_state, c_state = a.view("h_state", B, ho), a.view("c_state", B, H)
+        h_state.copy_(h0)
+        c_state.copy_(c0)
+        self.c0 = c0.contiguous()
+        self.pack = _packs(lay, self.threads)
+        self.packed = [None, None]
+        if self.pack:
+            self.packed = [_pack_panels(self.w_hh_eff.t()), _pack_panels(self.w_hr.t()) if P else None]
 
         p = self._base_plan()
         p.xg, p.ld_xg = xg.data_ptr() + d * G * xg.element_size(), xg.stride(0)
-        p.c0, p.h_state, p.c_state = _ptr(self.c0), _ptr(self.h_state), _ptr(self.c_state)
-        p.y, p.ld_y = y.data_ptr() + d * self.h_out * y.element_size(), y.stride(0)
-        p.gates, p.clip_mask, p.c_fresh, p.cclip_mask = _ptr(self.gates), _ptr(self.clip_mask), _ptr(self.c_fresh), _ptr(self.cclip_mask)
-        p.c_carried, p.h_in, p.m, p.pclip_mask = _ptr(self.c_carried), _ptr(self.h_in), _ptr(self.m), _ptr(self.pclip_mask)
-        p.hw_hat, p.hw_rstd, p.c_hat, p.c_rstd = _ptr(self.hw_hat), _ptr(self.hw_rstd), _ptr(self.c_hat), _ptr(self.c_rstd)
-        p.hw, p.ld_hw, p.htilde = hw.data_ptr(), G, _ptr(htilde)
-        p.w_hh_packed = self.packed[0].data_ptr()
-        p.w_hr_packed = self.packed[1].data_ptr() if self.proj else None
+        p.y, p.ld_y = y.data_ptr() + d * ho * y.element_size(), y.stride(0)
+        p.c0 = self.c0.data_ptr()
+        for name in ("h_state", "c_state", "gates", "c_fresh", "h_in", "c_carried", "m", "hw_hat", "hw_rstd",
+                     "c_hat", "c_rstd", "hw", "htilde"):
+            setattr(p, name, a.ptr(name))
+        for name in ("clip_mask", "cclip_mask", "pclip_mask"):
+            setattr(p, name, masks.ptr(name))
+        self.masks_arena = masks
+        p.ld_hw = G
+        p.w_hh_packed, p.w_hr_packed = _ptr(self.packed[0]), _ptr(self.packed[1])
         p.save = int(save)
         team = self._team(p)  # the plans must outlive the call that reads them
         kernels.forward_all(tuple(ctypes.addressof(q) for q in team))
         self._plan = p
-        return self.h_state, self.c_state
+        return h_state, c_state
 
     # backward -----------------------------------------------------------------------------------
 
@@ -353,42 +398,47 @@ class _Direction:
         """BPTT. ``dy [N, D*H_out]``, ``dh_n``/``dc_n`` sorted; writes ``dgates [N, D*4H]`` columns
         ``d*4H`` (the gradient of ``xg``). Returns the gradients of this direction's recurrent
         parameters and of ``h0``, ``c0`` (sorted)."""
-        lay, H, G, N, o = self.layout, self.hidden, 4 * self.hidden, self.layout.total, self.options
-        new = lambda *shape: torch.empty(shape, dtype=self.dtype)  # noqa: E731
-        zeros = lambda *shape: torch.zeros(shape, dtype=self.dtype)  # noqa: E731
-        dh_state, dc_state = dh_n.contiguous().clone(), dc_n.contiguous().clone()
+        lay, H, G, N, P, ho, o = (self.layout, self.hidden, 4 * self.hidden, self.layout.total, self.proj,
+                                  self.h_out, self.options)
+        B, ln = lay.batch, o.layer_norm
         dgates_dir = dgates[:, d * G : (d + 1) * G]
-        dhw = new(N, G) if o.layer_norm else dgates_dir
-        dproj = new(N, self.proj) if self.proj else None
-        dm, dh_in = new(lay.batch, H), new(lay.batch, self.h_out)
-        packed_t = [_pack_panels(self.w_hh_eff)] + ([_pack_panels(self.w_hr)] if self.proj else [])
+        work = _Arena(self.dtype, {"dh_state": B * ho, "dc_state": B * H, "dhw": N * G if ln else 0,
+                                   "dproj": N * P, "dm": B * H, "dh_in": B * ho})
+        dh_state, dc_state = work.view("dh_state", B, ho), work.view("dc_state", B, H)
+        dh_state.copy_(dh_n)
+        dc_state.copy_(dc_n)
+        dhw = work.view("dhw", N, G) if ln else dgates_dir
+        packed_t = [None, None]
+        if self.pack:
+            packed_t = [_pack_panels(self.w_hh_eff), _pack_panels(self.w_hr) if P else None]
 
         p = self._plan
-        p.dy, p.ld_dy = dy.data_ptr() + d * self.h_out * dy.element_size(), dy.stride(0)
+        p.dy, p.ld_dy = dy.data_ptr() + d * ho * dy.element_size(), dy.stride(0)
         p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
         p.dgates, p.ld_dgates = dgates_dir.data_ptr(), dgates.stride(0)
         p.dhw, p.ld_dhw = dhw.data_ptr(), dhw.stride(0)
-        p.dproj, p.dm, p.dh_in = _ptr(dproj), dm.data_ptr(), dh_in.data_ptr()
-        p.w_hh_packed_t = packed_t[0].data_ptr()
-        p.w_hr_packed_t = packed_t[1].data_ptr() if self.proj else None
+        p.dproj, p.dm, p.dh_in = work.ptr("dproj"), work.ptr("dm"), work.ptr("dh_in")
+        p.w_hh_packed_t, p.w_hr_packed_t = _ptr(packed_t[0]), _ptr(packed_t[1])
         team = self._team(p)
         # each plan of a team accumulates its own parameter-gradient sums and has its own scratch
         sums = []
         for q in team:
-            work = new(2 * H)
-            dpeep = zeros(3 * H) if o.peephole else None
-            dln = (zeros(G), zeros(H), zeros(H)) if o.layer_norm else (None, None, None)
-            q.work, q.dpeep, q.dln_hh, q.dln_c_w, q.dln_c_b = work.data_ptr(), _ptr(dpeep), *(_ptr(t) for t in dln)
-            sums.append((work, dpeep, *dln))
+            acc = _Arena(self.dtype, {"work": 2 * H, "dpeep": 3 * H if o.peephole else 0, "dln_hh": G if ln else 0,
+                                      "dln_c_w": H if ln else 0, "dln_c_b": H if ln else 0}, zero=True)
+            for name in ("work", "dpeep", "dln_hh", "dln_c_w", "dln_c_b"):
+                setattr(q, name, acc.ptr(name))
+            sums.append(acc)
         kernels.backward_all(tuple(ctypes.addressof(q) for q in team))
 
         grads: dict[str, Tensor | None] = {"h0": dh_state, "c0": dc_state}
-        d_w_eff = matmul_tn(dhw, self.h_in)  # [4H, H_out], K = N
+        d_w_eff = matmul_tn(dhw, self.arena.view("h_in", N, ho))  # [4H, H_out], K = N
         grads["weight_hh"] = d_w_eff if self.masks.weight_hh is None else d_w_eff * self.masks.weight_hh
-        grads["weight_hr"] = matmul_tn(dproj, self.m) if self.proj else None
-        totals = [None if parts[0] is None else torch.stack(parts).sum(0) for parts in zip(*(s[1:] for s in sums))]
-        grads["weight_peephole"] = totals[0]
-        grads["layer_norm_hh_weight"], grads["layer_norm_cell_weight"], grads["layer_norm_cell_bias"] = totals[1:]
+        grads["weight_hr"] = matmul_tn(work.view("dproj", N, P), self.arena.view("m", N, H)) if P else None
+        shapes = {"weight_peephole": ("dpeep", 3 * H), "layer_norm_hh_weight": ("dln_hh", G),
+                  "layer_norm_cell_weight": ("dln_c_w", H), "layer_norm_cell_bias": ("dln_c_b", H)}
+        for field, (name, size) in shapes.items():
+            present = sums[0].ptr(name) is not None
+            grads[field] = sum(acc.view(name, size) for acc in sums) if present else None
         return grads
 
 
@@ -503,6 +553,48 @@ class _LayerFunction(torch.autograd.Function):
         return (None, d_x, d_h0, d_c0, *flat_grads)
 
 
+# -- a single step, nothing saved ------------------------------------------------------------------
+#
+# LSTMCell and streaming calls run one step at a time, where Python overhead is most of the cost:
+# this path makes one C++ call (input GEMV, step, states) and three allocations, from a plan
+# template cached per configuration (only pointers change between calls).
+
+_STEP_TEMPLATES: dict[tuple, Plan] = {}
+
+
+def _single_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions,
+                 masks: DirectionMasks, training: bool) -> tuple[Tensor, Tensor]:
+    """``x [B, I]``, ``h0 [B, H]``, ``c0 [B, H]`` -> ``(h_1, c_1)``, each ``[B, H]``."""
+    batch, hidden = x.shape[0], w.weight_hh.shape[0] // 4
+    G = 4 * hidden
+    direction = _Direction(_full_layout(1, batch), w, masks, options, training=training, reverse=False, dtype=x.dtype)
+    key = (x.dtype, batch, hidden, options, direction.zoneout_mode)
+    template = _STEP_TEMPLATES.get(key)
+    if template is None:
+        template = _STEP_TEMPLATES.setdefault(key, direction._base_plan())
+    p = Plan.from_buffer_copy(template)
+    arena = _Arena(x.dtype, {"xg": batch * G, "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden,
+                             "hw": batch * G, "y": batch * hidden})
+    clips = _Arena(torch.uint8, {"clip_mask": batch * G if options.clip is not None else 0,
+                                 "cclip_mask": batch * hidden if options.cell_clip is not None else 0})
+    h, c = x.new_empty(batch, hidden), x.new_empty(batch, hidden)
+    for name in ("xg", "gates", "c_fresh", "h_in", "hw", "y"):
+        setattr(p, name, arena.ptr(name))
+    p.clip_mask, p.cclip_mask = clips.ptr("clip_mask"), clips.ptr("cclip_mask")
+    p.ld_xg, p.ld_hw, p.ld_y = G, G, hidden
+    p.h_state, p.c_state = h.data_ptr(), c.data_ptr()
+    p.w_hh, p.peep = direction.w_hh_eff.data_ptr(), _ptr(direction.peep)
+    p.rec_mask, p.zh_mask, p.zc_mask = _ptr(direction.rec_mask), _ptr(direction.zh_mask), _ptr(direction.zc_mask)
+    x, h0, c0, w_ih = x.contiguous(), h0.contiguous(), c0.contiguous(), w.weight_ih.contiguous()
+    kernels.single_step(ctypes.addressof(p), x.data_ptr(), x.shape[1], w_ih.data_ptr(), _ptr(_contiguous(w.bias_ih)),
+                        _ptr(_contiguous(w.bias_hh)), h0.data_ptr(), c0.data_ptr())
+    return h, c
+
+
+def _is_single_step(x: Tensor, lengths: Tensor | None, weights: Sequence[DirectionWeights], options: LSTMOptions) -> bool:
+    return x.shape[0] == 1 and lengths is None and len(weights) == 1 and weights[0].weight_hr is None and not options.layer_norm
+
+
 # -- the public op ----------------------------------------------------------------------------------
 
 
@@ -529,7 +621,34 @@ def lstm_layer(
     flat = [t for w in weights for t in w]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *flat))
     if not needs_grad:  # inference: nothing is kept per step
+        if _is_single_step(x, lengths, weights, options):
+            with torch.no_grad():
+                h, c = _single_step(x[0], h0[0], c0[0], weights[0], options, masks[0], training)
+            return h.unsqueeze(0).clone(), h.unsqueeze(0), c.unsqueeze(0)
         with torch.no_grad():
             outputs, _ = _layer_forward(layout, options, masks, training, False, x, h0, c0, list(weights))
         return outputs
     return _LayerFunction.apply((layout, options, masks, training), x, h0, c0, *flat)
+
+
+def lstm_cell(
+    x: Tensor,
+    h0: Tensor,
+    c0: Tensor,
+    w: DirectionWeights,
+    options: LSTMOptions,
+    masks: DirectionMasks | None,
+    *,
+    training: bool,
+) -> tuple[Tensor, Tensor]:
+    """One step, ``x [B, I]``, ``h0``/``c0 [B, H]`` -> ``(h_1, c_1)``: the single-step path when
+    nothing needs a gradient, else :func:`lstm_layer` with ``T = 1``."""
+    if masks is not None and not training:
+        raise ValueError("masks are only used in training mode; eval mode uses their expectations")
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *w))
+    if not needs_grad and not options.layer_norm:
+        with torch.no_grad():
+            return _single_step(x, h0, c0, w, options, masks if masks is not None else DirectionMasks(), training)
+    _, h, c = lstm_layer(x.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), [w], options,
+                         None if masks is None else [masks], training=training)
+    return h[0], c[0]

@@ -169,6 +169,38 @@ PyObject* driver(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// single_step(plan, x, input_size, w_ih, b_ih, b_hh, h0, c0): see single_step in cpu_kernels.h.
+PyObject* single_step(PyObject*, PyObject* args) {
+  unsigned long long plan_address, x, w_ih, b_ih, b_hh, h0, c0;
+  long long input_size;
+  if (!PyArg_ParseTuple(args, "KKLKKKKK", &plan_address, &x, &input_size, &w_ih, &b_ih, &b_hh, &h0, &c0)) {
+    return nullptr;
+  }
+  const Plan& p = *reinterpret_cast<const Plan*>(plan_address);
+  Py_BEGIN_ALLOW_THREADS
+  if (p.dtype == 0) {
+    using T = float;
+#ifdef FASTLSTM_HAVE_AVX2
+    auto fn = use_avx2() ? avx2::single_step<T> : generic::single_step<T>;
+#else
+    auto fn = generic::single_step<T>;
+#endif
+    fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<const T*>(b_ih),
+       reinterpret_cast<const T*>(b_hh), reinterpret_cast<const T*>(h0), reinterpret_cast<const T*>(c0));
+  } else {
+    using T = double;
+#ifdef FASTLSTM_HAVE_AVX2
+    auto fn = use_avx2() ? avx2::single_step<T> : generic::single_step<T>;
+#else
+    auto fn = generic::single_step<T>;
+#endif
+    fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<const T*>(b_ih),
+       reinterpret_cast<const T*>(b_hh), reinterpret_cast<const T*>(h0), reinterpret_cast<const T*>(c0));
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2" : "generic"); }
 
 PyObject* plan_size(PyObject*, PyObject*) { return PyLong_FromSize_t(sizeof(Plan)); }
@@ -176,6 +208,7 @@ PyObject* plan_size(PyObject*, PyObject*) { return PyLong_FromSize_t(sizeof(Plan
 PyMethodDef methods[] = {
     {"plan_size", plan_size, METH_NOARGS, "sizeof(Plan) in bytes."},
     {"instruction_set", instruction_set, METH_NOARGS, "The instruction set the kernels run with."},
+    {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
     {"forward_all", driver<&kForwardAll>, METH_VARARGS, "Run the forward loops of a tuple of plans, one thread each."},
     {"backward_all", driver<&kBackwardAll>, METH_VARARGS, "Run the backward loops of a tuple of plans, one thread each."},
     {nullptr, nullptr, 0, nullptr}};

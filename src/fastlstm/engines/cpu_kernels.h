@@ -478,16 +478,102 @@ inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panel, T* c,
   }
 }
 
+// C[M, N] = A[M, K] @ B. Rows are taken in chunks that stay in cache while the panels stream past.
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* packed, T* c, int64_t ldc) {
   constexpr int64_t NR = 2 * Lanes<T>::n;
   const int64_t panels = (N + NR - 1) / NR;
-  for (int64_t q = 0; q < panels; ++q) {  // a panel stays in L1 while every row block uses it
-    const T* panel = packed + q * K * NR;
-    const int64_t ncols = N - q * NR < NR ? N - q * NR : NR;
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) gemm_block<T, 4>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
-    for (; m < M; ++m) gemm_block<T, 1>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
+  const int64_t chunk = 64;
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+    for (int64_t q = 0; q < panels; ++q) {  // a panel stays in L1 while every row block uses it
+      const T* panel = packed + q * K * NR;
+      const int64_t ncols = N - q * NR < NR ? N - q * NR : NR;
+      int64_t m = m0;
+      for (; m + 4 <= m1; m += 4) gemm_block<T, 4>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
+      for (; m < m1; ++m) gemm_block<T, 1>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
+    }
+  }
+}
+
+// The same products straight from the weights' natural row-major layout, for calls too short to
+// amortise packing (a single step, or a batch of 1-3 rows, where the GEMM is a few dot products).
+
+template <typename T>
+inline T lane_sum(typename Lanes<T>::V v) {
+  T lanes[Lanes<T>::n];
+  std::memcpy(lanes, &v, sizeof v);
+  T s = T(0);
+  for (int j = 0; j < Lanes<T>::n; ++j) s += lanes[j];
+  return s;
+}
+
+// C[M, N] = A[M, K] @ W^T, W [N, K] row-major: dot products vectorised over k.
+template <typename T>
+void gemm_nt_natural(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* w, T* c, int64_t ldc) {
+  using V = typename Lanes<T>::V;
+  constexpr int64_t L = Lanes<T>::n;
+  const int64_t k_vec = K / L * L;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* am = a + m * lda;
+    int64_t n = 0;
+    for (; n + 4 <= N; n += 4) {  // four outputs at once, for independent accumulators
+      V acc[4] = {V{}, V{}, V{}, V{}};
+      for (int64_t k = 0; k < k_vec; k += L) {
+        V av;
+        std::memcpy(&av, am + k, sizeof(V));
+        for (int j = 0; j < 4; ++j) {
+          V wv;
+          std::memcpy(&wv, w + (n + j) * K + k, sizeof(V));
+          acc[j] += av * wv;
+        }
+      }
+      for (int j = 0; j < 4; ++j) {
+        T sum = lane_sum<T>(acc[j]);
+        for (int64_t k = k_vec; k < K; ++k) sum += am[k] * w[(n + j) * K + k];
+        c[m * ldc + n + j] = sum;
+      }
+    }
+    for (; n < N; ++n) {
+      T sum = T(0);
+      for (int64_t k = 0; k < K; ++k) sum += am[k] * w[n * K + k];
+      c[m * ldc + n] = sum;
+    }
+  }
+}
+
+// C[M, N] = A[M, K] @ W, W [K, N] row-major: row updates vectorised over n.
+template <typename T>
+void gemm_nn_natural(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* w, T* c, int64_t ldc) {
+  for (int64_t m = 0; m < M; ++m) {
+    T* __restrict__ cm = c + m * ldc;
+    for (int64_t n = 0; n < N; ++n) cm[n] = T(0);
+    for (int64_t k = 0; k < K; ++k) {
+      const T am = a[m * lda + k];
+      const T* __restrict__ wk = w + k * N;
+      for (int64_t n = 0; n < N; ++n) cm[n] += am * wk[n];
+    }
+  }
+}
+
+// A step's product with a weight: packed panels when the plan has them, else the natural layout.
+template <typename T>
+inline void step_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const void* packed, const void* w,
+                    T* c, int64_t ldc) {
+  if (packed) {
+    gemm_packed<T>(M, N, K, a, lda, static_cast<const T*>(packed), c, ldc);
+  } else {
+    gemm_nt_natural<T>(M, N, K, a, lda, static_cast<const T*>(w), c, ldc);
+  }
+}
+
+template <typename T>
+inline void step_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const void* packed, const void* w,
+                    T* c, int64_t ldc) {
+  if (packed) {
+    gemm_packed<T>(M, N, K, a, lda, static_cast<const T*>(packed), c, ldc);
+  } else {
+    gemm_nn_natural<T>(M, N, K, a, lda, static_cast<const T*>(w), c, ldc);
   }
 }
 
@@ -501,12 +587,12 @@ void forward_all(const Plan& p) {
     const int64_t count = rows_end(p, t) - rb, base = saved_row(p, p.offsets[t], 0) + rb;
     if (count <= 0) continue;
     fwd_prepare<T>(p, t);
-    gemm_packed<T>(count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho,
-                   static_cast<const T*>(p.w_hh_packed), static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
+    step_nt<T>(count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho, p.w_hh_packed, p.w_hh,
+               static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
     fwd_cell<T>(p, t);
     if (p.proj) {
-      gemm_packed<T>(count, p.proj, H, static_cast<const T*>(p.m) + base * H, H, static_cast<const T*>(p.w_hr_packed),
-                     static_cast<T*>(p.htilde) + rb * p.proj, p.proj);
+      step_nt<T>(count, p.proj, H, static_cast<const T*>(p.m) + base * H, H, p.w_hr_packed, p.w_hr,
+                 static_cast<T*>(p.htilde) + rb * p.proj, p.proj);
       fwd_finish<T>(p, t);
     }
   }
@@ -521,12 +607,32 @@ void backward_all(const Plan& p) {
     if (count <= 0) continue;
     bwd_begin<T>(p, t);
     if (p.proj) {
-      gemm_packed<T>(count, H, p.proj, static_cast<const T*>(p.dproj) + row0 * ho, ho,
-                     static_cast<const T*>(p.w_hr_packed_t), static_cast<T*>(p.dm) + rb * H, H);
+      step_nn<T>(count, H, p.proj, static_cast<const T*>(p.dproj) + row0 * ho, ho, p.w_hr_packed_t, p.w_hr,
+                 static_cast<T*>(p.dm) + rb * H, H);
     }
     bwd_cell<T>(p, t);
-    gemm_packed<T>(count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw,
-                   static_cast<const T*>(p.w_hh_packed_t), static_cast<T*>(p.dh_in) + rb * ho, ho);
+    step_nn<T>(count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw, p.w_hh_packed_t, p.w_hh,
+               static_cast<T*>(p.dh_in) + rb * ho, ho);
     bwd_end<T>(p, t);
   }
+}
+
+// One step of one direction with nothing saved (LSTMCell and streaming calls): xg = x W_ih^T +
+// b_ih + b_hh into the plan's xg buffer, the states from h0 and c0, then the step. Reading every
+// weight in its natural layout, it spends nothing on packing, and nothing in Python between.
+template <typename T>
+void single_step(const Plan& p, const T* x, int64_t input_size, const T* w_ih, const T* b_ih, const T* b_hh,
+                 const T* h0, const T* c0) {
+  const int64_t B = p.batch, G = 4 * p.hidden;
+  T* xg = static_cast<T*>(const_cast<void*>(p.xg));
+  gemm_nt_natural<T>(B, G, input_size, x, input_size, w_ih, xg, p.ld_xg);
+  if (b_ih) {
+    for (int64_t r = 0; r < B; ++r) {
+      T* row = xg + r * p.ld_xg;
+      for (int64_t j = 0; j < G; ++j) row[j] += b_ih[j] + b_hh[j];
+    }
+  }
+  std::memcpy(p.h_state, h0, sizeof(T) * B * p.h_out);
+  std::memcpy(p.c_state, c0, sizeof(T) * B * p.hidden);
+  forward_all<T>(p);
 }
