@@ -19,19 +19,40 @@ from fastlstm.weights import DirectionWeights, direction_shapes
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="CPU engine kernels were not built")
 
 
-@pytest.fixture(params=["one-thread", "one-thread-natural", "team", "team-natural"])
+THREADING = ["one-thread", "one-thread-natural", "rows", "rows-natural", "columns", "columns-natural"]
+
+
+@pytest.fixture(params=THREADING)
 def threads(request, monkeypatch):
-    """Test shapes are small; force both thread counts and both weight layouts (packed panels,
-    natural) whatever the size."""
-    if request.param.startswith("team"):
-        monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1)
-        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
-    else:
-        monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1 << 30)
-    natural = request.param.endswith("natural")
+    """Test shapes are small; force every threading mode (one thread, rows split across threads,
+    each step's columns split across threads) and both weight layouts (packed, natural)."""
+    _force_threading(request.param, monkeypatch)
+    return request.param
+
+
+@pytest.fixture(params=["one-thread", "rows-natural", "columns"])
+def some_threads(request, monkeypatch):
+    """The three threading modes, each with one of the layouts, for the largest grid."""
+    _force_threading(request.param, monkeypatch)
+    return request.param
+
+
+@pytest.fixture(params=["one-thread", "rows-natural"])
+def gradcheck_threads(request, monkeypatch):
+    """gradcheck runs the forward hundreds of times: the threading modes whose math differs
+    (layouts; rows) are enough here, column teams are compared with the reference elsewhere."""
+    _force_threading(request.param, monkeypatch)
+    return request.param
+
+
+def _force_threading(mode, monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1 if mode.startswith("rows") else 1 << 30)
+    monkeypatch.setattr(cpu, "_MIN_COLUMN_WEIGHT_BYTES", 0 if mode.startswith("columns") else 1 << 62)
+    natural = mode.endswith("natural")
     monkeypatch.setattr(cpu, "_MIN_ROWS_TO_PACK", 1 << 30 if natural else 1)
     monkeypatch.setattr(cpu, "_MIN_STEPS_TO_PACK", 1 << 30 if natural else 1)
-    return request.param
+
 
 OPTIONS = {
     "plain": {},
@@ -117,7 +138,7 @@ LENGTHS = {"full": None, "unequal": torch.tensor([3, 6, 1, 4])}
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
 @pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
-def test_engine_matches_reference_float64(cfg, arch, lengths, threads):
+def test_engine_matches_reference_float64(cfg, arch, lengths, some_threads):
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop", "everything"))
     compare(arch, cfg, lengths=lengths, training=training, dtype=torch.float64, tol=1e-10)
 
@@ -192,7 +213,7 @@ GRADCHECK = {k: OPTIONS[k] for k in ("plain", "peephole", "clip", "coupled", "la
 
 
 @pytest.mark.parametrize("cfg", GRADCHECK.values(), ids=GRADCHECK.keys())
-def test_hand_written_backward_gradcheck(cfg, threads):
+def test_hand_written_backward_gradcheck(cfg, gradcheck_threads):
     options, weights = make_layer(ARCHS["bi-proj"], cfg, input_size=2, hidden=3)
     g = torch.Generator().manual_seed(4)
     x = torch.randn(4, 3, 2, generator=g, dtype=torch.float64, requires_grad=True)
@@ -263,7 +284,7 @@ def test_cell_backend_cpu_matches_torch_cell():
 
 @pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
-def test_inference_path_matches_reference(cfg, arch, threads):
+def test_inference_path_matches_reference(cfg, arch, some_threads):
     """Without autograd the engine keeps one step of buffers instead of all: same results."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
     options, weights, x, h0, c0, masks = _inputs_and_masks(arch, cfg, torch.float64, training=training)

@@ -73,6 +73,7 @@ class Plan(ctypes.Structure):
         ("dm", _PTR), ("dh_in", _PTR), ("dpeep", _PTR), ("dln_hh", _PTR), ("dln_c_w", _PTR), ("dln_c_b", _PTR),
         ("w_hh_packed", _PTR), ("w_hh_packed_t", _PTR), ("save", _I64), ("work", _PTR),
         ("row_begin", _I64), ("row_end", _I64), ("w_hr_packed", _PTR), ("w_hr_packed_t", _PTR),
+        ("column_threads", _I64),
     ]
 
 
@@ -247,6 +248,19 @@ def _thread_count(layout: Layout) -> int:
     return max(1, min(torch.get_num_threads(), layout.batch // _MIN_ROWS_PER_THREAD))
 
 
+# With large recurrent weights a step is bound by streaming them from memory, and a row split would
+# make every thread stream all of them: the threads split each step's GEMM columns (so each streams
+# its share) and meet at a barrier a few times per step. Measured on the development machine
+# (fp32, 2 threads): from 4 MB of W_hh (H = 512) columns beat rows at every batch size, by up to
+# 3x at B = 1, H = 1024; below it they lose to one thread or to rows.
+_MIN_COLUMN_WEIGHT_BYTES = 4 << 20
+
+
+def _column_threads(hidden: int, h_out: int, dtype: torch.dtype) -> int:
+    weight_bytes = 4 * hidden * h_out * (4 if dtype == torch.float32 else 8)
+    return torch.get_num_threads() if weight_bytes >= _MIN_COLUMN_WEIGHT_BYTES else 1
+
+
 # Packing the recurrent weights costs about one step's worth of memory traffic, and the packed
 # GEMM needs 4-row blocks: a single step, or fewer than 4 rows per thread, uses the weights'
 # natural layout instead (dot products for B = 1 are as fast from it).
@@ -297,7 +311,8 @@ class _Direction:
         self.hidden = w.weight_hh.shape[0] // 4
         self.proj = 0 if w.weight_hr is None else w.weight_hr.shape[0]
         self.h_out = self.proj or self.hidden
-        self.threads = _thread_count(layout)
+        self.column_threads = _column_threads(self.hidden, self.h_out, dtype)
+        self.threads = 1 if self.column_threads > 1 else _thread_count(layout)
         self.w_hh_eff = (w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh).contiguous()
         if not training:
             self.zoneout_mode = 2 if options.has_zoneout else 0
@@ -329,6 +344,7 @@ class _Direction:
         p.ln_hh, p.ln_c_w, p.ln_c_b = _ptr(self.ln_hh), _ptr(self.ln_c_w), _ptr(self.ln_c_b)
         p.rec_mask, p.zh_mask, p.zc_mask = _ptr(self.rec_mask), _ptr(self.zh_mask), _ptr(self.zc_mask)
         p.row_begin, p.row_end = 0, lay.batch
+        p.column_threads = self.column_threads
         return p
 
     def _team(self, plan: Plan) -> list[Plan]:
@@ -571,7 +587,9 @@ def _single_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options
     key = (x.dtype, batch, hidden, options, direction.zoneout_mode)
     template = _STEP_TEMPLATES.get(key)
     if template is None:
-        template = _STEP_TEMPLATES.setdefault(key, direction._base_plan())
+        template = direction._base_plan()
+        template.column_threads = 1  # single_step runs on the caller's thread
+        template = _STEP_TEMPLATES.setdefault(key, template)
     p = Plan.from_buffer_copy(template)
     arena = _Arena(x.dtype, {"xg": batch * G, "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden,
                              "hw": batch * G, "y": batch * hidden})

@@ -18,10 +18,12 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <functional>
+#include <memory>
 #include <system_error>
 #include <thread>
 #include <vector>
@@ -92,6 +94,46 @@ struct Plan {
   int64_t row_begin, row_end;         // the batch rows this plan owns (one plan per thread)
   const void* w_hr_packed;            // W_hr^T [H, P] in column panels
   const void* w_hr_packed_t;          // W_hr [P, H] in column panels
+  int64_t column_threads;             // > 1: this plan's GEMMs are split by columns across threads
+};
+
+// A reusable spin barrier for a column team: the members meet a few times per step, far too
+// often to sleep in between; after a while a waiter yields so an oversubscribed machine progresses.
+class Barrier {
+ public:
+  explicit Barrier(int64_t parties) : parties_(parties) {}
+  void wait() {
+    const int64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == parties_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins > 1000) std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int64_t parties_;
+  std::atomic<int64_t> arrived_{0};
+  std::atomic<int64_t> generation_{0};
+};
+
+// One thread's place in a plan's column team (see cpu_kernels.h, "a step's products").
+struct Columns {
+  int64_t index = 0, count = 1;
+  Barrier* barrier = nullptr;
+  bool lead() const { return index == 0; }
+  void sync() const {
+    if (barrier) barrier->wait();
+  }
+  // This member's output columns [begin, end) of N, in whole packed panels (16 floats).
+  void range(int64_t N, int64_t* begin, int64_t* end) const {
+    const int64_t chunk = ((N + count - 1) / count + 15) / 16 * 16;
+    *begin = index * chunk < N ? index * chunk : N;
+    *end = *begin + chunk < N ? *begin + chunk : N;
+  }
 };
 
 namespace generic {
@@ -120,7 +162,7 @@ bool use_avx2() {
 #endif
 }
 
-using LoopFn = void (*)(const Plan&);
+using LoopFn = void (*)(const Plan&, const Columns&);
 
 // A driver's four instantiations: {generic, avx2} x {float, double}.
 struct Loop {
@@ -138,11 +180,18 @@ struct Loop {
 #define FASTLSTM_VARIANTS(name) {generic::name<float>, generic::name<double>, generic::name<float>, generic::name<double>}
 #endif
 
-const Loop kForwardAll = FASTLSTM_VARIANTS(forward_all);
-const Loop kBackwardAll = FASTLSTM_VARIANTS(backward_all);
+const Loop kForward = FASTLSTM_VARIANTS(forward_loop);
+const Loop kBackward = FASTLSTM_VARIANTS(backward_loop);
 
-// Runs the whole loop of each given plan (a tuple of plan addresses: disjoint rows of one
-// direction), one thread per plan, the caller's thread taking the first.
+// One unit of work for one thread: a plan, and this thread's place in the plan's column team.
+struct Member {
+  const Plan* plan;
+  Columns columns;
+};
+
+// Runs the loops of the given plans (a tuple of plan addresses: disjoint rows of one direction),
+// each on `column_threads` threads, every member on a thread of its own except the first, which
+// runs on the caller's. If threads cannot be started, the members run one after another instead.
 template <const Loop* L>
 PyObject* driver(PyObject*, PyObject* args) {
   PyObject* addresses;
@@ -155,16 +204,34 @@ PyObject* driver(PyObject*, PyObject* args) {
   }
   if (plans.empty()) Py_RETURN_NONE;
   Py_BEGIN_ALLOW_THREADS
-  std::vector<std::thread> team;
-  size_t started = 1;
-  try {
-    for (; started < plans.size(); ++started) team.emplace_back(L->pick(*plans[started]), std::cref(*plans[started]));
-  } catch (const std::system_error&) {
-    // no thread could be started: the remaining plans run on this one, after the first
+  std::vector<std::unique_ptr<Barrier>> barriers;
+  std::vector<Member> members;
+  for (const Plan* plan : plans) {
+    const int64_t team = plan->column_threads > 1 ? plan->column_threads : 1;
+    Barrier* barrier = nullptr;
+    if (team > 1) {
+      barriers.push_back(std::make_unique<Barrier>(team));
+      barrier = barriers.back().get();
+    }
+    for (int64_t k = 0; k < team; ++k) members.push_back({plan, Columns{k, team, barrier}});
   }
-  L->pick(*plans[0])(*plans[0]);
-  for (size_t k = started; k < plans.size(); ++k) L->pick(*plans[k])(*plans[k]);
-  for (auto& thread : team) thread.join();
+  // Threads wait for every member to have one before any starts: a column team whose members
+  // could not all start would never meet at its barriers. Then the plans run whole, one by one.
+  std::atomic<int> state{0};  // 0 wait, 1 go, 2 abandon
+  auto member = [&state](const Member& m) {
+    while (state.load(std::memory_order_acquire) == 0) std::this_thread::yield();
+    if (state.load(std::memory_order_acquire) == 1) L->pick(*m.plan)(*m.plan, m.columns);
+  };
+  std::vector<std::thread> threads;
+  try {
+    for (size_t k = 1; k < members.size(); ++k) threads.emplace_back(member, std::cref(members[k]));
+    state.store(1, std::memory_order_release);
+    L->pick(*members[0].plan)(*members[0].plan, members[0].columns);
+  } catch (const std::system_error&) {
+    state.store(2, std::memory_order_release);
+    for (const Plan* plan : plans) L->pick(*plan)(*plan, Columns{});
+  }
+  for (auto& thread : threads) thread.join();
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -209,8 +276,8 @@ PyMethodDef methods[] = {
     {"plan_size", plan_size, METH_NOARGS, "sizeof(Plan) in bytes."},
     {"instruction_set", instruction_set, METH_NOARGS, "The instruction set the kernels run with."},
     {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
-    {"forward_all", driver<&kForwardAll>, METH_VARARGS, "Run the forward loops of a tuple of plans, one thread each."},
-    {"backward_all", driver<&kBackwardAll>, METH_VARARGS, "Run the backward loops of a tuple of plans, one thread each."},
+    {"forward_all", driver<&kForward>, METH_VARARGS, "Run the forward loops of a tuple of plans."},
+    {"backward_all", driver<&kBackward>, METH_VARARGS, "Run the backward loops of a tuple of plans."},
     {nullptr, nullptr, 0, nullptr}};
 
 PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_kernels", "fastlstm CPU engine kernels.", -1, methods,

@@ -542,79 +542,109 @@ void gemm_nt_natural(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, c
   }
 }
 
-// C[M, N] = A[M, K] @ W, W [K, N] row-major: row updates vectorised over n.
+// C[M, N] = A[M, K] @ W, W [K, N] row-major (row stride ldw): row updates vectorised over n.
 template <typename T>
-void gemm_nn_natural(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* w, T* c, int64_t ldc) {
+void gemm_nn_natural(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* w, int64_t ldw, T* c,
+                     int64_t ldc) {
   for (int64_t m = 0; m < M; ++m) {
     T* __restrict__ cm = c + m * ldc;
     for (int64_t n = 0; n < N; ++n) cm[n] = T(0);
     for (int64_t k = 0; k < K; ++k) {
       const T am = a[m * lda + k];
-      const T* __restrict__ wk = w + k * N;
+      const T* __restrict__ wk = w + k * ldw;
       for (int64_t n = 0; n < N; ++n) cm[n] += am * wk[n];
     }
   }
 }
 
-// A step's product with a weight: packed panels when the plan has them, else the natural layout.
+// -- a step's products, split by output columns -------------------------------------------------
+//
+// A plan runs on one thread, or, with `column_threads` > 1, on a team that shares all its rows:
+// every member computes one slice of each GEMM's output columns (so each streams only its share
+// of the weights, which is what a batch too small to split by rows needs), and member 0 runs the
+// elementwise phases in between. A barrier separates the two.
+
+// C[:, cols] = A @ W^T[:, cols], W [N, K] natural or packed panels of W^T.
 template <typename T>
-inline void step_nt(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const void* packed, const void* w,
-                    T* c, int64_t ldc) {
+inline void step_nt(const Columns& cols, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const void* packed,
+                    const void* w, T* c, int64_t ldc) {
+  int64_t n0, n1;
+  cols.range(N, &n0, &n1);
+  if (n1 <= n0) return;
   if (packed) {
-    gemm_packed<T>(M, N, K, a, lda, static_cast<const T*>(packed), c, ldc);
+    constexpr int64_t NR = 2 * Lanes<T>::n;
+    gemm_packed<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(packed) + n0 / NR * K * NR, c + n0, ldc);
   } else {
-    gemm_nt_natural<T>(M, N, K, a, lda, static_cast<const T*>(w), c, ldc);
+    gemm_nt_natural<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(w) + n0 * K, c + n0, ldc);
   }
 }
 
+// C[:, cols] = A @ W[:, cols], W [K, N] natural or packed panels of W.
 template <typename T>
-inline void step_nn(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const void* packed, const void* w,
-                    T* c, int64_t ldc) {
+inline void step_nn(const Columns& cols, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const void* packed,
+                    const void* w, T* c, int64_t ldc) {
+  int64_t n0, n1;
+  cols.range(N, &n0, &n1);
+  if (n1 <= n0) return;
   if (packed) {
-    gemm_packed<T>(M, N, K, a, lda, static_cast<const T*>(packed), c, ldc);
+    constexpr int64_t NR = 2 * Lanes<T>::n;
+    gemm_packed<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(packed) + n0 / NR * K * NR, c + n0, ldc);
   } else {
-    gemm_nn_natural<T>(M, N, K, a, lda, static_cast<const T*>(w), c, ldc);
+    gemm_nn_natural<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(w) + n0, N, c + n0, ldc);
   }
 }
 
-// -- drivers: the whole loop of one plan ------------------------------------------------------
+// -- drivers: the whole loop of one plan (for one member of its column team) --------------------
 
 template <typename T>
-void forward_all(const Plan& p) {
+void forward_loop(const Plan& p, const Columns& cols) {
   const int64_t H = p.hidden, ho = p.h_out, rb = p.row_begin;
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t count = rows_end(p, t) - rb, base = saved_row(p, p.offsets[t], 0) + rb;
     if (count <= 0) continue;
-    fwd_prepare<T>(p, t);
-    step_nt<T>(count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho, p.w_hh_packed, p.w_hh,
+    if (cols.lead()) fwd_prepare<T>(p, t);
+    cols.sync();
+    step_nt<T>(cols, count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho, p.w_hh_packed, p.w_hh,
                static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
-    fwd_cell<T>(p, t);
+    cols.sync();
+    if (cols.lead()) fwd_cell<T>(p, t);
     if (p.proj) {
-      step_nt<T>(count, p.proj, H, static_cast<const T*>(p.m) + base * H, H, p.w_hr_packed, p.w_hr,
+      cols.sync();
+      step_nt<T>(cols, count, p.proj, H, static_cast<const T*>(p.m) + base * H, H, p.w_hr_packed, p.w_hr,
                  static_cast<T*>(p.htilde) + rb * p.proj, p.proj);
-      fwd_finish<T>(p, t);
+      cols.sync();
+      if (cols.lead()) fwd_finish<T>(p, t);
     }
   }
 }
 
 template <typename T>
-void backward_all(const Plan& p) {
+void backward_loop(const Plan& p, const Columns& cols) {
   const int64_t H = p.hidden, ho = p.h_out, rb = p.row_begin;
   for (int64_t s = p.steps - 1; s >= 0; --s) {
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t count = rows_end(p, t) - rb, row0 = p.offsets[t] + rb;
     if (count <= 0) continue;
-    bwd_begin<T>(p, t);
+    if (cols.lead()) bwd_begin<T>(p, t);
     if (p.proj) {
-      step_nn<T>(count, H, p.proj, static_cast<const T*>(p.dproj) + row0 * ho, ho, p.w_hr_packed_t, p.w_hr,
+      cols.sync();
+      step_nn<T>(cols, count, H, p.proj, static_cast<const T*>(p.dproj) + row0 * ho, ho, p.w_hr_packed_t, p.w_hr,
                  static_cast<T*>(p.dm) + rb * H, H);
+      cols.sync();
     }
-    bwd_cell<T>(p, t);
-    step_nn<T>(count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw, p.w_hh_packed_t, p.w_hh,
-               static_cast<T*>(p.dh_in) + rb * ho, ho);
-    bwd_end<T>(p, t);
+    if (cols.lead()) bwd_cell<T>(p, t);
+    cols.sync();
+    step_nn<T>(cols, count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw, p.w_hh_packed_t,
+               p.w_hh, static_cast<T*>(p.dh_in) + rb * ho, ho);
+    cols.sync();
+    if (cols.lead()) bwd_end<T>(p, t);
   }
+}
+
+template <typename T>
+void forward_all(const Plan& p) {
+  forward_loop<T>(p, Columns{});
 }
 
 // One step of one direction with nothing saved (LSTMCell and streaming calls): xg = x W_ih^T +
