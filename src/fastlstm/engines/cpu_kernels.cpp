@@ -27,6 +27,9 @@
 #include <system_error>
 #include <thread>
 #include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -123,10 +126,15 @@ class Barrier {
 // One thread's place in a plan's column team (see cpu_kernels.h, "a step's products").
 struct Columns {
   int64_t index = 0, count = 1;
-  Barrier* barrier = nullptr;
+  Barrier* barrier = nullptr;  // threads of our own; with OpenMP the team's own barrier
   bool lead() const { return index == 0; }
   void sync() const {
-    if (barrier) barrier->wait();
+    if (count <= 1) return;
+#ifdef _OPENMP
+#pragma omp barrier
+#else
+    barrier->wait();
+#endif
   }
   // This member's output columns [begin, end) of N, in whole packed panels (16 floats).
   void range(int64_t N, int64_t* begin, int64_t* end) const {
@@ -189,21 +197,30 @@ struct Member {
   Columns columns;
 };
 
-// Runs the loops of the given plans (a tuple of plan addresses: disjoint rows of one direction),
-// each on `column_threads` threads, every member on a thread of its own except the first, which
-// runs on the caller's. If threads cannot be started, the members run one after another instead.
+#ifdef _OPENMP
+// The members run as one OpenMP team: torch's own thread pool (the process has one libgomp), so
+// no second set of threads competes with the one torch's GEMMs just used and left spinning.
 template <const Loop* L>
-PyObject* driver(PyObject*, PyObject* args) {
-  PyObject* addresses;
-  if (!PyArg_ParseTuple(args, "O!", &PyTuple_Type, &addresses)) return nullptr;
-  std::vector<const Plan*> plans;
-  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(addresses); ++k) {
-    const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(addresses, k));
-    if (PyErr_Occurred()) return nullptr;
-    plans.push_back(reinterpret_cast<const Plan*>(address));
+void run(const std::vector<const Plan*>& plans) {
+  const Plan& first = *plans[0];
+  if (plans.size() == 1 && first.column_threads > 1) {
+#pragma omp parallel num_threads(int(first.column_threads))
+    {
+      const Columns columns{omp_get_thread_num(), omp_get_num_threads(), nullptr};
+      L->pick(first)(first, columns);
+    }
+    return;
   }
-  if (plans.empty()) Py_RETURN_NONE;
-  Py_BEGIN_ALLOW_THREADS
+  const int64_t count = int64_t(plans.size());
+#pragma omp parallel for schedule(static, 1) num_threads(int(count))
+  for (int64_t k = 0; k < count; ++k) L->pick(*plans[k])(*plans[k], Columns{});
+}
+#else
+// Without OpenMP: every member on a thread of its own except the first, which runs on the
+// caller's. Threads wait for every member to have one before any starts: a column team whose
+// members could not all start would never meet at its barriers; then the plans run whole, alone.
+template <const Loop* L>
+void run(const std::vector<const Plan*>& plans) {
   std::vector<std::unique_ptr<Barrier>> barriers;
   std::vector<Member> members;
   for (const Plan* plan : plans) {
@@ -215,8 +232,6 @@ PyObject* driver(PyObject*, PyObject* args) {
     }
     for (int64_t k = 0; k < team; ++k) members.push_back({plan, Columns{k, team, barrier}});
   }
-  // Threads wait for every member to have one before any starts: a column team whose members
-  // could not all start would never meet at its barriers. Then the plans run whole, one by one.
   std::atomic<int> state{0};  // 0 wait, 1 go, 2 abandon
   auto member = [&state](const Member& m) {
     while (state.load(std::memory_order_acquire) == 0) std::this_thread::yield();
@@ -232,6 +247,24 @@ PyObject* driver(PyObject*, PyObject* args) {
     for (const Plan* plan : plans) L->pick(*plan)(*plan, Columns{});
   }
   for (auto& thread : threads) thread.join();
+}
+#endif
+
+// Runs the loops of the given plans: a tuple of plan addresses, disjoint rows of one direction,
+// each on its `column_threads` threads.
+template <const Loop* L>
+PyObject* driver(PyObject*, PyObject* args) {
+  PyObject* addresses;
+  if (!PyArg_ParseTuple(args, "O!", &PyTuple_Type, &addresses)) return nullptr;
+  std::vector<const Plan*> plans;
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(addresses); ++k) {
+    const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(addresses, k));
+    if (PyErr_Occurred()) return nullptr;
+    plans.push_back(reinterpret_cast<const Plan*>(address));
+  }
+  if (plans.empty()) Py_RETURN_NONE;
+  Py_BEGIN_ALLOW_THREADS
+  run<L>(plans);
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;
 }
@@ -270,11 +303,20 @@ PyObject* single_step(PyObject*, PyObject* args) {
 
 PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2" : "generic"); }
 
+PyObject* threading(PyObject*, PyObject*) {
+#ifdef _OPENMP
+  return PyUnicode_FromString("openmp");
+#else
+  return PyUnicode_FromString("threads");
+#endif
+}
+
 PyObject* plan_size(PyObject*, PyObject*) { return PyLong_FromSize_t(sizeof(Plan)); }
 
 PyMethodDef methods[] = {
     {"plan_size", plan_size, METH_NOARGS, "sizeof(Plan) in bytes."},
     {"instruction_set", instruction_set, METH_NOARGS, "The instruction set the kernels run with."},
+    {"threading", threading, METH_NOARGS, "How the kernels run threads: openmp or threads."},
     {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
     {"forward_all", driver<&kForward>, METH_VARARGS, "Run the forward loops of a tuple of plans."},
     {"backward_all", driver<&kBackward>, METH_VARARGS, "Run the backward loops of a tuple of plans."},
