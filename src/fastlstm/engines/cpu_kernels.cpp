@@ -269,6 +269,18 @@ PyObject* driver(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+template <typename T>
+void run_single_step(const Plan& p, unsigned long long x, int64_t input_size, unsigned long long w_ih,
+                     unsigned long long b_ih, unsigned long long b_hh, unsigned long long h0, unsigned long long c0) {
+#ifdef FASTLSTM_HAVE_AVX2
+  auto fn = use_avx2() ? avx2::single_step<T> : generic::single_step<T>;
+#else
+  auto fn = generic::single_step<T>;
+#endif
+  fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<const T*>(b_ih),
+     reinterpret_cast<const T*>(b_hh), reinterpret_cast<const T*>(h0), reinterpret_cast<const T*>(c0));
+}
+
 // single_step(plan, x, input_size, w_ih, b_ih, b_hh, h0, c0): see single_step in cpu_kernels.h.
 PyObject* single_step(PyObject*, PyObject* args) {
   unsigned long long plan_address, x, w_ih, b_ih, b_hh, h0, c0;
@@ -279,23 +291,9 @@ PyObject* single_step(PyObject*, PyObject* args) {
   const Plan& p = *reinterpret_cast<const Plan*>(plan_address);
   Py_BEGIN_ALLOW_THREADS
   if (p.dtype == 0) {
-    using T = float;
-#ifdef FASTLSTM_HAVE_AVX2
-    auto fn = use_avx2() ? avx2::single_step<T> : generic::single_step<T>;
-#else
-    auto fn = generic::single_step<T>;
-#endif
-    fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<const T*>(b_ih),
-       reinterpret_cast<const T*>(b_hh), reinterpret_cast<const T*>(h0), reinterpret_cast<const T*>(c0));
+    run_single_step<float>(p, x, input_size, w_ih, b_ih, b_hh, h0, c0);
   } else {
-    using T = double;
-#ifdef FASTLSTM_HAVE_AVX2
-    auto fn = use_avx2() ? avx2::single_step<T> : generic::single_step<T>;
-#else
-    auto fn = generic::single_step<T>;
-#endif
-    fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<const T*>(b_ih),
-       reinterpret_cast<const T*>(b_hh), reinterpret_cast<const T*>(h0), reinterpret_cast<const T*>(c0));
+    run_single_step<double>(p, x, input_size, w_ih, b_ih, b_hh, h0, c0);
   }
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;

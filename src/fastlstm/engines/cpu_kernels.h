@@ -564,31 +564,19 @@ void gemm_nn_natural(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, c
 // of the weights, which is what a batch too small to split by rows needs), and member 0 runs the
 // elementwise phases in between. A barrier separates the two.
 
-// C[:, cols] = A @ W^T[:, cols], W [N, K] natural or packed panels of W^T.
-template <typename T>
-inline void step_nt(const Columns& cols, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const void* packed,
-                    const void* w, T* c, int64_t ldc) {
+// C[:, cols] = A @ op(W)[:, cols], from W's packed panels when there are any, else from W itself:
+// op(W) = W^T for W [N, K] (TRANSPOSED, the forward products), op(W) = W for W [K, N] (backward).
+template <typename T, bool TRANSPOSED>
+inline void step_product(const Columns& cols, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda,
+                         const void* packed, const void* w, T* c, int64_t ldc) {
   int64_t n0, n1;
   cols.range(N, &n0, &n1);
   if (n1 <= n0) return;
   if (packed) {
     constexpr int64_t NR = 2 * Lanes<T>::n;
     gemm_packed<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(packed) + n0 / NR * K * NR, c + n0, ldc);
-  } else {
+  } else if (TRANSPOSED) {
     gemm_nt_natural<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(w) + n0 * K, c + n0, ldc);
-  }
-}
-
-// C[:, cols] = A @ W[:, cols], W [K, N] natural or packed panels of W.
-template <typename T>
-inline void step_nn(const Columns& cols, int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const void* packed,
-                    const void* w, T* c, int64_t ldc) {
-  int64_t n0, n1;
-  cols.range(N, &n0, &n1);
-  if (n1 <= n0) return;
-  if (packed) {
-    constexpr int64_t NR = 2 * Lanes<T>::n;
-    gemm_packed<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(packed) + n0 / NR * K * NR, c + n0, ldc);
   } else {
     gemm_nn_natural<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(w) + n0, N, c + n0, ldc);
   }
@@ -605,13 +593,13 @@ void forward_loop(const Plan& p, const Columns& cols) {
     if (count <= 0) continue;
     if (cols.lead()) fwd_prepare<T>(p, t);
     cols.sync();
-    step_nt<T>(cols, count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho, p.w_hh_packed, p.w_hh,
+    step_product<T, true>(cols, count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho, p.w_hh_packed, p.w_hh,
                static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
     cols.sync();
     if (cols.lead()) fwd_cell<T>(p, t);
     if (p.proj) {
       cols.sync();
-      step_nt<T>(cols, count, p.proj, H, static_cast<const T*>(p.m) + base * H, H, p.w_hr_packed, p.w_hr,
+      step_product<T, true>(cols, count, p.proj, H, static_cast<const T*>(p.m) + base * H, H, p.w_hr_packed, p.w_hr,
                  static_cast<T*>(p.htilde) + rb * p.proj, p.proj);
       cols.sync();
       if (cols.lead()) fwd_finish<T>(p, t);
@@ -629,13 +617,13 @@ void backward_loop(const Plan& p, const Columns& cols) {
     if (cols.lead()) bwd_begin<T>(p, t);
     if (p.proj) {
       cols.sync();
-      step_nn<T>(cols, count, H, p.proj, static_cast<const T*>(p.dproj) + row0 * ho, ho, p.w_hr_packed_t, p.w_hr,
+      step_product<T, false>(cols, count, H, p.proj, static_cast<const T*>(p.dproj) + row0 * ho, ho, p.w_hr_packed_t, p.w_hr,
                  static_cast<T*>(p.dm) + rb * H, H);
       cols.sync();
     }
     if (cols.lead()) bwd_cell<T>(p, t);
     cols.sync();
-    step_nn<T>(cols, count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw, p.w_hh_packed_t,
+    step_product<T, false>(cols, count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw, p.w_hh_packed_t,
                p.w_hh, static_cast<T*>(p.dh_in) + rb * ho, ho);
     cols.sync();
     if (cols.lead()) bwd_end<T>(p, t);
