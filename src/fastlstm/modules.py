@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional, packing
+from . import functional
 from .engines import check_backend
 from .masks import DirectionMasks, LSTMMasks
 from .options import DEFAULT_ACTIVATIONS, LSTMOptions, make_options
@@ -126,15 +126,18 @@ def _check_state_dtype_device(states: tuple[Tensor, Tensor], x: Tensor, module_n
 
 @dataclass
 class _ParsedInput:
-    """An ``LSTM`` input in the engines' form, and what is needed to give outputs the user's form."""
+    """An ``LSTM`` input in functional's form, and what is needed to give outputs the user's form."""
 
-    x: Tensor  # [T, B, I]
+    x: Tensor | None  # [T, B, I]; None for packed input
     lengths: Tensor | None  # [B]
     h0: Tensor  # [L * D, B, H_out]
     c0: Tensor  # [L * D, B, H]
-    packed: PackedSequence | None
-    layout: packing.PackedLayout | None
+    packed: PackedSequence | None  # the input itself, its data cast under autocast
     batched: bool
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.packed.data.dtype if self.packed is not None else self.x.dtype
 
 
 class LSTM(nn.Module):
@@ -301,9 +304,9 @@ class LSTM(nn.Module):
 
     def forward(self, input, hx=None, *, masks: LSTMMasks | None = None):
         parsed = self._parse(input, hx)
-        weights = self._weights(parsed.x.dtype)
+        weights = self._weights(parsed.dtype)
         y, h_n, c_n = functional.lstm(
-            parsed.x,
+            parsed.packed if parsed.packed is not None else parsed.x,
             parsed.lengths,
             parsed.h0,
             parsed.c0,
@@ -316,10 +319,7 @@ class LSTM(nn.Module):
         )
         if parsed.packed is not None:
             packed = parsed.packed
-            output = PackedSequence(
-                packing.pack(y, parsed.layout), packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices
-            )
-            return output, (h_n, c_n)
+            return PackedSequence(y, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), (h_n, c_n)
         if not parsed.batched:
             return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         if self.batch_first:
@@ -333,10 +333,14 @@ class LSTM(nn.Module):
         batch order (see :mod:`fastlstm.masks`). Returns None if the module draws no masks.
         """
         parsed = self._parse(input, hx)
+        steps, batch = functional.extent(parsed.packed if parsed.packed is not None else parsed.x)
+        like = parsed.packed.data if parsed.packed is not None else parsed.x
         return functional.draw_masks(
-            parsed.x,
+            steps,
+            batch,
+            like,
             parsed.h0,
-            self._weights(parsed.x.dtype),
+            self._weights(parsed.dtype),
             self.options,
             dropout=self.dropout,
             training=True,
@@ -354,14 +358,12 @@ class LSTM(nn.Module):
         num_directions = 2 if self.bidirectional else 1
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
 
-        packed, layout = None, None
+        packed = None
         if isinstance(input, PackedSequence):
             packed = input
-            data = input.data
-            self._check_input(data, weight_dtype, expected_dim=2)
-            layout = packing.layout_of(input)
-            x = packing.unpack(data, layout)
-            lengths = layout.lengths
+            x = input.data  # [N, I]: only its batch size, dtype and device are read below
+            self._check_input(x, weight_dtype, expected_dim=2)
+            lengths = None
             batched = True
             if hx is not None:
                 hx = _check_state_pair(hx, "LSTM")
@@ -392,7 +394,7 @@ class LSTM(nn.Module):
                 raise RuntimeError("LSTM: Expected sequence length to be larger than 0 in RNN (input has 0 steps)")
             lengths = None
 
-        batch = x.shape[1]
+        batch = int(packed.batch_sizes[0]) if packed is not None else x.shape[1]
         expected_h = (self.num_layers * num_directions, batch, h_out)
         expected_c = (self.num_layers * num_directions, batch, self.hidden_size)
         if hx is None:
@@ -415,7 +417,11 @@ class LSTM(nn.Module):
         cast = _autocast_dtype(x.device)
         if cast is not None and x.is_floating_point():
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
-        return _ParsedInput(x, lengths, h0, c0, packed, layout, batched)
+            if packed is not None:
+                packed = PackedSequence(x, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        if packed is not None:
+            return _ParsedInput(None, None, h0, c0, packed, batched)
+        return _ParsedInput(x, lengths, h0, c0, None, batched)
 
     def _check_input(self, x: Tensor, weight_dtype: torch.dtype, expected_dim: int) -> None:
         if x.dtype != weight_dtype and _autocast_dtype(x.device) is None:

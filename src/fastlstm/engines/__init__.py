@@ -7,7 +7,8 @@ An engine is a function with the signature of :func:`fastlstm.reference.lstm_lay
           *, training) -> (y [T, B, D * H_out], h_n [D, B, H_out], c_n [D, B, H])
 
 plus a predicate saying which inputs it supports. ``"reference"`` supports everything and is the
-fallback of ``"auto"``; faster engines register in front of it.
+fallback of ``"auto"``; faster engines register in front of it, and may also offer a single-step
+entry point and one that takes a PackedSequence's rows without padding them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ class Engine:
     # Optional single-step entry point (x [B, I], h0, c0 [B, H], weights, options, masks, *, training)
     # -> (h_1, c_1); without one, a step is the layer with T = 1.
     cell: Callable | None = None
+    # Optional packed entry point (data [N, I], batch_sizes, sorted_indices, h0, c0, weights, options,
+    # masks, *, training) -> (y [N, D * H_out], h_n, c_n): a PackedSequence's rows as they are;
+    # without one, packed input is padded for `layer`.
+    packed_layer: Callable | None = None
 
 
 def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
@@ -40,7 +45,7 @@ def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> b
 
 # Priority order for "auto": the first engine that supports the call computes it.
 ENGINES: dict[str, Engine] = {
-    "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell),
+    "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell, cpu.lstm_layer_packed),
     "reference": Engine("reference", reference.lstm_layer, _always),
 }
 

@@ -187,6 +187,7 @@ class Layout:
     lengths: Tensor  # [B] int64, sorted
     order: Tensor | None  # [B] sorted position -> user batch index; None when every length is T
     flat_index: Tensor | None  # [N] row -> index into the padded [T * B] rows; None when no padding
+    packed_input: bool = False  # the input and output are packed rows already (a PackedSequence's)
 
     @staticmethod
     def of(steps: int, batch: int, lengths: Tensor | None) -> Layout:
@@ -194,16 +195,38 @@ class Layout:
             return _full_layout(steps, batch)
         sorted_lengths, order = torch.sort(lengths.cpu(), descending=True, stable=True)
         n_rows = (sorted_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
+        return Layout._of_rows(n_rows, order, packed_input=False)
+
+    @staticmethod
+    def of_packed(batch_sizes: Tensor, sorted_indices: Tensor | None) -> Layout:
+        """A PackedSequence's rows are this layout already: step-major, each step's sequences in
+        sorted order. Only its padded index (for masks) is computed; its data is used as it is."""
+        order = None if sorted_indices is None else sorted_indices.cpu()
+        return Layout._of_rows(batch_sizes.to(torch.int64).cpu(), order, packed_input=True)
+
+    @staticmethod
+    def _of_rows(n_rows: Tensor, order: Tensor | None, *, packed_input: bool) -> Layout:
+        steps, batch = n_rows.numel(), int(n_rows[0])
         offsets = torch.cumsum(n_rows, 0) - n_rows
+        total = int(n_rows.sum())
+        sorted_lengths = (n_rows.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
         rows_t = torch.repeat_interleave(torch.arange(steps), n_rows)
-        slot = torch.arange(int(n_rows.sum())) - offsets[rows_t]
-        flat_index = rows_t * batch + order[slot]
-        return Layout(steps, batch, n_rows, offsets, int(n_rows.sum()), sorted_lengths, order, flat_index)
+        slot = torch.arange(total) - offsets[rows_t]
+        flat_index = rows_t * batch + (slot if order is None else order[slot])
+        return Layout(steps, batch, n_rows, offsets, total, sorted_lengths, order, flat_index, packed_input)
 
     def rows(self, padded: Tensor) -> Tensor:
         """``[T, B, F]`` -> ``[N, F]`` (contiguous)."""
         flat = padded.reshape(self.steps * self.batch, padded.shape[-1])
         return flat.contiguous() if self.flat_index is None else flat.index_select(0, self.flat_index)
+
+    def input_rows(self, x: Tensor) -> Tensor:
+        """The engine's input or output-gradient rows ``[N, F]``, from ``x`` in the caller's form."""
+        return x.contiguous() if self.packed_input else self.rows(x)
+
+    def output(self, rows: Tensor) -> Tensor:
+        """Rows ``[N, F]`` in the caller's form: as they are for packed input, else padded."""
+        return rows if self.packed_input else self.padded(rows)
 
     def padded(self, rows: Tensor) -> Tensor:
         """``[N, F]`` -> zero-padded ``[T, B, F]``."""
@@ -475,7 +498,7 @@ def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, 
     """The forward pass of one layer (no autograd). Returns the outputs and what backward needs."""
     num_directions = len(weights)
     G = 4 * (weights[0].weight_hh.shape[0] // 4)
-    x_rows = layout.rows(x)  # [N, I]
+    x_rows = layout.input_rows(x)  # [N, I]
     w_ih = weights[0].weight_ih if num_directions == 1 else torch.cat([w.weight_ih for w in weights])  # [D*4H, I]
     bias = None
     if weights[0].bias_ih is not None:
@@ -501,7 +524,7 @@ def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, 
         directions.append(direction)
         h_n.append(layout.unsort(h))
         c_n.append(layout.unsort(c))
-    outputs = (layout.padded(y_rows), torch.stack(h_n), torch.stack(c_n))
+    outputs = (layout.output(y_rows), torch.stack(h_n), torch.stack(c_n))
     return outputs, (x_rows, w_ih, x_hat, x_rstd, directions)
 
 
@@ -528,7 +551,7 @@ class _LayerFunction(torch.autograd.Function):
         weights = _unflatten(flat_weights)
         G = 4 * (weights[0].weight_hh.shape[0] // 4)
         dtype = x_rows.dtype
-        dy_rows = layout.rows(dy.to(dtype))
+        dy_rows = layout.input_rows(dy.to(dtype))
 
         dgates = torch.empty(layout.total, D * G, dtype=dtype)
         per_direction = [
@@ -548,7 +571,7 @@ class _LayerFunction(torch.autograd.Function):
             d_gain = None
             dxw = dgates
         needs = ctx.needs_input_grad
-        d_x = layout.padded(matmul_nn(dxw, w_ih)) if needs[1] else None
+        d_x = layout.output(matmul_nn(dxw, w_ih)) if needs[1] else None
         d_w_ih = matmul_tn(dxw, x_rows) if any(needs[4 + d * len(_FIELDS)] for d in range(D)) else None
         d_bias = dgates.sum(0) if weights[0].bias_ih is not None else None
 
@@ -637,14 +660,44 @@ def lstm_layer(
     if masks is not None and not training:
         raise ValueError("masks are only used in training mode; eval mode uses their expectations")
     layout = Layout.of(x.shape[0], x.shape[1], lengths)
+    if _is_single_step(x, lengths, weights, options) and not _needs_grad(x, h0, c0, weights):
+        with torch.no_grad():
+            h, c = _single_step(x[0], h0[0], c0[0], weights[0], options,
+                                masks[0] if masks is not None else DirectionMasks(), training)
+        return h.unsqueeze(0).clone(), h.unsqueeze(0), c.unsqueeze(0)
+    return _run_layer(layout, x, h0, c0, weights, options, masks, training)
+
+
+def lstm_layer_packed(
+    data: Tensor,
+    batch_sizes: Tensor,
+    sorted_indices: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[DirectionWeights],
+    options: LSTMOptions,
+    masks: Sequence[DirectionMasks] | None,
+    *,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A PackedSequence's rows ``data [N, I]`` (with its ``batch_sizes`` and ``sorted_indices``) as
+    they are, no padding built: -> ``(y [N, D * H_out], h_n, c_n)``, states in user batch order.
+    Masks are padded ``[T, B, .]`` in user order, as everywhere."""
+    if masks is not None and not training:
+        raise ValueError("masks are only used in training mode; eval mode uses their expectations")
+    return _run_layer(Layout.of_packed(batch_sizes, sorted_indices), data, h0, c0, weights, options, masks, training)
+
+
+def _needs_grad(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights]) -> bool:
+    tensors = (x, h0, c0, *(t for w in weights for t in w))
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _run_layer(layout: Layout, x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights],
+               options: LSTMOptions, masks: Sequence[DirectionMasks] | None, training: bool):
     masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
     flat = [t for w in weights for t in w]
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *flat))
-    if not needs_grad:  # inference: nothing is kept per step
-        if _is_single_step(x, lengths, weights, options):
-            with torch.no_grad():
-                h, c = _single_step(x[0], h0[0], c0[0], weights[0], options, masks[0], training)
-            return h.unsqueeze(0).clone(), h.unsqueeze(0), c.unsqueeze(0)
+    if not _needs_grad(x, h0, c0, weights):  # inference: nothing is kept per step
         with torch.no_grad():
             outputs, _ = _layer_forward(layout, options, masks, training, False, x, h0, c0, list(weights))
         return outputs
@@ -665,8 +718,7 @@ def lstm_cell(
     nothing needs a gradient, else :func:`lstm_layer` with ``T = 1``."""
     if masks is not None and not training:
         raise ValueError("masks are only used in training mode; eval mode uses their expectations")
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, h0, c0, *w))
-    if not needs_grad and not options.layer_norm:
+    if not _needs_grad(x, h0, c0, [w]) and not options.layer_norm:
         with torch.no_grad():
             return _single_step(x, h0, c0, w, options, masks if masks is not None else DirectionMasks(), training)
     _, h, c = lstm_layer(x.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), [w], options,
