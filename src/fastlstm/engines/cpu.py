@@ -608,26 +608,33 @@ def _single_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options
     """``x [B, I]``, ``h0 [B, H]``, ``c0 [B, H]`` -> ``(h_1, c_1)``, each ``[B, H]``."""
     batch, hidden = x.shape[0], w.weight_hh.shape[0] // 4
     G = 4 * hidden
-    direction = _Direction(_full_layout(1, batch), w, masks, options, training=training, reverse=False, dtype=x.dtype)
-    key = (x.dtype, batch, hidden, options, direction.zoneout_mode)
+    if training:
+        zoneout_mode = 1 if (masks.zoneout_h is not None or masks.zoneout_c is not None) else 0
+    else:
+        zoneout_mode = 2 if options.has_zoneout else 0
+    key = (x.dtype, batch, hidden, options, zoneout_mode)
     template = _STEP_TEMPLATES.get(key)
     if template is None:
+        direction = _Direction(_full_layout(1, batch), w, masks, options, training=training, reverse=False,
+                               dtype=x.dtype)
         template = direction._base_plan()
         template.column_threads = 1  # single_step runs on the caller's thread
         template = _STEP_TEMPLATES.setdefault(key, template)
     p = Plan.from_buffer_copy(template)
+    item = x.element_size()
+    clip_words = -(-batch * G // item) if options.clip is not None else 0  # uint8 masks, in elements
+    cell_clip_words = -(-batch * hidden // item) if options.cell_clip is not None else 0
     arena = _Arena(x.dtype, {"xg": batch * G, "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden,
-                             "hw": batch * G, "y": batch * hidden})
-    clips = _Arena(torch.uint8, {"clip_mask": batch * G if options.clip is not None else 0,
-                                 "cclip_mask": batch * hidden if options.cell_clip is not None else 0})
+                             "hw": batch * G, "y": batch * hidden, "clip_mask": clip_words,
+                             "cclip_mask": cell_clip_words})
     h, c = x.new_empty(batch, hidden), x.new_empty(batch, hidden)
-    for name in ("xg", "gates", "c_fresh", "h_in", "hw", "y"):
+    for name in ("xg", "gates", "c_fresh", "h_in", "hw", "y", "clip_mask", "cclip_mask"):
         setattr(p, name, arena.ptr(name))
-    p.clip_mask, p.cclip_mask = clips.ptr("clip_mask"), clips.ptr("cclip_mask")
     p.ld_xg, p.ld_hw, p.ld_y = G, G, hidden
     p.h_state, p.c_state = h.data_ptr(), c.data_ptr()
-    p.w_hh, p.peep = direction.w_hh_eff.data_ptr(), _ptr(direction.peep)
-    p.rec_mask, p.zh_mask, p.zc_mask = _ptr(direction.rec_mask), _ptr(direction.zh_mask), _ptr(direction.zc_mask)
+    w_hh = (w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh).contiguous()
+    p.w_hh, p.peep = w_hh.data_ptr(), _ptr(_contiguous(w.weight_peephole))
+    p.rec_mask, p.zh_mask, p.zc_mask = (_ptr(_contiguous(m)) for m in (masks.recurrent, masks.zoneout_h, masks.zoneout_c))
     x, h0, c0, w_ih = x.contiguous(), h0.contiguous(), c0.contiguous(), w.weight_ih.contiguous()
     kernels.single_step(ctypes.addressof(p), x.data_ptr(), x.shape[1], w_ih.data_ptr(), _ptr(_contiguous(w.bias_ih)),
                         _ptr(_contiguous(w.bias_hh)), h0.data_ptr(), c0.data_ptr())
