@@ -14,7 +14,9 @@ from fastlstm import reference
 from fastlstm.engines import cpu
 from fastlstm.masks import sample_direction_masks
 from fastlstm.options import make_options
-from fastlstm.weights import DirectionWeights, direction_shapes
+from fastlstm.weights import DirectionWeights
+
+from engine_cases import ARCHS, LENGTHS, OPTIONS, compare, inputs_and_masks, make_layer, run
 
 
 
@@ -61,104 +63,18 @@ def _force_threading(mode, monkeypatch):
     monkeypatch.setattr(cpu, "_MIN_STEPS_TO_PACK", 1 << 30 if natural else 1)
 
 
-OPTIONS = {
-    "plain": {},
-    "activations": dict(activations=("hard_sigmoid", "softsign", "relu")),
-    "activations2": dict(activations=("tanh", "sigmoid", "hard_sigmoid")),
-    "peephole": dict(peephole=True),
-    "clip": dict(clip=0.4),
-    "coupled": dict(coupled_input_forget=True),
-    "coupled-peephole-clip": dict(coupled_input_forget=True, peephole=True, clip=0.8),
-    "layer_norm": dict(layer_norm=True),
-    "zoneout": dict(zoneout=(0.3, 0.6)),
-    "zoneout_h_only": dict(zoneout=(0.4, 0.0)),
-    "recurrent_dropout": dict(recurrent_dropout=0.4),
-    "weight_drop": dict(weight_drop=0.4),
-    "cell_clip": dict(cell_clip=0.3),
-    "everything": dict(
-        activations=("sigmoid", "tanh", "softsign"), peephole=True, clip=1.5, layer_norm=True,
-        zoneout=(0.2, 0.3), recurrent_dropout=0.3, weight_drop=0.3, cell_clip=0.8,
-    ),
-}
-ARCHS = {
-    "uni": dict(directions=1, proj=0, bias=True),
-    "bi-proj": dict(directions=2, proj=3, bias=True),
-    "bi-nobias": dict(directions=2, proj=0, bias=False),
-    "uni-proj-nobias": dict(directions=1, proj=2, bias=False),
-}
-
-
-def make_layer(arch, cfg, *, input_size=4, hidden=5, dtype=torch.float64, seed=0):
-    """Random weights for one layer (every direction) with the options' parameters."""
-    g = torch.Generator().manual_seed(seed)
-    options = make_options(**cfg, has_bias=arch["bias"], has_projection=arch["proj"] > 0,
-                           proj_clip=0.2 if (arch["proj"] and "cell_clip" in cfg) else None)
-    shapes = direction_shapes(input_size, hidden, arch["proj"], bias=arch["bias"], peephole=options.peephole,
-                              layer_norm=options.layer_norm)
-    weights = []
-    for _ in range(arch["directions"]):
-        params = {}
-        for name, shape in shapes.items():
-            scale = 0.3 if name.startswith("layer_norm") else 0.6
-            base = 1.0 if name.startswith("layer_norm") and "bias" not in name else 0.0
-            params[name] = (base + scale * (2 * torch.rand(shape, generator=g, dtype=dtype) - 1)).requires_grad_()
-        weights.append(DirectionWeights(**params))
-    return options, weights
-
-
-def run(fn, x, lengths, h0, c0, weights, options, masks, training, **kw):
-    leaves = [x, h0, c0] + [p for w in weights for p in w if p is not None]
-    y, h, c = fn(x, lengths, h0, c0, weights, options, masks, training=training, **kw)
-    if lengths is not None:
-        valid = (torch.arange(x.shape[0]).unsqueeze(1) < lengths).unsqueeze(-1)
-        assert (y.masked_select(~valid) == 0).all(), "padding of the output must be zero"
-    g = torch.Generator().manual_seed(9)
-    loss = sum((t * torch.randn(t.shape, generator=g, dtype=t.dtype)).sum() for t in (y, h, c))
-    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return [y, h, c] + [torch.zeros_like(leaf) if gr is None else gr for gr, leaf in zip(grads, leaves)]
-
-
-def _inputs_and_masks(arch, cfg, dtype, steps=6, batch=4, training=False):
-    options, weights = make_layer(arch, cfg, dtype=dtype)
-    hidden, d = 5, arch["directions"]
-    h_out = arch["proj"] or hidden
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(steps, batch, 4, generator=g, dtype=dtype).requires_grad_()
-    h0 = torch.randn(d, batch, h_out, generator=g, dtype=dtype).requires_grad_()
-    c0 = torch.randn(d, batch, hidden, generator=g, dtype=dtype).requires_grad_()
-    masks = None
-    if training and options.is_stochastic:
-        masks = [sample_direction_masks(options, steps=steps, batch=batch, hidden_size=hidden, h_out=h_out,
-                                        device="cpu", dtype=dtype) for _ in range(d)]
-    return options, weights, x, h0, c0, masks
-
-
-def compare(arch, cfg, *, lengths, training, dtype, tol):
-    options, weights, x, h0, c0, masks = _inputs_and_masks(arch, cfg, dtype, training=training)
-    ours = run(cpu.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
-    theirs = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
-    names = ["output", "h_n", "c_n", "x", "h0", "c0"] + [
-        f"dir{k}.{f}" for k, w in enumerate(weights) for f, p in zip(DirectionWeights._fields, w) if p is not None
-    ]
-    for name, a, b in zip(names, ours, theirs):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
-
-
-LENGTHS = {"full": None, "unequal": torch.tensor([3, 6, 1, 4])}
-
-
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
 @pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
 def test_engine_matches_reference_float64(cfg, arch, lengths, some_threads):
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop", "everything"))
-    compare(arch, cfg, lengths=lengths, training=training, dtype=torch.float64, tol=1e-10)
+    compare(cpu.lstm_layer, arch, cfg, lengths=lengths, training=training, dtype=torch.float64, tol=1e-10)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cfg", [OPTIONS["zoneout"], OPTIONS["everything"]], ids=["zoneout", "everything"])
 def test_engine_eval_and_train_modes(cfg, training, threads):
-    compare(ARCHS["bi-proj"], cfg, lengths=LENGTHS["unequal"], training=training,
+    compare(cpu.lstm_layer, ARCHS["bi-proj"], cfg, lengths=LENGTHS["unequal"], training=training,
             dtype=torch.float64, tol=1e-10)
 
 
@@ -171,7 +87,7 @@ def test_engine_float32_error_is_at_most_twice_the_references(cfg, threads):
     """float32: both engines against the float64 reference; ours may err at most 2x the float32
     reference's error, plus 1e-6 (flash-attention's rule for low-precision comparisons)."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
-    options, weights, x, h0, c0, masks = _inputs_and_masks(ARCHS["bi-proj"], cfg, torch.float64, training=training)
+    options, weights, x, h0, c0, masks = inputs_and_masks(ARCHS["bi-proj"], cfg, torch.float64, training=training)
     lengths = LENGTHS["unequal"]
     truth = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
     f32 = lambda ts: [_cast(t, torch.float32) for t in ts]  # noqa: E731
@@ -284,7 +200,7 @@ def test_cell_backend_cpu_matches_torch_cell():
 def test_inference_path_matches_reference(cfg, arch, some_threads):
     """Without autograd the engine keeps one step of buffers instead of all: same results."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
-    options, weights, x, h0, c0, masks = _inputs_and_masks(arch, cfg, torch.float64, training=training)
+    options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training)
     lengths = LENGTHS["unequal"]
     with torch.no_grad():
         ours = cpu.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
@@ -336,7 +252,7 @@ def test_cell_module_no_grad_and_grad_agree():
 def test_packed_entry_point_takes_rows_as_they_are(cfg, sorted_input, some_threads):
     """lstm_layer_packed on a PackedSequence's rows against the reference on the padded batch."""
     training = "zoneout" in cfg
-    options, weights, x, h0, c0, masks = _inputs_and_masks(ARCHS["bi-proj"], cfg, torch.float64, training=training)
+    options, weights, x, h0, c0, masks = inputs_and_masks(ARCHS["bi-proj"], cfg, torch.float64, training=training)
     lengths = torch.tensor([6, 5, 3, 1]) if sorted_input else LENGTHS["unequal"]
     packed = pack_padded_sequence(x, lengths, enforce_sorted=sorted_input)
     data = packed.data.detach().requires_grad_()

@@ -20,7 +20,7 @@ import torch
 
 from .. import reference
 from ..options import LSTMOptions
-from . import cpu
+from . import cpu, triton_lstm
 
 LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -46,6 +46,7 @@ def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> b
 # Priority order for "auto": the first engine that supports the call computes it.
 ENGINES: dict[str, Engine] = {
     "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell, cpu.lstm_layer_packed),
+    "triton": Engine("triton", triton_lstm.lstm_layer, triton_lstm.supports),
     "reference": Engine("reference", reference.lstm_layer, _always),
 }
 

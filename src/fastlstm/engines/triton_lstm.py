@@ -1,0 +1,904 @@
+"""The GPU engine: persistent Triton kernels for the LSTM recurrence, forward and backward.
+
+Shape legend: ``T`` steps, ``B`` batch, ``I`` input features, ``H`` hidden size, ``D`` directions,
+``G = 4H`` gate rows in the order ``i, f, g, o``; ``HB`` hidden units and ``BB`` batch rows owned
+by one program.
+
+Design (see docs/equations.md for the math):
+
+* ``x_t W_ih^T`` of every step and both directions is one GEMM (cuBLAS), outside the recurrence.
+* The forward kernel is *persistent*: program ``(i_h, i_b, d)`` owns hidden units
+  ``[i_h HB, (i_h + 1) HB)`` with all four of their gates, for batch rows ``[i_b BB, (i_b + 1) BB)``
+  of direction ``d``. It loads its ``[H, 4 HB]`` slice of ``weight_hh`` (gate-interleaved columns,
+  so a single ``tl.dot`` gives all four gates) once, keeps ``c`` in registers, and runs the whole
+  time loop: each step it reads ``h_{t-1}`` of its rows, computes its gates, publishes its slice of
+  ``h_t`` and meets the other programs of its ``(i_b, d)`` group at a grid barrier. Batch blocks and
+  directions never wait for each other, so both directions run concurrently.
+* The backward kernel runs the same way in reverse. A program owns the columns of ``weight_hh`` of
+  its hidden units (``[4H, HB]``): it computes its slice of ``dgates_t``, publishes it, meets its
+  group at the barrier, and takes ``dh_{t-1} = dgates_t W_hh`` for its units.
+* Then cuBLAS computes ``dx``, ``dW_ih`` and ``dW_hh`` (``K = T B``) and a reduction the biases.
+
+The barrier only works when every program of a group is resident at once. The launcher asks for at
+most one program per SM; when that cannot hold (too many programs, a slice too large to keep on
+chip, or a kernel that does not fit an SM) the same kernels run one launch per step, where the end
+of a launch is the barrier. A barrier that waits far longer than any step can take gives up and
+sets an error flag, so a misconfigured launch raises instead of hanging.
+
+Under ``TRITON_INTERPRET=1`` (CPU tests) programs run one after another, so a persistent launch
+there must be one program per group (the "one-program mode"); the per-step mode covers several.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..masks import DirectionMasks
+from ..options import LSTMOptions
+from ..weights import DirectionWeights, accumulation_dtype
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is absent
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1, "tanh": 2, "softsign": 3, "relu": 4}
+_ZONEOUT_OFF, _ZONEOUT_MASK, _ZONEOUT_CONSTANT = 0, 1, 2
+
+if triton is not None:
+    # Spin iterations before a barrier gives up (about a second on an H100, against microseconds per step).
+    _BARRIER_SPIN_LIMIT = tl.constexpr(1 << 22)
+
+    # -- kernels -------------------------------------------------------------------------------------
+
+    @triton.jit
+    def _activate(x, CODE: tl.constexpr):
+        if CODE == 0:
+            y = 1.0 / (1.0 + tl.exp(-x))
+        elif CODE == 1:
+            y = tl.minimum(tl.maximum(0.2 * x + 0.5, 0.0), 1.0)
+        elif CODE == 2:
+            y = 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+        elif CODE == 3:
+            y = x / (1.0 + tl.abs(x))
+        else:
+            y = tl.maximum(x, 0.0)
+        return y
+
+    @triton.jit
+    def _activation_grad(y, CODE: tl.constexpr):
+        """The derivative of activation ``CODE``, written with its output ``y``."""
+        if CODE == 0:
+            g = y * (1.0 - y)
+        elif CODE == 1:
+            g = ((y > 0.0) & (y < 1.0)).to(y.dtype) * 0.2  # the constant in y's precision
+        elif CODE == 2:
+            g = 1.0 - y * y
+        elif CODE == 3:
+            s = 1.0 - tl.abs(y)
+            g = s * s
+        else:
+            g = (y > 0.0).to(y.dtype)
+        return g
+
+    @triton.jit
+    def _clipped(a, bound, HAS_CLIP: tl.constexpr):
+        if HAS_CLIP:
+            a = tl.minimum(tl.maximum(a, -bound), bound)
+        return a
+
+    @triton.jit
+    def _grid_barrier(p_counter, target, p_error):
+        """Wait until ``target`` arrivals at ``p_counter`` (this program's included).
+
+        The CTA barrier orders every thread's stores before the release; loads after it read
+        through L2 (``.cg``). A wait far past any step's length flags ``p_error`` and returns.
+        """
+        tl.debug_barrier()
+        tl.atomic_add(p_counter, 1, sem="release", scope="gpu")
+        arrived = tl.atomic_add(p_counter, 0, sem="acquire", scope="gpu")
+        spins = 0
+        while (arrived < target) & (spins < _BARRIER_SPIN_LIMIT):
+            arrived = tl.atomic_add(p_counter, 0, sem="acquire", scope="gpu")
+            spins += 1
+        if arrived < target:
+            tl.atomic_max(p_error, 1)
+        tl.debug_barrier()
+
+    @triton.jit
+    def _time_index(s, T, i_d):
+        """Direction ``i_d``'s ``s``-th processed step: ``s`` forward, ``T - 1 - s`` in reverse."""
+        return tl.where(i_d == 1, T - 1 - s, s)
+
+    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end"])
+    def _forward_kernel(
+        xg,  # [T, B, D*4H]  x_t W_ih^T of every direction, storage dtype
+        bias,  # [D, 4H]  b_ih + b_hh, accumulation dtype
+        w_hh,  # [D, 4H, H]  weight_hh (DropConnect mask applied), storage dtype
+        peephole,  # [D, 3H]  (p_i, p_f, p_o), accumulation dtype
+        lengths,  # [B] int64
+        rec_mask,  # [D, B, H]  recurrent-dropout mask on h_{t-1}
+        zh_mask,  # [D, T, B, H]  zoneout keep masks (training)
+        zc_mask,  # [D, T, B, H]
+        h_buf,  # [2, D, B, H]  ping-pong h state: step s reads slot s % 2, writes the other
+        c_state,  # [D, B, H]  c_0 in, c_n out, accumulation dtype
+        y,  # [T, B, D*H]
+        gates_out,  # [T, B, D*4H]  saved activations i, f, g, o
+        c_fresh_out,  # [T, B, D*H]  saved c_t before zoneout, accumulation dtype
+        c_carried_out,  # [T, B, D*H]  saved carried c_t (zoneout on c only)
+        clip_out,  # [T, B, D*4H] int8: 1 where the gate pre-activation was inside the clip
+        cell_clip_out,  # [T, B, D*H] int8: 1 where c_t was inside the cell clip
+        counters,  # [D, NB] int32 barrier arrivals
+        error,  # [1] int32
+        T,
+        B,
+        step_begin,
+        step_end,
+        clip,
+        cell_clip,
+        z_h,
+        z_c,
+        H: tl.constexpr,
+        D: tl.constexpr,
+        H_PAD: tl.constexpr,
+        HB: tl.constexpr,
+        BB: tl.constexpr,
+        ACC: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ACT_GATE: tl.constexpr,
+        ACT_IN: tl.constexpr,
+        ACT_OUT: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
+        PEEPHOLE: tl.constexpr,
+        HAS_CLIP: tl.constexpr,
+        COUPLED: tl.constexpr,
+        HAS_CELL_CLIP: tl.constexpr,
+        ZONEOUT_H: tl.constexpr,
+        ZONEOUT_C: tl.constexpr,
+        HAS_REC_MASK: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr,
+        NEEDS_H_PREV: tl.constexpr,
+        SAVE: tl.constexpr,
+        USE_BARRIER: tl.constexpr,
+    ):
+        """Steps ``[step_begin, step_end)`` of the recurrence (docs/equations.md, sections 1-7):
+        ``a_t = x_t W_ih^T + b + h_{t-1} W_hh^T``, the gates, ``c_t``, ``h_t``, per program slice."""
+        i_h, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        G: tl.constexpr = 4 * H
+        o_j = i_h * HB + tl.arange(0, HB)  # hidden units owned
+        o_b = i_b * BB + tl.arange(0, BB)  # batch rows owned
+        o_k = tl.arange(0, H_PAD)  # the reduction over h_{t-1}
+        m_j, m_b, m_k = o_j < H, o_b < B, o_k < H
+        m_bj = m_b[:, None] & m_j[None, :]
+        m_bk = m_b[:, None] & m_k[None, :]
+        o_b64 = o_b.to(tl.int64)
+        d64 = i_d.to(tl.int64)
+
+        # weight_hh rows of the owned units as a [H, 4 HB] operand, column 4 u + gate
+        o_col = tl.arange(0, 4 * HB)
+        col_unit, col_gate = i_h * HB + o_col // 4, o_col % 4
+        p_w = w_hh + d64 * G * H + (col_gate * H + col_unit).to(tl.int64)[None, :] * H + o_k[:, None]
+        b_w = tl.load(p_w, mask=m_k[:, None] & (col_unit < H)[None, :], other=0.0)
+
+        if HAS_BIAS:
+            p_bias = bias + i_d * G + o_j
+            b_bi = tl.load(p_bias, mask=m_j, other=0.0)[None, :]
+            b_bf = tl.load(p_bias + H, mask=m_j, other=0.0)[None, :]
+            b_bg = tl.load(p_bias + 2 * H, mask=m_j, other=0.0)[None, :]
+            b_bo = tl.load(p_bias + 3 * H, mask=m_j, other=0.0)[None, :]
+        if PEEPHOLE:
+            p_peep = peephole + i_d * 3 * H + o_j
+            b_pi = tl.load(p_peep, mask=m_j, other=0.0)[None, :]
+            b_pf = tl.load(p_peep + H, mask=m_j, other=0.0)[None, :]
+            b_po = tl.load(p_peep + 2 * H, mask=m_j, other=0.0)[None, :]
+        if HAS_REC_MASK:
+            b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * H + o_k[None, :], mask=m_bk, other=0.0)
+        if HAS_LENGTHS:
+            b_len = tl.load(lengths + o_b, mask=m_b, other=0)
+
+        p_state = (d64 * B + o_b64[:, None]) * H + o_j[None, :]  # [BB, HB] in a [D, B, H] tensor
+        b_c = tl.load(c_state + p_state, mask=m_bj, other=0.0)
+        p_counter = counters + i_d * tl.num_programs(1) + i_b
+        n_group = tl.num_programs(0)
+
+        for s in range(step_begin, step_end):
+            t = _time_index(s, T, i_d)
+            t64 = t.to(tl.int64)
+            p_h_prev = h_buf + ((s % 2) * D + d64) * B * H
+            b_h = tl.load(p_h_prev + o_b64[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
+            if HAS_REC_MASK:
+                b_h = (b_h.to(ACC) * b_rec).to(b_h.dtype)
+            acc = tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=ACC)  # [BB, 4 HB]
+            # column 4 u + 2 k1 + k0 holds gate 2 k1 + k0 of unit u
+            even, odd = tl.split(tl.reshape(acc, (BB, HB, 2, 2)))
+            a_i, a_g = tl.split(even)
+            a_f, a_o = tl.split(odd)
+
+            row = (t64 * B + o_b64[:, None]) * (D * G) + d64 * G + o_j[None, :]  # gate i in [T, B, D*4H]
+            a_i += tl.load(xg + row, mask=m_bj, other=0.0).to(ACC)
+            a_f += tl.load(xg + row + H, mask=m_bj, other=0.0).to(ACC)
+            a_g += tl.load(xg + row + 2 * H, mask=m_bj, other=0.0).to(ACC)
+            a_o += tl.load(xg + row + 3 * H, mask=m_bj, other=0.0).to(ACC)
+            if HAS_BIAS:
+                a_i += b_bi
+                a_f += b_bf
+                a_g += b_bg
+                a_o += b_bo
+            if PEEPHOLE:
+                a_i += b_pi * b_c
+                a_f += b_pf * b_c
+            gate_i = _activate(_clipped(a_i, clip, HAS_CLIP), ACT_GATE)
+            if COUPLED:
+                gate_f = 1.0 - gate_i
+            else:
+                gate_f = _activate(_clipped(a_f, clip, HAS_CLIP), ACT_GATE)
+            gate_g = _activate(_clipped(a_g, clip, HAS_CLIP), ACT_IN)
+            c_fresh = gate_f * b_c + gate_i * gate_g
+            if HAS_CELL_CLIP:
+                inside_cell = (c_fresh >= -cell_clip) & (c_fresh <= cell_clip)
+                c_fresh = _clipped(c_fresh, cell_clip, True)
+            if PEEPHOLE:
+                a_o += b_po * c_fresh
+            gate_o = _activate(_clipped(a_o, clip, HAS_CLIP), ACT_GATE)
+            h_fresh = gate_o * _activate(c_fresh, ACT_OUT)
+
+            p_state_t = (t64 * B + o_b64[:, None]) * (D * H) + d64 * H + o_j[None, :]  # [T, B, D*H]
+            if NEEDS_H_PREV:
+                p_h_own = p_h_prev + o_b64[:, None] * H + o_j[None, :]
+                h_prev_own = tl.load(p_h_own, mask=m_bj, other=0.0, cache_modifier=".cg").to(ACC)
+            if ZONEOUT_H == 1:
+                keep_h = tl.load(zh_mask + ((d64 * T + t64) * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj,
+                                 other=0.0).to(ACC)
+                h_new = keep_h * h_prev_own + (1.0 - keep_h) * h_fresh
+            elif ZONEOUT_H == 2:
+                h_new = z_h * h_prev_own + (1.0 - z_h) * h_fresh
+            else:
+                h_new = h_fresh
+            if ZONEOUT_C == 1:
+                keep_c = tl.load(zc_mask + ((d64 * T + t64) * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj,
+                                 other=0.0).to(ACC)
+                c_new = keep_c * b_c + (1.0 - keep_c) * c_fresh
+            elif ZONEOUT_C == 2:
+                c_new = z_c * b_c + (1.0 - z_c) * c_fresh
+            else:
+                c_new = c_fresh
+            if HAS_LENGTHS:
+                active = (t < b_len)[:, None]
+                h_out = tl.where(active, h_new, 0.0)
+                h_new = tl.where(active, h_new, h_prev_own)
+                c_new = tl.where(active, c_new, b_c)
+            else:
+                h_out = h_new
+            b_c = c_new
+
+            tl.store(y + p_state_t, h_out.to(y.dtype.element_ty), mask=m_bj)
+            p_h_next = h_buf + (((s + 1) % 2) * D + d64) * B * H + o_b64[:, None] * H + o_j[None, :]
+            tl.store(p_h_next, h_new.to(h_buf.dtype.element_ty), mask=m_bj)
+            if SAVE:
+                p_g = gates_out + row
+                tl.store(p_g, gate_i.to(gates_out.dtype.element_ty), mask=m_bj)
+                tl.store(p_g + H, gate_f.to(gates_out.dtype.element_ty), mask=m_bj)
+                tl.store(p_g + 2 * H, gate_g.to(gates_out.dtype.element_ty), mask=m_bj)
+                tl.store(p_g + 3 * H, gate_o.to(gates_out.dtype.element_ty), mask=m_bj)
+                tl.store(c_fresh_out + p_state_t, c_fresh, mask=m_bj)
+                if ZONEOUT_C != 0:
+                    tl.store(c_carried_out + p_state_t, c_new, mask=m_bj)
+                if HAS_CLIP:
+                    p_clip = clip_out + row
+                    tl.store(p_clip, ((a_i >= -clip) & (a_i <= clip)).to(tl.int8), mask=m_bj)
+                    tl.store(p_clip + H, ((a_f >= -clip) & (a_f <= clip)).to(tl.int8), mask=m_bj)
+                    tl.store(p_clip + 2 * H, ((a_g >= -clip) & (a_g <= clip)).to(tl.int8), mask=m_bj)
+                    tl.store(p_clip + 3 * H, ((a_o >= -clip) & (a_o <= clip)).to(tl.int8), mask=m_bj)
+                if HAS_CELL_CLIP:
+                    tl.store(cell_clip_out + p_state_t, inside_cell.to(tl.int8), mask=m_bj)
+            if USE_BARRIER:
+                _grid_barrier(p_counter, (s - step_begin + 1) * n_group, error)
+
+        tl.store(c_state + p_state, b_c, mask=m_bj)
+
+    @triton.jit
+    def _dh_from_dgates(dgates, s, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D: tl.constexpr, G: tl.constexpr,
+                        PRECISION: tl.constexpr, ACC: tl.constexpr):
+        """``dgates_t W_hh`` for the owned rows and units, ``t`` the backward's ``s``-th step:
+        ``[BB, 4H] x [4H, HB]``. Rows of steps past a sequence's end hold zeros, so they add nothing."""
+        t = _time_index(T - 1 - s, T, i_d).to(tl.int64)
+        p_dg = dgates + (t * B + o_b64[:, None]) * (D * G) + i_d.to(tl.int64) * G + o_r_real[None, :]
+        b_dg = tl.load(p_dg, mask=m_b[:, None] & m_r[None, :], other=0.0, cache_modifier=".cg")
+        return tl.dot(b_dg, b_w, input_precision=PRECISION, out_dtype=ACC)
+
+    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "finish"])
+    def _backward_kernel(
+        dy,  # [T, B, D*H]
+        dh_state,  # [D, B, H]  dh_n in, dh_0 out, accumulation dtype
+        dc_state,  # [D, B, H]  dc_n in, dc_0 out
+        w_hh,  # [D, 4H, H]
+        peephole,  # [D, 3H]
+        lengths,  # [B]
+        rec_mask,  # [D, B, H]
+        zh_mask,  # [D, T, B, H]
+        zc_mask,  # [D, T, B, H]
+        gates,  # [T, B, D*4H]  saved activations
+        c_fresh,  # [T, B, D*H]
+        c_carried,  # [T, B, D*H]  (zoneout on c only)
+        c0,  # [D, B, H]
+        clip_in,  # [T, B, D*4H] int8
+        cell_clip_in,  # [T, B, D*H] int8
+        dgates,  # [T, B, D*4H]  out: d loss / d a_t (pre-activation), storage dtype
+        dpeep,  # [NB, D, 3H]  out: peephole gradient summed over this batch block's rows
+        counters,  # [D, NB] int32
+        error,  # [1] int32
+        T,
+        B,
+        step_begin,
+        step_end,
+        finish,
+        z_h,
+        z_c,
+        H: tl.constexpr,
+        D: tl.constexpr,
+        H_PAD: tl.constexpr,
+        HB: tl.constexpr,
+        BB: tl.constexpr,
+        ACC: tl.constexpr,
+        PRECISION: tl.constexpr,
+        ACT_GATE: tl.constexpr,
+        ACT_IN: tl.constexpr,
+        ACT_OUT: tl.constexpr,
+        PEEPHOLE: tl.constexpr,
+        HAS_CLIP: tl.constexpr,
+        COUPLED: tl.constexpr,
+        HAS_CELL_CLIP: tl.constexpr,
+        ZONEOUT_H: tl.constexpr,
+        ZONEOUT_C: tl.constexpr,
+        HAS_REC_MASK: tl.constexpr,
+        HAS_LENGTHS: tl.constexpr,
+        USE_BARRIER: tl.constexpr,
+    ):
+        """Backward steps ``[step_begin, step_end)``, counted from the last processed step
+        (docs/equations.md section 10). Each step has two phases: first ``dh`` receives
+        ``dgates W_hh`` of the step before (every program's slice of it, published before the
+        barrier), then the owned slice of this step's ``dgates`` is computed and published.
+        ``finish`` runs the last product, which gives ``dh_0``; one launch per step passes it to an
+        extra, empty launch, so that a launch boundary separates the phases."""
+        i_h, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        G: tl.constexpr = 4 * H
+        o_j = i_h * HB + tl.arange(0, HB)
+        o_b = i_b * BB + tl.arange(0, BB)
+        m_j, m_b = o_j < H, o_b < B
+        m_bj = m_b[:, None] & m_j[None, :]
+        o_b64 = o_b.to(tl.int64)
+        d64 = i_d.to(tl.int64)
+
+        # weight_hh columns of the owned units as a [4H, HB] operand, rows padded per gate to H_PAD
+        o_r = tl.arange(0, 4 * H_PAD)
+        r_gate, r_unit = o_r // H_PAD, o_r % H_PAD
+        m_r = r_unit < H
+        o_r_real = (r_gate * H + r_unit).to(tl.int64)
+        p_w = w_hh + d64 * G * H + o_r_real[:, None] * H + o_j[None, :]
+        b_w = tl.load(p_w, mask=m_r[:, None] & m_j[None, :], other=0.0)
+
+        if PEEPHOLE:
+            p_peep = peephole + i_d * 3 * H + o_j
+            b_pi = tl.load(p_peep, mask=m_j, other=0.0)[None, :]
+            b_pf = tl.load(p_peep + H, mask=m_j, other=0.0)[None, :]
+            b_po = tl.load(p_peep + 2 * H, mask=m_j, other=0.0)[None, :]
+            d_pi = tl.zeros((HB,), dtype=ACC)
+            d_pf = tl.zeros((HB,), dtype=ACC)
+            d_po = tl.zeros((HB,), dtype=ACC)
+        if HAS_REC_MASK:
+            b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj, other=0.0).to(ACC)
+        if HAS_LENGTHS:
+            b_len = tl.load(lengths + o_b, mask=m_b, other=0)
+
+        p_state = (d64 * B + o_b64[:, None]) * H + o_j[None, :]
+        b_dh = tl.load(dh_state + p_state, mask=m_bj, other=0.0)
+        b_dc = tl.load(dc_state + p_state, mask=m_bj, other=0.0)
+        b_c0 = tl.load(c0 + p_state, mask=m_bj, other=0.0)
+        p_counter = counters + i_d * tl.num_programs(1) + i_b
+        n_group = tl.num_programs(0)
+
+        for s in range(step_begin, step_end):
+            if s > 0:
+                dh_in = _dh_from_dgates(dgates, s - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC)
+                if HAS_REC_MASK:
+                    dh_in = dh_in * b_rec
+                b_dh += dh_in
+
+            s_fwd = T - 1 - s  # the forward pass's step index
+            t = _time_index(s_fwd, T, i_d)
+            t64 = t.to(tl.int64)
+            t_prev = tl.where(i_d == 1, t + 1, t - 1)  # the step processed before t
+            row = (t64 * B + o_b64[:, None]) * (D * G) + d64 * G + o_j[None, :]
+            p_state_t = (t64 * B + o_b64[:, None]) * (D * H) + d64 * H + o_j[None, :]
+            p_state_prev = (t_prev.to(tl.int64) * B + o_b64[:, None]) * (D * H) + d64 * H + o_j[None, :]
+
+            dh_total = b_dh + tl.load(dy + p_state_t, mask=m_bj, other=0.0).to(ACC)
+            if ZONEOUT_H == 1:
+                keep_h = tl.load(zh_mask + ((d64 * T + t64) * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj,
+                                 other=0.0).to(ACC)
+                dh_fresh, dh_kept = (1.0 - keep_h) * dh_total, keep_h * dh_total
+            elif ZONEOUT_H == 2:
+                dh_fresh, dh_kept = (1.0 - z_h) * dh_total, z_h * dh_total
+            else:
+                dh_fresh, dh_kept = dh_total, tl.zeros_like(dh_total)
+            if ZONEOUT_C == 1:
+                keep_c = tl.load(zc_mask + ((d64 * T + t64) * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj,
+                                 other=0.0).to(ACC)
+                dc_fresh, dc_kept = (1.0 - keep_c) * b_dc, keep_c * b_dc
+            elif ZONEOUT_C == 2:
+                dc_fresh, dc_kept = (1.0 - z_c) * b_dc, z_c * b_dc
+            else:
+                dc_fresh = b_dc
+
+            gate_i = tl.load(gates + row, mask=m_bj, other=0.0).to(ACC)
+            gate_f = tl.load(gates + row + H, mask=m_bj, other=0.0).to(ACC)
+            gate_g = tl.load(gates + row + 2 * H, mask=m_bj, other=0.0).to(ACC)
+            gate_o = tl.load(gates + row + 3 * H, mask=m_bj, other=0.0).to(ACC)
+            b_cf = tl.load(c_fresh + p_state_t, mask=m_bj, other=0.0)
+            # c_{t-1}: the carried state after the step processed before t, or c_0
+            prev_real = m_bj & (tl.full((BB, HB), s_fwd, tl.int32) > 0)
+            if ZONEOUT_C != 0:
+                c_prev = tl.load(c_carried + p_state_prev, mask=prev_real, other=0.0)
+            else:
+                if HAS_LENGTHS:
+                    prev_real = prev_real & (t_prev < b_len)[:, None]
+                c_prev = tl.load(c_fresh + p_state_prev, mask=prev_real, other=0.0)
+            c_prev = tl.where(prev_real, c_prev, b_c0)
+
+            cell_out = _activate(b_cf, ACT_OUT)
+            da_o = dh_fresh * cell_out * _activation_grad(gate_o, ACT_GATE)
+            dc_fresh += dh_fresh * gate_o * _activation_grad(cell_out, ACT_OUT)
+            if HAS_CLIP:
+                p_clip = clip_in + row
+                da_o = tl.where(tl.load(p_clip + 3 * H, mask=m_bj, other=0) != 0, da_o, 0.0)
+            if PEEPHOLE:
+                dc_fresh += da_o * b_po
+            if HAS_CELL_CLIP:
+                dc_fresh = tl.where(tl.load(cell_clip_in + p_state_t, mask=m_bj, other=0) != 0, dc_fresh, 0.0)
+            d_i = dc_fresh * gate_g
+            d_f = dc_fresh * c_prev
+            if COUPLED:
+                d_i -= d_f  # f = 1 - i
+                da_f = tl.zeros_like(d_f)
+            else:
+                da_f = d_f * _activation_grad(gate_f, ACT_GATE)
+            da_i = d_i * _activation_grad(gate_i, ACT_GATE)
+            da_g = dc_fresh * gate_i * _activation_grad(gate_g, ACT_IN)
+            if HAS_CLIP:
+                da_i = tl.where(tl.load(p_clip, mask=m_bj, other=0) != 0, da_i, 0.0)
+                da_g = tl.where(tl.load(p_clip + 2 * H, mask=m_bj, other=0) != 0, da_g, 0.0)
+                if not COUPLED:
+                    da_f = tl.where(tl.load(p_clip + H, mask=m_bj, other=0) != 0, da_f, 0.0)
+            dc_new = dc_fresh * gate_f
+            if PEEPHOLE:
+                dc_new += da_i * b_pi + da_f * b_pf
+            if ZONEOUT_C != 0:
+                dc_new += dc_kept
+
+            if HAS_LENGTHS:
+                # past a sequence's end the state was frozen and the output a constant zero
+                active = (t < b_len)[:, None]
+                da_i = tl.where(active, da_i, 0.0)
+                da_f = tl.where(active, da_f, 0.0)
+                da_g = tl.where(active, da_g, 0.0)
+                da_o = tl.where(active, da_o, 0.0)
+                b_dh = tl.where(active, dh_kept, b_dh)
+                b_dc = tl.where(active, dc_new, b_dc)
+            else:
+                b_dh = dh_kept
+                b_dc = dc_new
+            if PEEPHOLE:
+                d_pi += tl.sum(da_i * c_prev, axis=0)
+                d_pf += tl.sum(da_f * c_prev, axis=0)
+                d_po += tl.sum(da_o * b_cf, axis=0)
+            out_ty = dgates.dtype.element_ty
+            tl.store(dgates + row, da_i.to(out_ty), mask=m_bj)
+            tl.store(dgates + row + H, da_f.to(out_ty), mask=m_bj)
+            tl.store(dgates + row + 2 * H, da_g.to(out_ty), mask=m_bj)
+            tl.store(dgates + row + 3 * H, da_o.to(out_ty), mask=m_bj)
+            if USE_BARRIER:
+                _grid_barrier(p_counter, (s - step_begin + 1) * n_group, error)
+
+        if finish != 0:
+            dh_in = _dh_from_dgates(dgates, T - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC)
+            if HAS_REC_MASK:
+                dh_in = dh_in * b_rec
+            b_dh += dh_in
+        tl.store(dh_state + p_state, b_dh, mask=m_bj)
+        tl.store(dc_state + p_state, b_dc, mask=m_bj)
+        if PEEPHOLE:
+            p_dpeep = dpeep + (i_b * D + i_d) * 3 * H + o_j
+            tl.store(p_dpeep, tl.load(p_dpeep, mask=m_j, other=0.0) + d_pi, mask=m_j)
+            tl.store(p_dpeep + H, tl.load(p_dpeep + H, mask=m_j, other=0.0) + d_pf, mask=m_j)
+            tl.store(p_dpeep + 2 * H, tl.load(p_dpeep + 2 * H, mask=m_j, other=0.0) + d_po, mask=m_j)
+
+
+# -- launchers --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """How a kernel's work is split: ``HB`` hidden units x ``BB`` batch rows per program.
+
+    ``persistent``: one launch runs every step; the ``D x ceil(B / BB)`` groups of
+    ``ceil(H / HB)`` programs each meet at a barrier per step (``barrier`` is False when a group
+    is a single program). Otherwise one launch per step.
+    """
+
+    hb: int
+    bb: int
+    persistent: bool
+    barrier: bool
+    num_warps: int = 4
+
+    def shape(self, batch: int, hidden: int, directions: int) -> tuple[int, int, int]:
+        return (triton.cdiv(hidden, self.hb), triton.cdiv(batch, self.bb), directions)
+
+
+# On-chip budget for one program's slice of weight_hh: half an H100 SM's register file, so that
+# h, the gates and the state still fit beside it.
+_MAX_SLICE_BYTES = 128 * 1024
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def hidden_pad(hidden: int) -> int:
+    """``H`` rounded up to a power of two, at least 16 (``tl.dot``'s smallest K)."""
+    return max(16, _pow2(hidden))
+
+
+def choose_grid(kind: str, batch: int, hidden: int, directions: int, dtype: torch.dtype, device: torch.device) -> Grid:
+    """The split of ``kind`` ("forward" or "backward") for one layer.
+
+    ``tl.dot`` needs every side >= 16: the forward's product is ``[BB, H] x [H, 4 HB]``, so
+    ``HB >= 4``; the backward's is ``[BB, 4H] x [4H, HB]``, so ``HB >= 16``. ``HB`` grows until the
+    programs fit one per SM; if the slice then no longer fits on chip, one launch per step.
+    """
+    h_pad = hidden_pad(hidden)
+    bb = max(16, _pow2(batch)) if batch <= 64 else 64
+    if INTERPRET or device.type != "cuda":
+        # interpreted programs run one after another: one program per group
+        return Grid(hb=h_pad, bb=max(16, _pow2(batch)), persistent=True, barrier=False)
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    groups = directions * triton.cdiv(batch, bb)
+    hb = 4 if kind == "forward" else 16
+    while groups * triton.cdiv(hidden, hb) > sms and hb < h_pad:
+        hb *= 2
+    slice_bytes = h_pad * 4 * hb * torch.empty((), dtype=dtype).element_size()
+    persistent = groups * triton.cdiv(hidden, hb) <= sms and slice_bytes <= _MAX_SLICE_BYTES
+    if not persistent:
+        hb = 4 if kind == "forward" else 16
+        slice_bytes = h_pad * 4 * hb * torch.empty((), dtype=dtype).element_size()
+    num_warps = 4 if slice_bytes <= 32 * 1024 else 8
+    return Grid(hb=hb, bb=bb, persistent=persistent, barrier=persistent and triton.cdiv(hidden, hb) > 1,
+                num_warps=num_warps)
+
+
+_VERIFIED: set[tuple] = set()
+
+
+def _launch(kernel, grid: Grid, shape: tuple[int, int, int], steps: int, args: tuple, scalars: tuple,
+            constants: dict, error: Tensor, *, backward: bool) -> None:
+    """Run every step: one persistent launch, or one launch per step (plus, for the backward, a last
+    launch for ``dh_0``). Kernels take ``(*args, step_begin, step_end, [finish,] *scalars)``. The
+    first persistent launch of each configuration is checked for a barrier that timed out, which
+    would mean its programs were not all resident at once."""
+    name = "backward" if backward else "forward"
+
+    def run(begin: int, end: int, finish: int, use_barrier: bool) -> None:
+        step_args = (begin, end, finish) if backward else (begin, end)
+        kernel[shape](*args, *step_args, *scalars, **constants, USE_BARRIER=use_barrier, num_warps=grid.num_warps)
+
+    try:
+        if grid.persistent:
+            run(0, steps, 1, grid.barrier)
+        else:
+            for s in range(steps):
+                run(s, s + 1, 0, False)
+            if backward:
+                run(steps, steps, 1, False)
+    except Exception as exc:  # compilation or launch: say which kernel and configuration failed
+        raise RuntimeError(
+            f"fastlstm: the Triton {name} kernel failed for grid {shape} ({grid}) with {constants}: {exc}"
+        ) from exc
+    if grid.barrier:
+        key = (name, error.device, shape, grid, tuple(sorted(constants.items())))
+        if key not in _VERIFIED:
+            if int(error.item()) != 0:
+                raise RuntimeError(
+                    f"fastlstm: the persistent Triton {name} kernel's barrier timed out (grid {shape}): its "
+                    "programs were not all resident at once, e.g. because another kernel held SMs"
+                )
+            _VERIFIED.add(key)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """IEEE products for float32 unless the user enabled TF32 for matmuls, as torch does."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+_TL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
+
+
+@dataclass
+class _Call:
+    """Everything one layer's kernels need, in kernel layout. ``D`` directions share one launch."""
+
+    steps: int
+    batch: int
+    hidden: int
+    directions: int
+    dtype: torch.dtype
+    acc: torch.dtype
+    lengths: Tensor | None
+    w_ih: Tensor  # [D*4H, I]
+    w_hh: Tensor  # [D, 4H, H], DropConnect applied
+    weight_masks: list[Tensor | None]
+    bias: Tensor | None  # [D, 4H] acc
+    peephole: Tensor | None  # [D, 3H] acc
+    rec_mask: Tensor | None  # [D, B, H]
+    zh_mask: Tensor | None  # [D, T, B, H]
+    zc_mask: Tensor | None
+    zoneout_h: int
+    zoneout_c: int
+    options: LSTMOptions
+
+    @staticmethod
+    def of(x: Tensor, lengths: Tensor | None, weights: Sequence[DirectionWeights], options: LSTMOptions,
+           masks: Sequence[DirectionMasks], training: bool) -> _Call:
+        dtype, acc = x.dtype, accumulation_dtype(x.dtype)
+        T, B = x.shape[0], x.shape[1]
+        H = weights[0].weight_hh.shape[0] // 4
+        w_hh = torch.stack([
+            w.weight_hh if m.weight_hh is None else w.weight_hh * m.weight_hh for w, m in zip(weights, masks)
+        ]).to(dtype).contiguous()
+
+        def stacked(tensors, to):
+            return None if tensors[0] is None else torch.stack(list(tensors)).to(to).contiguous()
+
+        def mode(present: bool, probability: float) -> int:
+            if training:
+                return _ZONEOUT_MASK if present else _ZONEOUT_OFF
+            return _ZONEOUT_CONSTANT if probability > 0 else _ZONEOUT_OFF
+
+        bias = None if weights[0].bias_ih is None else torch.stack([w.bias_ih + w.bias_hh for w in weights]).to(acc)
+        return _Call(
+            steps=T, batch=B, hidden=H, directions=len(weights), dtype=dtype, acc=acc,
+            lengths=None if lengths is None else lengths.to(device=x.device, dtype=torch.int64).contiguous(),
+            w_ih=torch.cat([w.weight_ih for w in weights]).to(dtype),
+            w_hh=w_hh,
+            weight_masks=[m.weight_hh for m in masks],
+            bias=bias,
+            peephole=stacked([w.weight_peephole for w in weights], acc),
+            rec_mask=stacked([m.recurrent for m in masks], acc),
+            zh_mask=stacked([m.zoneout_h for m in masks], acc),
+            zc_mask=stacked([m.zoneout_c for m in masks], acc),
+            zoneout_h=mode(masks[0].zoneout_h is not None, options.zoneout_h),
+            zoneout_c=mode(masks[0].zoneout_c is not None, options.zoneout_c),
+            options=options,
+        )
+
+    def constants(self, grid: Grid) -> dict:
+        o = self.options
+        return dict(
+            H=self.hidden, D=self.directions, H_PAD=hidden_pad(self.hidden), HB=grid.hb, BB=grid.bb,
+            ACC=getattr(tl, _TL_DTYPES[self.acc]), PRECISION=_precision(self.dtype),
+            ACT_GATE=_ACTIVATION_CODES[o.activations[0]], ACT_IN=_ACTIVATION_CODES[o.activations[1]],
+            ACT_OUT=_ACTIVATION_CODES[o.activations[2]], PEEPHOLE=self.peephole is not None,
+            HAS_CLIP=o.clip is not None, COUPLED=o.coupled_input_forget, HAS_CELL_CLIP=o.cell_clip is not None,
+            ZONEOUT_H=self.zoneout_h, ZONEOUT_C=self.zoneout_c, HAS_REC_MASK=self.rec_mask is not None,
+            HAS_LENGTHS=self.lengths is not None,
+        )
+
+    def grid(self, kind: str, device: torch.device) -> Grid:
+        return choose_grid(kind, self.batch, self.hidden, self.directions, self.dtype, device)
+
+
+def _or_dummy(t: Tensor | None, like: Tensor) -> Tensor:
+    """Triton needs a pointer for every argument; a flag keeps an absent tensor from being read."""
+    return like.new_empty(1) if t is None else t
+
+
+def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
+    """``x [T, B, I]``, ``h0``/``c0 [D, B, H]`` -> ``y [T, B, D*H]``, ``h_n``, ``c_n [D, B, H]`` and, with
+    ``save``, the tensors :func:`_backward` needs."""
+    T, B, H, D, dtype, acc = call.steps, call.batch, call.hidden, call.directions, call.dtype, call.acc
+    G = 4 * H
+    xg = (x.reshape(T * B, -1) @ call.w_ih.t()).view(T, B, D * G)  # every step and direction at once
+    h_buf = x.new_empty(2, D, B, H)
+    h_buf[0].copy_(h0)
+    c_state = c0.to(acc).contiguous().clone()
+    y = x.new_empty(T, B, D * H)
+    o = call.options
+    saved = {
+        "gates": x.new_empty(T, B, D * G) if save else None,
+        "c_fresh": x.new_empty(T, B, D * H, dtype=acc) if save else None,
+        "c_carried": x.new_empty(T, B, D * H, dtype=acc) if save and call.zoneout_c else None,
+        "clip": x.new_empty(T, B, D * G, dtype=torch.int8) if save and o.clip is not None else None,
+        "cell_clip": x.new_empty(T, B, D * H, dtype=torch.int8) if save and o.cell_clip is not None else None,
+    }
+    grid = call.grid("forward", x.device)
+    shape = grid.shape(B, H, D)
+    counters = torch.zeros(D, shape[1], dtype=torch.int32, device=x.device)
+    error = torch.zeros(1, dtype=torch.int32, device=x.device)
+    dummy_acc = x.new_empty(1, dtype=acc)
+    args = (
+        xg, _or_dummy(call.bias, dummy_acc), call.w_hh, _or_dummy(call.peephole, dummy_acc),
+        _or_dummy(call.lengths, counters), _or_dummy(call.rec_mask, dummy_acc), _or_dummy(call.zh_mask, dummy_acc),
+        _or_dummy(call.zc_mask, dummy_acc), h_buf, c_state, y,
+        _or_dummy(saved["gates"], y), _or_dummy(saved["c_fresh"], dummy_acc), _or_dummy(saved["c_carried"], dummy_acc),
+        _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error), counters, error,
+        T, B,
+    )
+    scalars = (o.clip or 0.0, o.cell_clip or 0.0, o.zoneout_h, o.zoneout_c)
+    constants = call.constants(grid) | dict(
+        HAS_BIAS=call.bias is not None, NEEDS_H_PREV=call.zoneout_h != 0 or call.lengths is not None, SAVE=save
+    )
+    _launch(_forward_kernel, grid, shape, T, args, scalars, constants, error, backward=False)
+    return y, h_buf[T % 2].clone(), c_state.to(dtype), saved
+
+
+
+def _previous_states(y: Tensor, h0: Tensor, lengths: Tensor | None) -> Tensor:
+    """``h_{t-1}`` as each step saw it, ``[T, B, D, H]``, rebuilt from ``y [T, B, D*H]`` and ``h0``:
+    the output of the step processed before, or ``h_0``. Past a sequence's end the state was frozen,
+    but those steps' ``dgates`` are zero, so what stands there does not matter; the reverse
+    direction's first real step, ``t = length - 1``, follows only padding and sees ``h_0``."""
+    T, B = y.shape[0], y.shape[1]
+    D, H = h0.shape[0], h0.shape[2]
+    y4 = y.view(T, B, D, H)
+    h_prev = torch.empty_like(y4)
+    h_prev[0, :, 0] = h0[0]
+    h_prev[1:, :, 0] = y4[:-1, :, 0]
+    if D == 2:
+        h_prev[T - 1, :, 1] = h0[1]
+        h_prev[: T - 1, :, 1] = y4[1:, :, 1]
+        if lengths is not None:
+            first = (torch.arange(T, device=y.device)[:, None] + 1 >= lengths[None, :])[..., None]  # [T, B, 1]
+            h_prev[:, :, 1] = torch.where(first, h0[1], h_prev[:, :, 1])
+    return h_prev
+
+
+def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Tensor, dy: Tensor, dh_n: Tensor,
+              dc_n: Tensor) -> dict[str, Tensor | None]:
+    """BPTT in the kernel, then the weight products: returns the gradients of ``x``, ``h0``, ``c0``,
+    ``w_ih [D*4H, I]``, ``w_hh [D, 4H, H]`` (of the stored weight: the DropConnect mask applied),
+    the summed biases ``[D, 4H]`` and the peepholes ``[D, 3H]``."""
+    T, B, H, D, dtype, acc = call.steps, call.batch, call.hidden, call.directions, call.dtype, call.acc
+    G = 4 * H
+    dh_state = dh_n.to(acc).contiguous().clone()
+    dc_state = dc_n.to(acc).contiguous().clone()
+    dgates = x.new_empty(T, B, D * G)
+    grid = call.grid("backward", x.device)
+    shape = grid.shape(B, H, D)
+    dpeep = torch.zeros(shape[1], D, 3 * H, dtype=acc, device=x.device)
+    counters = torch.zeros(D, shape[1], dtype=torch.int32, device=x.device)
+    error = torch.zeros(1, dtype=torch.int32, device=x.device)
+    dummy_acc = x.new_empty(1, dtype=acc)
+    c0_acc = c0.to(acc).contiguous()
+    args = (
+        dy.to(dtype).contiguous(), dh_state, dc_state, call.w_hh, _or_dummy(call.peephole, dummy_acc),
+        _or_dummy(call.lengths, counters), _or_dummy(call.rec_mask, dummy_acc), _or_dummy(call.zh_mask, dummy_acc),
+        _or_dummy(call.zc_mask, dummy_acc), saved["gates"], saved["c_fresh"], _or_dummy(saved["c_carried"], dummy_acc),
+        c0_acc, _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error), dgates, dpeep, counters,
+        error, T, B,
+    )
+    o = call.options
+    _launch(_backward_kernel, grid, shape, T, args, (o.zoneout_h, o.zoneout_c), call.constants(grid), error,
+            backward=True)
+
+    rows = dgates.view(T * B, D * G)
+    x_rows = x.reshape(T * B, -1)
+    h_in = _previous_states(y, h0, call.lengths)
+    if call.rec_mask is not None:
+        h_in = (h_in * call.rec_mask.transpose(0, 1).unsqueeze(0)).to(dtype)
+    per_direction = rows.view(T * B, D, G).transpose(0, 1)  # [D, T*B, 4H]
+    d_w_hh = torch.bmm(per_direction.transpose(1, 2), h_in.view(T * B, D, H).transpose(0, 1))  # [D, 4H, H]
+    return {
+        "x": (rows @ call.w_ih).view(T, B, -1),
+        "h0": dh_state.to(dtype),
+        "c0": dc_state.to(dtype),
+        "weight_ih": rows.t() @ x_rows,
+        "weight_hh": d_w_hh,
+        "bias": rows.sum(0, dtype=acc).view(D, G),
+        "peephole": dpeep.sum(0) if call.peephole is not None else None,
+    }
+
+
+# -- one layer: the autograd.Function ---------------------------------------------------------------
+
+_FIELDS = DirectionWeights._fields
+
+
+class _LayerFunction(torch.autograd.Function):
+    """One layer, every direction. Inputs after the non-tensor setup: ``x [T, B, I]``,
+    ``h0``/``c0 [D, B, H]``, then each direction's ``DirectionWeights`` fields."""
+
+    @staticmethod
+    def forward(ctx, setup, x, h0, c0, *flat_weights):
+        call = setup
+        y, h_n, c_n, saved = _forward(call, x, h0, c0, save=True)
+        ctx.call, ctx.saved = call, saved
+        ctx.present = [t is not None for t in flat_weights]
+        ctx.save_for_backward(x, y, h0, c0)
+        return y, h_n, c_n
+
+    @staticmethod
+    def backward(ctx, dy, dh_n, dc_n):
+        call = ctx.call
+        x, y, h0, c0 = ctx.saved_tensors
+        grads = _backward(call, ctx.saved, x, y, h0, c0, dy, dh_n, dc_n)
+        G = 4 * call.hidden
+        flat = []
+        for d in range(call.directions):
+            per_field = {
+                "weight_ih": grads["weight_ih"][d * G : (d + 1) * G],
+                "weight_hh": grads["weight_hh"][d] if call.weight_masks[d] is None
+                else grads["weight_hh"][d] * call.weight_masks[d],
+                "bias_ih": grads["bias"][d],
+                "bias_hh": grads["bias"][d],
+                "weight_peephole": None if grads["peephole"] is None else grads["peephole"][d],
+            }
+            flat.extend(per_field.get(name) for name in _FIELDS)
+        flat = [g if present else None for g, present in zip(flat, ctx.present)]
+        return (None, grads["x"], grads["h0"], grads["c0"], *flat)
+
+
+# -- the public op ----------------------------------------------------------------------------------
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def supports(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
+    return triton is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernels_cover(weights: Sequence[DirectionWeights], options: LSTMOptions) -> bool:
+    """Layer norm and the projection reach the kernels in part 2; until then the reference runs them."""
+    return not options.layer_norm and weights[0].weight_hr is None
+
+
+def lstm_layer(
+    x: Tensor,
+    lengths: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[DirectionWeights],
+    options: LSTMOptions,
+    masks: Sequence[DirectionMasks] | None,
+    *,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The engine entry point; the signature and semantics of :func:`fastlstm.reference.lstm_layer`.
+
+    Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests)."""
+    if not kernels_cover(weights, options):
+        from .. import reference
+
+        return reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
+    if masks is not None and not training:
+        raise ValueError("masks are only used in training mode; eval mode uses their expectations")
+    masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
+    call = _Call.of(x, lengths, weights, options, masks, training)
+    tensors = (x, h0, c0, *(t for w in weights for t in w))
+    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+        with torch.no_grad():
+            y, h_n, c_n, _ = _forward(call, x.contiguous(), h0, c0, save=False)
+        return y, h_n, c_n
+    flat = [t for w in weights for t in w]
+    return _LayerFunction.apply(call, x.contiguous(), h0, c0, *flat)

@@ -1,0 +1,170 @@
+"""The Triton engine against the reference engine: outputs, final states and every gradient.
+
+Here the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set by
+conftest), at tiny shapes. Interpreted programs run one after another, so the persistent kernels
+run in their one-program mode (one program per barrier group, the barrier still executed); the
+per-step mode, where a launch boundary is the barrier, runs several programs per group. The same
+kernels run compiled, at real shapes, in ``gpu_tests/``.
+"""
+
+import pytest
+import torch
+
+from fastlstm import reference
+from fastlstm.engines import triton_lstm
+from fastlstm.engines.triton_lstm import Grid, hidden_pad
+from fastlstm.masks import DirectionMasks, sample_direction_masks
+from fastlstm.weights import DirectionWeights
+
+from engine_cases import ARCHS, LENGTHS, OPTIONS, compare, inputs_and_masks, make_layer, run
+
+
+def test_triton_is_installed_and_interpreting():
+    """The test extras install triton; without it these tests would have nothing to run."""
+    assert triton_lstm.available()
+    assert triton_lstm.INTERPRET
+
+
+def _one_program(kind, batch, hidden, directions, dtype, device):
+    return Grid(hb=hidden_pad(hidden), bb=max(16, triton_lstm._pow2(batch)), persistent=True, barrier=True)
+
+
+def _per_step(kind, batch, hidden, directions, dtype, device):
+    return Grid(hb=4 if kind == "forward" else 16, bb=16, persistent=False, barrier=False)
+
+
+GRIDS = {"persistent": _one_program, "per-step": _per_step}
+
+
+@pytest.fixture(params=GRIDS)
+def grid(request, monkeypatch):
+    monkeypatch.setattr(triton_lstm, "choose_grid", GRIDS[request.param])
+    return request.param
+
+
+# Layer norm and the projection are part 2 of the GPU work; everything else runs in the kernels.
+KERNEL_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("layer_norm", "everything")}
+KERNEL_OPTIONS["everything"] = dict(
+    activations=("sigmoid", "tanh", "softsign"), peephole=True, clip=1.5, zoneout=(0.2, 0.3),
+    recurrent_dropout=0.3, weight_drop=0.3, cell_clip=0.8,
+)
+KERNEL_ARCHS = {"uni": ARCHS["uni"], "bi-nobias": ARCHS["bi-nobias"], "bi": dict(directions=2, proj=0, bias=True)}
+STOCHASTIC = ("zoneout", "recurrent_dropout", "weight_drop")
+
+
+def _training(cfg):
+    return any(k in cfg for k in STOCHASTIC)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
+@pytest.mark.parametrize("arch", KERNEL_ARCHS.values(), ids=KERNEL_ARCHS.keys())
+@pytest.mark.parametrize("cfg", KERNEL_OPTIONS.values(), ids=KERNEL_OPTIONS.keys())
+def test_kernels_match_reference_float64(cfg, arch, lengths, monkeypatch):
+    monkeypatch.setattr(triton_lstm, "choose_grid", _one_program)
+    compare(triton_lstm.lstm_layer, arch, cfg, lengths=lengths, training=_training(cfg), dtype=torch.float64,
+            tol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
+@pytest.mark.parametrize("cfg", ["plain", "peephole", "clip", "coupled", "zoneout", "everything"])
+def test_several_programs_per_group_match_reference(cfg, lengths, monkeypatch):
+    """Per-step mode with H = 20, B = 18: 5 programs of 4 units in the forward, 2 of 16 in the
+    backward, 2 batch blocks, both directions: every exchange between programs goes through memory."""
+    monkeypatch.setattr(triton_lstm, "choose_grid", _per_step)
+    lengths = None if lengths is None else torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
+    cfg = KERNEL_OPTIONS[cfg]
+    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=lengths, training=_training(cfg),
+            dtype=torch.float64, tol=1e-10, steps=5, batch=18, hidden=20)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("cfg", ["zoneout", "everything"])
+def test_eval_and_train_modes(cfg, training, grid):
+    """Eval mode uses the options' expectations (zoneout as constants), training the drawn masks."""
+    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=LENGTHS["unequal"],
+            training=training, dtype=torch.float64, tol=1e-10)
+
+
+def _cast(t, dtype):
+    return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+@pytest.mark.parametrize("cfg", ["plain", "activations", "peephole", "clip", "zoneout", "everything"])
+def test_float32_error_is_at_most_twice_the_references(cfg, grid):
+    """float32: both engines against the float64 reference; ours may err at most 2x the float32
+    reference's error, plus 1e-6 (flash-attention's rule for low-precision comparisons)."""
+    cfg = KERNEL_OPTIONS[cfg]
+    training = _training(cfg)
+    options, weights, x, h0, c0, masks = inputs_and_masks(KERNEL_ARCHS["bi"], cfg, torch.float64, training=training)
+    lengths = LENGTHS["unequal"]
+    truth = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
+    f32 = lambda ts: [_cast(t, torch.float32) for t in ts]  # noqa: E731
+    weights32 = [DirectionWeights(*f32(w)) for w in weights]
+    masks32 = None if masks is None else [DirectionMasks(*f32([m.zoneout_h, m.zoneout_c, m.recurrent, m.weight_hh]))
+                                          for m in masks]
+    args32 = (*f32([x]), lengths, *f32([h0, c0]), weights32, options, masks32, training)
+    ours = run(triton_lstm.lstm_layer, *args32)
+    theirs = run(reference.lstm_layer, *args32)
+    for k, (a, b, t) in enumerate(zip(ours, theirs, truth)):
+        err_ours = (a.double() - t).abs().max().item()
+        err_ref = (b.double() - t).abs().max().item()
+        assert err_ours <= 2 * err_ref + 1e-6, (k, err_ours, err_ref)
+
+
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+def test_inference_path_matches_reference(cfg, grid):
+    """Without autograd the forward saves nothing: same outputs."""
+    cfg = KERNEL_OPTIONS[cfg]
+    training = _training(cfg)
+    options, weights, x, h0, c0, masks = inputs_and_masks(KERNEL_ARCHS["bi"], cfg, torch.float64, training=training)
+    with torch.no_grad():
+        ours = triton_lstm.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, masks, training=training)
+        theirs = reference.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, masks, training=training)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("cfg", ["layer_norm", "proj"])
+def test_layer_norm_and_projection_fall_back_to_the_reference(cfg, monkeypatch):
+    """Not yet in the kernels: those layers run on the reference, never a wrong answer."""
+    arch = ARCHS["bi-proj"] if cfg == "proj" else KERNEL_ARCHS["bi"]
+    options, weights = make_layer(arch, OPTIONS["layer_norm"] if cfg == "layer_norm" else {})
+    assert not triton_lstm.kernels_cover(weights, options)
+    launched = []
+    monkeypatch.setattr(triton_lstm, "_launch", lambda *a, **k: launched.append(a))
+    compare(triton_lstm.lstm_layer, arch, OPTIONS["layer_norm"] if cfg == "layer_norm" else {},
+            lengths=LENGTHS["unequal"], training=False, dtype=torch.float64, tol=1e-12)
+    assert not launched
+
+
+def test_a_barrier_that_times_out_raises_instead_of_hanging(monkeypatch):
+    """Two programs per group in a persistent launch cannot meet in the interpreter (it runs them one
+    after the other), exactly like programs that are not co-resident on a GPU: with a short spin
+    limit the barrier gives up and the call raises a clear error."""
+    monkeypatch.setattr(triton_lstm, "_BARRIER_SPIN_LIMIT", triton_lstm.tl.constexpr(50))
+    monkeypatch.setattr(triton_lstm, "choose_grid", lambda kind, *a: Grid(hb=4, bb=16, persistent=True, barrier=True))
+    monkeypatch.setattr(triton_lstm, "_VERIFIED", set())
+    options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["uni"], {}, torch.float64, hidden=8, steps=2)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="barrier timed out"):
+        triton_lstm.lstm_layer(x, None, h0, c0, weights, options, None, training=False)
+
+
+def test_masks_in_eval_mode_are_refused():
+    options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["uni"], {}, torch.float64)
+    masks = [sample_direction_masks(options, steps=6, batch=4, hidden_size=5, h_out=5, device="cpu",
+                                    dtype=torch.float64)]
+    with pytest.raises(ValueError, match="masks are only used in training"):
+        triton_lstm.lstm_layer(x, None, h0, c0, weights, options, masks, training=False)
+
+
+def test_auto_picks_triton_only_for_cuda_float_types():
+    from fastlstm.engines import select_engine
+    from fastlstm.options import make_options
+
+    opts = make_options()
+    assert triton_lstm.supports(torch.device("cuda"), torch.bfloat16, opts)
+    assert triton_lstm.supports(torch.device("cuda"), torch.float32, opts)
+    assert not triton_lstm.supports(torch.device("cuda"), torch.float64, opts)
+    assert not triton_lstm.supports(torch.device("cpu"), torch.float32, opts)
+    assert select_engine("auto", torch.device("cuda"), torch.float16, opts).name == "triton"
+    assert select_engine("auto", torch.device("cpu"), torch.float32, opts).name == "cpu"
