@@ -166,6 +166,7 @@ if triton is not None:
         ZONEOUT_C: tl.constexpr,
         HAS_REC_MASK: tl.constexpr,
         HAS_LENGTHS: tl.constexpr,
+        W_AS_A: tl.constexpr,
         NEEDS_H_PREV: tl.constexpr,
         SAVE: tl.constexpr,
         USE_BARRIER: tl.constexpr,
@@ -180,14 +181,21 @@ if triton is not None:
         m_j, m_b, m_k = o_j < H, o_b < B, o_k < H
         m_bj = m_b[:, None] & m_j[None, :]
         m_bk = m_b[:, None] & m_k[None, :]
+        m_kb = m_k[:, None] & m_b[None, :]
         o_b64 = o_b.to(tl.int64)
         d64 = i_d.to(tl.int64)
 
-        # weight_hh rows of the owned units as a [H, 4 HB] operand, column 4 u + gate
+        # weight_hh rows of the owned units, gate-interleaved (entry 4 u + gate), as the product's
+        # A operand [4 HB, H] (it stays in registers) or its B operand [H, 4 HB]
         o_col = tl.arange(0, 4 * HB)
         col_unit, col_gate = i_h * HB + o_col // 4, o_col % 4
-        p_w = w_hh + d64 * G * H + (col_gate * H + col_unit).to(tl.int64)[None, :] * H + o_k[:, None]
-        b_w = tl.load(p_w, mask=m_k[:, None] & (col_unit < H)[None, :], other=0.0)
+        w_row = (col_gate * H + col_unit).to(tl.int64)
+        if W_AS_A:
+            b_w = tl.load(w_hh + d64 * G * H + w_row[:, None] * H + o_k[None, :],
+                          mask=(col_unit < H)[:, None] & m_k[None, :], other=0.0)
+        else:
+            b_w = tl.load(w_hh + d64 * G * H + w_row[None, :] * H + o_k[:, None],
+                          mask=m_k[:, None] & (col_unit < H)[None, :], other=0.0)
 
         if HAS_BIAS:
             p_bias = bias + i_d * G + o_j
@@ -201,7 +209,10 @@ if triton is not None:
             b_pf = tl.load(p_peep + H, mask=m_j, other=0.0)[None, :]
             b_po = tl.load(p_peep + 2 * H, mask=m_j, other=0.0)[None, :]
         if HAS_REC_MASK:
-            b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * H + o_k[None, :], mask=m_bk, other=0.0)
+            if W_AS_A:
+                b_rec = tl.load(rec_mask + (d64 * B + o_b64[None, :]) * H + o_k[:, None], mask=m_kb, other=0.0)
+            else:
+                b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * H + o_k[None, :], mask=m_bk, other=0.0)
         if HAS_LENGTHS:
             b_len = tl.load(lengths + o_b, mask=m_b, other=0)
 
@@ -214,10 +225,18 @@ if triton is not None:
             t = _time_index(s, T, i_d)
             t64 = t.to(tl.int64)
             p_h_prev = h_buf + ((s % 2) * D + d64) * B * H
-            b_h = tl.load(p_h_prev + o_b64[:, None] * H + o_k[None, :], mask=m_bk, other=0.0, cache_modifier=".cg")
+            if W_AS_A:  # h_{t-1}^T [H, BB]
+                b_h = tl.load(p_h_prev + o_b64[None, :] * H + o_k[:, None], mask=m_kb, other=0.0,
+                              cache_modifier=".cg")
+            else:  # h_{t-1} [BB, H]
+                b_h = tl.load(p_h_prev + o_b64[:, None] * H + o_k[None, :], mask=m_bk, other=0.0,
+                              cache_modifier=".cg")
             if HAS_REC_MASK:
                 b_h = (b_h.to(ACC) * b_rec).to(b_h.dtype)
-            acc = tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=ACC)  # [BB, 4 HB]
+            if W_AS_A:
+                acc = tl.trans(tl.dot(b_w, b_h, input_precision=PRECISION, out_dtype=ACC))  # [BB, 4 HB]
+            else:
+                acc = tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=ACC)
             # column 4 u + 2 k1 + k0 holds gate 2 k1 + k0 of unit u
             even, odd = tl.split(tl.reshape(acc, (BB, HB, 2, 2)))
             a_i, a_g = tl.split(even)
@@ -307,12 +326,18 @@ if triton is not None:
 
     @triton.jit
     def _dh_from_dgates(dgates, s, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D: tl.constexpr, G: tl.constexpr,
-                        PRECISION: tl.constexpr, ACC: tl.constexpr):
+                        PRECISION: tl.constexpr, ACC: tl.constexpr, W_AS_A: tl.constexpr):
         """``dgates_t W_hh`` for the owned rows and units, ``t`` the backward's ``s``-th step:
-        ``[BB, 4H] x [4H, HB]``. Rows of steps past a sequence's end hold zeros, so they add nothing."""
+        ``[BB, 4H] x [4H, HB]`` (or its transpose, ``W_hh^T`` as the A operand). Rows of steps past a
+        sequence's end hold zeros, so they add nothing. Returns ``[BB, HB]``."""
         t = _time_index(T - 1 - s, T, i_d).to(tl.int64)
-        p_dg = dgates + (t * B + o_b64[:, None]) * (D * G) + i_d.to(tl.int64) * G + o_r_real[None, :]
-        b_dg = tl.load(p_dg, mask=m_b[:, None] & m_r[None, :], other=0.0, cache_modifier=".cg")
+        base = dgates + i_d.to(tl.int64) * G
+        if W_AS_A:
+            b_dg = tl.load(base + (t * B + o_b64[None, :]) * (D * G) + o_r_real[:, None],
+                           mask=m_r[:, None] & m_b[None, :], other=0.0, cache_modifier=".cg")
+            return tl.trans(tl.dot(b_w, b_dg, input_precision=PRECISION, out_dtype=ACC))
+        b_dg = tl.load(base + (t * B + o_b64[:, None]) * (D * G) + o_r_real[None, :],
+                       mask=m_b[:, None] & m_r[None, :], other=0.0, cache_modifier=".cg")
         return tl.dot(b_dg, b_w, input_precision=PRECISION, out_dtype=ACC)
 
     @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "finish"])
@@ -361,6 +386,7 @@ if triton is not None:
         ZONEOUT_C: tl.constexpr,
         HAS_REC_MASK: tl.constexpr,
         HAS_LENGTHS: tl.constexpr,
+        W_AS_A: tl.constexpr,
         USE_BARRIER: tl.constexpr,
     ):
         """Backward steps ``[step_begin, step_end)``, counted from the last processed step
@@ -378,13 +404,18 @@ if triton is not None:
         o_b64 = o_b.to(tl.int64)
         d64 = i_d.to(tl.int64)
 
-        # weight_hh columns of the owned units as a [4H, HB] operand, rows padded per gate to H_PAD
+        # weight_hh columns of the owned units, rows padded per gate to H_PAD: the product's B operand
+        # [4H, HB], or transposed, its A operand [HB, 4H]
         o_r = tl.arange(0, 4 * H_PAD)
         r_gate, r_unit = o_r // H_PAD, o_r % H_PAD
         m_r = r_unit < H
         o_r_real = (r_gate * H + r_unit).to(tl.int64)
-        p_w = w_hh + d64 * G * H + o_r_real[:, None] * H + o_j[None, :]
-        b_w = tl.load(p_w, mask=m_r[:, None] & m_j[None, :], other=0.0)
+        if W_AS_A:
+            b_w = tl.load(w_hh + d64 * G * H + o_r_real[None, :] * H + o_j[:, None],
+                          mask=m_j[:, None] & m_r[None, :], other=0.0)
+        else:
+            b_w = tl.load(w_hh + d64 * G * H + o_r_real[:, None] * H + o_j[None, :],
+                          mask=m_r[:, None] & m_j[None, :], other=0.0)
 
         if PEEPHOLE:
             p_peep = peephole + i_d * 3 * H + o_j
@@ -408,7 +439,7 @@ if triton is not None:
 
         for s in range(step_begin, step_end):
             if s > 0:
-                dh_in = _dh_from_dgates(dgates, s - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC)
+                dh_in = _dh_from_dgates(dgates, s - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC, W_AS_A)
                 if HAS_REC_MASK:
                     dh_in = dh_in * b_rec
                 b_dh += dh_in
@@ -509,7 +540,7 @@ if triton is not None:
                 _grid_barrier(p_counter, (s - step_begin + 1) * n_group, error)
 
         if finish != 0:
-            dh_in = _dh_from_dgates(dgates, T - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC)
+            dh_in = _dh_from_dgates(dgates, T - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC, W_AS_A)
             if HAS_REC_MASK:
                 dh_in = dh_in * b_rec
             b_dh += dh_in
@@ -538,6 +569,8 @@ class Grid:
     bb: int
     persistent: bool
     barrier: bool
+    # the weight slice as tl.dot's A operand (it can stay in registers) rather than its B operand
+    w_as_a: bool = True
     num_warps: int = 4
 
     def shape(self, batch: int, hidden: int, directions: int) -> tuple[int, int, int]:
@@ -700,7 +733,7 @@ class _Call:
             ACT_OUT=_ACTIVATION_CODES[o.activations[2]], PEEPHOLE=self.peephole is not None,
             HAS_CLIP=o.clip is not None, COUPLED=o.coupled_input_forget, HAS_CELL_CLIP=o.cell_clip is not None,
             ZONEOUT_H=self.zoneout_h, ZONEOUT_C=self.zoneout_c, HAS_REC_MASK=self.rec_mask is not None,
-            HAS_LENGTHS=self.lengths is not None,
+            HAS_LENGTHS=self.lengths is not None, W_AS_A=grid.w_as_a,
         )
 
     def grid(self, kind: str, device: torch.device) -> Grid:
