@@ -19,6 +19,17 @@ from fastlstm.weights import DirectionWeights
 from engine_cases import ARCHS, LENGTHS, OPTIONS, compare, inputs_and_masks, make_layer, run
 
 
+@pytest.fixture(autouse=True)
+def poisoned_buffers(monkeypatch):
+    """Every buffer the kernels fill starts as NaN (int8 buffers as -1): an element a kernel never
+    wrote shows up in the comparisons."""
+    def poisoned(like, *shape, dtype=None):
+        t = like.new_empty(shape, dtype=dtype)
+        return t.fill_(float("nan") if t.is_floating_point() else -1)
+
+    monkeypatch.setattr(triton_lstm, "_empty", poisoned)
+
+
 def test_triton_is_installed_and_interpreting():
     """The test extras install triton; without it these tests would have nothing to run."""
     assert triton_lstm.available()
@@ -117,6 +128,47 @@ def test_float32_error_is_at_most_twice_the_references(cfg, grid):
         err_ours = (a.double() - t).abs().max().item()
         err_ref = (b.double() - t).abs().max().item()
         assert err_ours <= 2 * err_ref + 1e-6, (k, err_ours, err_ref)
+
+
+def _torch_twin(weights, dtype):
+    """torch.nn.LSTM holding ``weights`` (one layer, plain options), in ``dtype``."""
+    twin = torch.nn.LSTM(weights[0].weight_ih.shape[1], weights[0].weight_hh.shape[1],
+                         bidirectional=len(weights) == 2, dtype=torch.float64)
+    with torch.no_grad():
+        for d, w in enumerate(weights):
+            for field in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(twin, f"{field}_l0{'_reverse' if d else ''}").copy_(getattr(w, field))
+    return twin.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_half_precision_error_is_at_most_twice_torchs(dtype, grid):
+    """bfloat16 / float16, cell state in float32: our error against the float64 reference is at most
+    twice torch.nn.LSTM's own at that precision, plus a few ulps of the dtype (atol), for the output,
+    the final states and every gradient (flash-attention's rule)."""
+    options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["bi"], {}, torch.float64, hidden=12, batch=5)
+    truth = run(reference.lstm_layer, x, None, h0, c0, weights, options, None, False)
+    half = lambda ts: [_cast(t, dtype) for t in ts]  # noqa: E731
+    ours = run(triton_lstm.lstm_layer, *half([x]), None, *half([h0, c0]), [DirectionWeights(*half(w)) for w in weights],
+               options, None, False)
+
+    twin = _torch_twin(weights, dtype)
+    xt, h0t, c0t = half([x, h0, c0])
+    y, (h, c) = twin(xt, (h0t, c0t))
+    g = torch.Generator().manual_seed(9)  # the cotangents of `run`
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype)).sum() for t in (y, h, c))
+    params = [p for d in range(2) for p in (getattr(twin, f"{f}_l0{'_reverse' if d else ''}")
+                                            for f in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))]
+    theirs = [y, h, c, *torch.autograd.grad(loss, [xt, h0t, c0t, *params])]
+
+    atol = 4 * torch.finfo(dtype).eps
+    names = ["output", "h_n", "c_n", "x", "h0", "c0"] + [f"dir{d}.{f}" for d in range(2) for f in
+                                                          ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    for name, a, b, t in zip(names, ours, theirs, truth):
+        assert a.dtype == dtype and not a.isnan().any(), name
+        err_ours = (a.double() - t).abs().max().item()
+        err_torch = (b.double() - t).abs().max().item()
+        assert err_ours <= 2 * err_torch + atol, (name, err_ours, err_torch)
 
 
 @pytest.mark.parametrize("cfg", ["plain", "everything"])

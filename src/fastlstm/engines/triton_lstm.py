@@ -91,6 +91,15 @@ if triton is not None:
         return g
 
     @triton.jit
+    def _product(a, b, PRECISION: tl.constexpr, ACC: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        """``a @ b`` accumulated in ``ACC``. ``DOT_IN_FP32`` widens bfloat16 operands first (exact), for
+        Triton's interpreter, whose bfloat16 ``tl.dot`` returns garbage (Triton 3.9)."""
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
+
+    @triton.jit
     def _clipped(a, bound, HAS_CLIP: tl.constexpr):
         if HAS_CLIP:
             a = tl.minimum(tl.maximum(a, -bound), bound)
@@ -154,6 +163,7 @@ if triton is not None:
         BB: tl.constexpr,
         ACC: tl.constexpr,
         PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
         ACT_GATE: tl.constexpr,
         ACT_IN: tl.constexpr,
         ACT_OUT: tl.constexpr,
@@ -234,9 +244,9 @@ if triton is not None:
             if HAS_REC_MASK:
                 b_h = (b_h.to(ACC) * b_rec).to(b_h.dtype)
             if W_AS_A:
-                acc = tl.trans(tl.dot(b_w, b_h, input_precision=PRECISION, out_dtype=ACC))  # [BB, 4 HB]
+                acc = tl.trans(_product(b_w, b_h, PRECISION, ACC, DOT_IN_FP32))  # [BB, 4 HB]
             else:
-                acc = tl.dot(b_h, b_w, input_precision=PRECISION, out_dtype=ACC)
+                acc = _product(b_h, b_w, PRECISION, ACC, DOT_IN_FP32)
             # column 4 u + 2 k1 + k0 holds gate 2 k1 + k0 of unit u
             even, odd = tl.split(tl.reshape(acc, (BB, HB, 2, 2)))
             a_i, a_g = tl.split(even)
@@ -326,7 +336,8 @@ if triton is not None:
 
     @triton.jit
     def _dh_from_dgates(dgates, s, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D: tl.constexpr, G: tl.constexpr,
-                        PRECISION: tl.constexpr, ACC: tl.constexpr, W_AS_A: tl.constexpr):
+                        PRECISION: tl.constexpr, ACC: tl.constexpr, W_AS_A: tl.constexpr,
+                        DOT_IN_FP32: tl.constexpr):
         """``dgates_t W_hh`` for the owned rows and units, ``t`` the backward's ``s``-th step:
         ``[BB, 4H] x [4H, HB]`` (or its transpose, ``W_hh^T`` as the A operand). Rows of steps past a
         sequence's end hold zeros, so they add nothing. Returns ``[BB, HB]``."""
@@ -335,10 +346,10 @@ if triton is not None:
         if W_AS_A:
             b_dg = tl.load(base + (t * B + o_b64[None, :]) * (D * G) + o_r_real[:, None],
                            mask=m_r[:, None] & m_b[None, :], other=0.0, cache_modifier=".cg")
-            return tl.trans(tl.dot(b_w, b_dg, input_precision=PRECISION, out_dtype=ACC))
+            return tl.trans(_product(b_w, b_dg, PRECISION, ACC, DOT_IN_FP32))
         b_dg = tl.load(base + (t * B + o_b64[:, None]) * (D * G) + o_r_real[None, :],
                        mask=m_b[:, None] & m_r[None, :], other=0.0, cache_modifier=".cg")
-        return tl.dot(b_dg, b_w, input_precision=PRECISION, out_dtype=ACC)
+        return _product(b_dg, b_w, PRECISION, ACC, DOT_IN_FP32)
 
     @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "finish"])
     def _backward_kernel(
@@ -375,6 +386,7 @@ if triton is not None:
         BB: tl.constexpr,
         ACC: tl.constexpr,
         PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
         ACT_GATE: tl.constexpr,
         ACT_IN: tl.constexpr,
         ACT_OUT: tl.constexpr,
@@ -439,7 +451,8 @@ if triton is not None:
 
         for s in range(step_begin, step_end):
             if s > 0:
-                dh_in = _dh_from_dgates(dgates, s - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC, W_AS_A)
+                dh_in = _dh_from_dgates(dgates, s - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC, W_AS_A,
+                                        DOT_IN_FP32)
                 if HAS_REC_MASK:
                     dh_in = dh_in * b_rec
                 b_dh += dh_in
@@ -540,7 +553,8 @@ if triton is not None:
                 _grid_barrier(p_counter, (s - step_begin + 1) * n_group, error)
 
         if finish != 0:
-            dh_in = _dh_from_dgates(dgates, T - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC, W_AS_A)
+            dh_in = _dh_from_dgates(dgates, T - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC, W_AS_A,
+                                        DOT_IN_FP32)
             if HAS_REC_MASK:
                 dh_in = dh_in * b_rec
             b_dh += dh_in
@@ -729,6 +743,7 @@ class _Call:
         return dict(
             H=self.hidden, D=self.directions, H_PAD=hidden_pad(self.hidden), HB=grid.hb, BB=grid.bb,
             ACC=getattr(tl, _TL_DTYPES[self.acc]), PRECISION=_precision(self.dtype),
+            DOT_IN_FP32=INTERPRET and self.dtype == torch.bfloat16,
             ACT_GATE=_ACTIVATION_CODES[o.activations[0]], ACT_IN=_ACTIVATION_CODES[o.activations[1]],
             ACT_OUT=_ACTIVATION_CODES[o.activations[2]], PEEPHOLE=self.peephole is not None,
             HAS_CLIP=o.clip is not None, COUPLED=o.coupled_input_forget, HAS_CELL_CLIP=o.cell_clip is not None,
@@ -738,6 +753,12 @@ class _Call:
 
     def grid(self, kind: str, device: torch.device) -> Grid:
         return choose_grid(kind, self.batch, self.hidden, self.directions, self.dtype, device)
+
+
+def _empty(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
+    """Every buffer a kernel must fill comes from here, so that tests can poison them (NaN) and catch
+    an element the kernel never wrote."""
+    return like.new_empty(shape, dtype=dtype)
 
 
 def _or_dummy(t: Tensor | None, like: Tensor) -> Tensor:
@@ -751,17 +772,17 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
     T, B, H, D, dtype, acc = call.steps, call.batch, call.hidden, call.directions, call.dtype, call.acc
     G = 4 * H
     xg = (x.reshape(T * B, -1) @ call.w_ih.t()).view(T, B, D * G)  # every step and direction at once
-    h_buf = x.new_empty(2, D, B, H)
+    h_buf = _empty(x, 2, D, B, H)
     h_buf[0].copy_(h0)
     c_state = c0.to(acc).contiguous().clone()
-    y = x.new_empty(T, B, D * H)
+    y = _empty(x, T, B, D * H)
     o = call.options
     saved = {
-        "gates": x.new_empty(T, B, D * G) if save else None,
-        "c_fresh": x.new_empty(T, B, D * H, dtype=acc) if save else None,
-        "c_carried": x.new_empty(T, B, D * H, dtype=acc) if save and call.zoneout_c else None,
-        "clip": x.new_empty(T, B, D * G, dtype=torch.int8) if save and o.clip is not None else None,
-        "cell_clip": x.new_empty(T, B, D * H, dtype=torch.int8) if save and o.cell_clip is not None else None,
+        "gates": _empty(x, T, B, D * G) if save else None,
+        "c_fresh": _empty(x, T, B, D * H, dtype=acc) if save else None,
+        "c_carried": _empty(x, T, B, D * H, dtype=acc) if save and call.zoneout_c else None,
+        "clip": _empty(x, T, B, D * G, dtype=torch.int8) if save and o.clip is not None else None,
+        "cell_clip": _empty(x, T, B, D * H, dtype=torch.int8) if save and o.cell_clip is not None else None,
     }
     grid = call.grid("forward", x.device)
     shape = grid.shape(B, H, D)
@@ -814,7 +835,7 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     G = 4 * H
     dh_state = dh_n.to(acc).contiguous().clone()
     dc_state = dc_n.to(acc).contiguous().clone()
-    dgates = x.new_empty(T, B, D * G)
+    dgates = _empty(x, T, B, D * G)
     grid = call.grid("backward", x.device)
     shape = grid.shape(B, H, D)
     dpeep = torch.zeros(shape[1], D, 3 * H, dtype=acc, device=x.device)
