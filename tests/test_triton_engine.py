@@ -228,3 +228,31 @@ def test_auto_picks_triton_only_for_cuda_float_types():
     assert not triton_lstm.supports(torch.device("cpu"), torch.float32, opts)
     assert select_engine("auto", torch.device("cuda"), torch.float16, opts).name == "triton"
     assert select_engine("auto", torch.device("cpu"), torch.float32, opts).name == "cpu"
+
+
+def test_a_persistent_grid_that_does_not_fit_falls_back_to_per_step(monkeypatch):
+    """When a persistent program does not fit an SM, Triton raises OutOfResources at launch: the
+    call then runs one launch per step instead, and remembers that for the configuration."""
+    monkeypatch.setattr(triton_lstm, "_DOES_NOT_FIT", set())
+    monkeypatch.setattr(triton_lstm, "choose_grid", lambda *a: _one_program(*a))
+    persistent_hb = hidden_pad(5)
+    launches = []
+
+    class TooBig:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, shape):
+            def launch(*args, HB, **kwargs):
+                launches.append((shape, HB))
+                if HB == persistent_hb and kwargs["USE_BARRIER"]:
+                    raise triton_lstm._OutOfResources(300000, 232448, "shared memory")
+                return self.kernel[shape](*args, HB=HB, **kwargs)
+            return launch
+
+    monkeypatch.setattr(triton_lstm, "_forward_kernel", TooBig(triton_lstm._forward_kernel))
+    monkeypatch.setattr(triton_lstm, "_backward_kernel", TooBig(triton_lstm._backward_kernel))
+    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], {}, lengths=LENGTHS["unequal"], training=False,
+            dtype=torch.float64, tol=1e-10)
+    assert {hb for _, hb in launches} == {persistent_hb, 4, 16}  # tried persistent, then per-step fwd and bwd
+    assert len(triton_lstm._DOES_NOT_FIT) == 2

@@ -689,9 +689,10 @@ def run_row(
 
 def run_rows(
     configs: list[Config], device: torch.device, budget: Budget, engines: list[str] | None = None,
-    seed: int = 0, stream=None,
+    seed: int = 0, stream=None, on_row: Callable[[list[RowResult]], None] | None = None,
 ) -> list[RowResult]:
-    """Every row in turn; a row whose check fails (or that crashes) is reported and skipped."""
+    """Every row in turn; a row whose check fails, or that raises, is reported and skipped.
+    ``on_row(results so far)`` runs after each row (e.g. to save them, in case a later row hangs)."""
     progress = Progress(len(configs), stream)
     results = []
     for done, config in enumerate(configs):
@@ -701,6 +702,11 @@ def run_rows(
         except CheckFailed as failure:
             progress.message(f"CHECK FAILED: {failure}")
             results.append(RowResult(config, error=str(failure)))
+        except RuntimeError as crash:  # e.g. a kernel that failed to compile: the other rows still run
+            progress.message(f"FAILED: {crash}")
+            results.append(RowResult(config, error=f"raised {type(crash).__name__}: {crash}"))
+        if on_row is not None:
+            on_row(results)
     progress.done = len(configs)
     progress.phase("done")
     progress.clear()
@@ -1078,11 +1084,14 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if load is not None and device.type == "cpu" and load >= 0.5 * (os.cpu_count() or 1):
         print(f"note: 1-minute load average is {load:.2f} on {os.cpu_count()} CPUs; other processes may skew "
               "the timings (the ratios, timed interleaved, suffer least)", file=sys.stderr)
-    results = run_rows(configs, device, budget, engines, args.seed)
+    def save(results: list[RowResult]) -> None:
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(json_rows(results, info), indent=1) + "\n")
+
+    results = run_rows(configs, device, budget, engines, args.seed, on_row=save)
     print(format_table(results, info))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(json_rows(results, info), indent=1) + "\n")
+    save(results)
     if args.plot is not None:
         args.plot.parent.mkdir(parents=True, exist_ok=True)
         write_plot(results, args.plot, info)

@@ -175,6 +175,28 @@ def _h100_preset() -> Preset:
     )
 
 
+def _h100_quick_preset() -> Preset:
+    """The points of the GPU targets, small enough for one short session on a lent GPU."""
+    pairs = ((1, 256), (16, 256), (16, 1024), (64, 1024), (128, 1024), (256, 1024))
+    rows = [Config(b, 1024, h, h, dtype=dtype) for dtype in ("bfloat16", "float16") for b, h in pairs]
+    rows += [
+        Config(16, 512, 1024, 1024, dtype="float32"),
+        Config(256, 512, 1024, 1024, dtype="float32"),
+        Config(64, 256, 512, 512, layers=2, bidirectional=True, dtype="bfloat16"),
+        Config(1, 1, 256, 256, dtype="float16"),
+    ]
+    rows += _option_rows(batch=16, steps=256, hidden=768, dtype="bfloat16")
+    return Preset(
+        "a subset of h100 for one short GPU session: bf16/fp16 at six of cuDNN's (B, H) pairs (T=1024), "
+        "fp32, 2-layer bidirectional, a single step, and each variant at B=16, T=256, H=768",
+        tuple(rows),
+        device="cuda",
+        target_s=0.2,
+        max_repeats=50,
+        warmup=2,
+    )
+
+
 PRESETS: dict[str, Preset] = {
     "smoke": Preset(
         "tiny shapes covering every code path (plain, options, packed, projection, 2-layer "
@@ -206,4 +228,5 @@ PRESETS: dict[str, Preset] = {
         target_s=0.5,
     ),
     "h100": _h100_preset(),
+    "h100-quick": _h100_quick_preset(),
 }

@@ -45,6 +45,10 @@ from ..weights import DirectionWeights, accumulation_dtype
 try:
     import triton
     import triton.language as tl
+    try:
+        from triton.runtime.errors import OutOfResources as _OutOfResources
+    except ImportError:  # pragma: no cover - older layouts of triton
+        _OutOfResources = None
 except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = None
 
@@ -623,25 +627,37 @@ def choose_grid(kind: str, batch: int, hidden: int, directions: int, dtype: torc
     while groups * triton.cdiv(hidden, hb) > sms and hb < h_pad:
         hb *= 2
     slice_bytes = h_pad * 4 * hb * torch.empty((), dtype=dtype).element_size()
-    persistent = groups * triton.cdiv(hidden, hb) <= sms and slice_bytes <= _MAX_SLICE_BYTES
-    if not persistent:
-        hb = 4 if kind == "forward" else 16
-        slice_bytes = h_pad * 4 * hb * torch.empty((), dtype=dtype).element_size()
-    num_warps = 4 if slice_bytes <= 32 * 1024 else 8
-    return Grid(hb=hb, bb=bb, persistent=persistent, barrier=persistent and triton.cdiv(hidden, hb) > 1,
-                num_warps=num_warps)
+    grid = Grid(hb=hb, bb=bb, persistent=True, barrier=triton.cdiv(hidden, hb) > 1,
+                num_warps=4 if slice_bytes <= 32 * 1024 else 8)
+    if groups * triton.cdiv(hidden, hb) > sms or slice_bytes > _MAX_SLICE_BYTES:
+        return per_step_grid(kind, grid)
+    return grid
+
+
+def per_step_grid(kind: str, grid: Grid) -> Grid:
+    """The one-launch-per-step split that replaces a persistent ``grid`` that does not fit the GPU.
+    It keeps ``BB``, so the buffers sized by the number of batch blocks stay valid."""
+    return Grid(hb=4 if kind == "forward" else 16, bb=grid.bb, persistent=False, barrier=False, w_as_a=grid.w_as_a)
 
 
 _VERIFIED: set[tuple] = set()
+_DOES_NOT_FIT: set[tuple] = set()
 
 
-def _launch(kernel, grid: Grid, shape: tuple[int, int, int], steps: int, args: tuple, scalars: tuple,
-            constants: dict, error: Tensor, *, backward: bool) -> None:
+def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra: dict, error: Tensor, *,
+            backward: bool) -> None:
     """Run every step: one persistent launch, or one launch per step (plus, for the backward, a last
-    launch for ``dh_0``). Kernels take ``(*args, step_begin, step_end, [finish,] *scalars)``. The
-    first persistent launch of each configuration is checked for a barrier that timed out, which
-    would mean its programs were not all resident at once."""
-    name = "backward" if backward else "forward"
+    launch for ``dh_0``). Kernels take ``(*args, step_begin, step_end, [finish,] *scalars)``.
+
+    A persistent grid whose program does not fit an SM (Triton's OutOfResources) falls back to the
+    per-step grid. The first persistent launch of each configuration is checked for a barrier that
+    timed out, which would mean its programs were not all resident at once."""
+    kind = "backward" if backward else "forward"
+    key = (kind, error.device, call.batch, call.hidden, call.directions, call.dtype, grid, tuple(sorted(extra.items())))
+    if grid.persistent and key in _DOES_NOT_FIT:
+        grid = per_step_grid(kind, grid)
+    shape = grid.shape(call.batch, call.hidden, call.directions)
+    constants = call.constants(grid) | extra
 
     def run(begin: int, end: int, finish: int, use_barrier: bool) -> None:
         step_args = (begin, end, finish) if backward else (begin, end)
@@ -649,25 +665,26 @@ def _launch(kernel, grid: Grid, shape: tuple[int, int, int], steps: int, args: t
 
     try:
         if grid.persistent:
-            run(0, steps, 1, grid.barrier)
+            run(0, call.steps, 1, grid.barrier)
         else:
-            for s in range(steps):
+            for s in range(call.steps):
                 run(s, s + 1, 0, False)
             if backward:
-                run(steps, steps, 1, False)
-    except Exception as exc:  # compilation or launch: say which kernel and configuration failed
+                run(call.steps, call.steps, 1, False)
+    except Exception as exc:
+        if grid.persistent and _OutOfResources is not None and isinstance(exc, _OutOfResources):
+            _DOES_NOT_FIT.add(key)
+            return _launch(kernel, call, per_step_grid(kind, grid), args, scalars, extra, error, backward=backward)
         raise RuntimeError(
-            f"fastlstm: the Triton {name} kernel failed for grid {shape} ({grid}) with {constants}: {exc}"
+            f"fastlstm: the Triton {kind} kernel failed for grid {shape} ({grid}) with {constants}: {exc}"
         ) from exc
-    if grid.barrier:
-        key = (name, error.device, shape, grid, tuple(sorted(constants.items())))
-        if key not in _VERIFIED:
-            if int(error.item()) != 0:
-                raise RuntimeError(
-                    f"fastlstm: the persistent Triton {name} kernel's barrier timed out (grid {shape}): its "
-                    "programs were not all resident at once, e.g. because another kernel held SMs"
-                )
-            _VERIFIED.add(key)
+    if grid.barrier and key not in _VERIFIED:
+        if int(error.item()) != 0:
+            raise RuntimeError(
+                f"fastlstm: the persistent Triton {kind} kernel's barrier timed out (grid {shape}): its "
+                "programs were not all resident at once, e.g. because another kernel held SMs"
+            )
+        _VERIFIED.add(key)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -785,8 +802,7 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
         "cell_clip": _empty(x, T, B, D * H, dtype=torch.int8) if save and o.cell_clip is not None else None,
     }
     grid = call.grid("forward", x.device)
-    shape = grid.shape(B, H, D)
-    counters = torch.zeros(D, shape[1], dtype=torch.int32, device=x.device)
+    counters = torch.zeros(D, triton.cdiv(B, grid.bb), dtype=torch.int32, device=x.device)
     error = torch.zeros(1, dtype=torch.int32, device=x.device)
     dummy_acc = x.new_empty(1, dtype=acc)
     args = (
@@ -798,10 +814,9 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
         T, B,
     )
     scalars = (o.clip or 0.0, o.cell_clip or 0.0, o.zoneout_h, o.zoneout_c)
-    constants = call.constants(grid) | dict(
-        HAS_BIAS=call.bias is not None, NEEDS_H_PREV=call.zoneout_h != 0 or call.lengths is not None, SAVE=save
-    )
-    _launch(_forward_kernel, grid, shape, T, args, scalars, constants, error, backward=False)
+    extra = dict(HAS_BIAS=call.bias is not None, NEEDS_H_PREV=call.zoneout_h != 0 or call.lengths is not None,
+                 SAVE=save)
+    _launch(_forward_kernel, call, grid, args, scalars, extra, error, backward=False)
     return y, h_buf[T % 2].clone(), c_state.to(dtype), saved
 
 
@@ -837,9 +852,9 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     dc_state = dc_n.to(acc).contiguous().clone()
     dgates = _empty(x, T, B, D * G)
     grid = call.grid("backward", x.device)
-    shape = grid.shape(B, H, D)
-    dpeep = torch.zeros(shape[1], D, 3 * H, dtype=acc, device=x.device)
-    counters = torch.zeros(D, shape[1], dtype=torch.int32, device=x.device)
+    blocks = triton.cdiv(B, grid.bb)
+    dpeep = torch.zeros(blocks, D, 3 * H, dtype=acc, device=x.device)
+    counters = torch.zeros(D, blocks, dtype=torch.int32, device=x.device)
     error = torch.zeros(1, dtype=torch.int32, device=x.device)
     dummy_acc = x.new_empty(1, dtype=acc)
     c0_acc = c0.to(acc).contiguous()
@@ -851,8 +866,7 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
         error, T, B,
     )
     o = call.options
-    _launch(_backward_kernel, grid, shape, T, args, (o.zoneout_h, o.zoneout_c), call.constants(grid), error,
-            backward=True)
+    _launch(_backward_kernel, call, grid, args, (o.zoneout_h, o.zoneout_c), {}, error, backward=True)
 
     rows = dgates.view(T * B, D * G)
     x_rows = x.reshape(T * B, -1)

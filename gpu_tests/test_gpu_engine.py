@@ -1,0 +1,192 @@
+"""The compiled Triton engine on a GPU against the reference (float64 truth) and cuDNN.
+
+Tolerances follow flash-attention's rule: at precision ``p``, our error against the float64
+reference is at most twice that of torch at ``p`` (cuDNN for the plain LSTM; the reference's own
+torch ops run in ``p`` for the variants), plus a few ulps of ``p``.
+"""
+
+import dataclasses
+import os
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+from fastlstm import reference
+from fastlstm.engines import select_engine, triton_lstm
+from fastlstm.engines.triton_lstm import Grid
+from fastlstm.masks import DirectionMasks, sample_direction_masks
+from fastlstm.options import make_options
+from fastlstm.weights import DirectionWeights
+
+from engine_cases import OPTIONS
+
+DEV = torch.device("cpu" if os.environ.get("FASTLSTM_GPU_TESTS_ON_CPU") == "1" else "cuda")
+KERNEL_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("layer_norm", "everything")}
+KERNEL_OPTIONS["everything"] = dict(
+    activations=("sigmoid", "tanh", "softsign"), peephole=True, clip=1.5, zoneout=(0.2, 0.3),
+    recurrent_dropout=0.3, weight_drop=0.3, cell_clip=0.8,
+)
+STOCHASTIC = ("zoneout", "recurrent_dropout", "weight_drop")
+
+
+def _layer(cfg, directions, batch, steps, input_size, hidden, bias=True):
+    """Random float64 weights, inputs and (training) masks on the GPU."""
+    options = make_options(**cfg, has_bias=bias)
+    k = hidden ** -0.5
+    weights = []
+    for _ in range(directions):
+        w = dict(weight_ih=torch.empty(4 * hidden, input_size), weight_hh=torch.empty(4 * hidden, hidden))
+        if bias:
+            w.update(bias_ih=torch.empty(4 * hidden), bias_hh=torch.empty(4 * hidden))
+        if options.peephole:
+            w["weight_peephole"] = torch.empty(3 * hidden)
+        weights.append(DirectionWeights(**{n: t.double().uniform_(-k, k).to(DEV) for n, t in w.items()}))
+    x = torch.randn(steps, batch, input_size, dtype=torch.float64, device=DEV)
+    h0 = torch.randn(directions, batch, hidden, dtype=torch.float64, device=DEV) * 0.5
+    c0 = torch.randn(directions, batch, hidden, dtype=torch.float64, device=DEV) * 0.5
+    training = any(s in cfg for s in STOCHASTIC)
+    masks = None
+    if training:
+        masks = [sample_direction_masks(options, steps=steps, batch=batch, hidden_size=hidden, h_out=hidden,
+                                        device=DEV, dtype=torch.float64) for _ in range(directions)]
+    return options, weights, x, h0, c0, masks, training
+
+
+def _run(fn, dtype, options, weights, x, lengths, h0, c0, masks, training, cotangents):
+    """Outputs, final states and every gradient of ``fn`` with everything cast to ``dtype``."""
+    cast = lambda t: None if t is None else t.detach().to(dtype).requires_grad_()  # noqa: E731
+    ws = [DirectionWeights(*(cast(t) for t in w)) for w in weights]
+    xx, hh, cc = cast(x), cast(h0), cast(c0)
+    ms = None if masks is None else [DirectionMasks(*(None if t is None else t.to(dtype) for t in (
+        m.zoneout_h, m.zoneout_c, m.recurrent, m.weight_hh))) for m in masks]
+    y, h, c = fn(xx, lengths, hh, cc, ws, options, ms, training=training)
+    loss = sum((t.double() * u).sum() for t, u in zip((y, h, c), cotangents))
+    leaves = [xx, hh, cc] + [p for w in ws for p in w if p is not None]
+    grads = torch.autograd.grad(loss, leaves)
+    return [y, h, c, *grads]
+
+
+def _half_precision_reference(x, lengths, h0, c0, weights, options, masks, *, training):
+    """The reference's torch ops run in the input's own precision (no float32 upcast, cell state
+    included): torch's error at that precision, for the variants cuDNN does not have."""
+    outs = [reference.lstm_direction(x, lengths, h0[d], c0[d], w, options, None if masks is None else masks[d],
+                                     training=training, reverse=d == 1) for d, w in enumerate(weights)]
+    return torch.cat([o[0] for o in outs], 2), torch.stack([o[1] for o in outs]), torch.stack([o[2] for o in outs])
+
+
+def _check(ours, baseline, truth, dtype, names):
+    atol = {torch.float32: 1e-5, torch.bfloat16: 4 * 2 ** -8, torch.float16: 4 * 2 ** -11}[dtype]
+    for name, a, b, t in zip(names, ours, baseline, truth):
+        assert not a.isnan().any(), f"{name}: NaN (an element never written?)"
+        err_ours = (a.double() - t).abs().max().item()
+        err_base = (b.double() - t).abs().max().item()
+        assert err_ours <= 2 * err_base + atol, f"{name}: ours {err_ours:.3g} vs baseline {err_base:.3g}"
+
+
+def _compare(cfg, dtype, *, directions, batch, steps, hidden, input_size=None, lengths=None):
+    options, weights, x, h0, c0, masks, training = _layer(cfg, directions, batch, steps, input_size or hidden,
+                                                          hidden)
+    if lengths is not None:
+        lengths = lengths.to(DEV)
+    cot = [torch.randn(s, dtype=torch.float64, device=DEV) for s in
+           ((steps, batch, directions * hidden), (directions, batch, hidden), (directions, batch, hidden))]
+    args = (options, weights, x, lengths, h0, c0, masks, training, cot)
+    truth = _run(reference.lstm_layer, torch.float64, *args)
+    ours = _run(triton_lstm.lstm_layer, dtype, *args)
+    base_fn = reference.lstm_layer if dtype == torch.float32 else _half_precision_reference
+    baseline = _run(base_fn, dtype, *args)
+    names = ["output", "h_n", "c_n", "x", "h0", "c0"] + [
+        f"dir{d}.{f}" for d, w in enumerate(weights) for f, p in zip(DirectionWeights._fields, w) if p is not None]
+    _check(ours, baseline, truth, dtype, names)
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES = {  # (D, B, T, H): small and large H, B = 1, odd sizes, B past one batch block
+    "uni-B1-H256": (1, 1, 64, 256),
+    "uni-B16-H768": (1, 16, 48, 768),
+    "bi-B5-H100": (2, 5, 33, 100),
+    "uni-B64-H1024": (1, 64, 32, 1024),
+    "bi-B200-H256": (2, 200, 16, 256),
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_plain_lstm_at_real_shapes(dtype, shape):
+    d, b, t, h = shape
+    _compare({}, dtype, directions=d, batch=b, steps=t, hidden=h)
+
+
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("cfg", KERNEL_OPTIONS.values(), ids=KERNEL_OPTIONS.keys())
+def test_every_option(cfg, dtype):
+    _compare(cfg, dtype, directions=2, batch=16, steps=40, hidden=256,
+             lengths=torch.randint(1, 41, (16,)))
+
+
+GRIDS = {
+    "per-step-w-as-a": Grid(hb=16, bb=16, persistent=False, barrier=False, w_as_a=True),
+    "per-step-w-as-b": Grid(hb=16, bb=16, persistent=False, barrier=False, w_as_a=False),
+    "persistent-w-as-b": None,  # chosen by choose_grid, with the other orientation
+}
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=GRIDS.keys())
+def test_other_launch_modes(grid, monkeypatch):
+    choose = triton_lstm.choose_grid
+    if GRIDS[grid] is None:
+        monkeypatch.setattr(triton_lstm, "choose_grid", lambda *a: dataclasses.replace(choose(*a), w_as_a=False))
+    else:
+        monkeypatch.setattr(triton_lstm, "choose_grid", lambda *a: GRIDS[grid])
+    _compare(KERNEL_OPTIONS["everything"], torch.bfloat16, directions=2, batch=24, steps=20, hidden=512,
+             lengths=torch.randint(1, 21, (24,)))
+
+
+def test_auto_picks_triton_on_cuda():
+    opts = make_options()
+    for dtype in DTYPES.values():
+        assert select_engine("auto", DEV, dtype, opts).name == "triton"
+
+
+@pytest.mark.parametrize("form", ["padded", "batch_first", "unbatched", "packed"])
+def test_module_matches_torch_float32(form):
+    """The whole module on CUDA (auto picks the kernels): 2 layers, bidirectional, against
+    torch.nn.LSTM in float64, float32 tolerance."""
+    ours = fastlstm.LSTM(24, 48, num_layers=2, bidirectional=True, batch_first=form == "batch_first", device=DEV)
+    theirs = torch.nn.LSTM(24, 48, num_layers=2, bidirectional=True, batch_first=form == "batch_first",
+                           device=DEV, dtype=torch.float64)
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(30, 6, 24, device=DEV, dtype=torch.float64)
+    lengths = [30, 7, 19, 1, 30, 12]
+    results = []
+    for model, dtype in ((ours, torch.float32), (theirs, torch.float64)):
+        xx = x.to(dtype).requires_grad_()
+        inp = {"padded": xx, "batch_first": xx.transpose(0, 1), "unbatched": xx[:, 0],
+               "packed": pack_padded_sequence(xx, lengths, enforce_sorted=False)}[form]
+        out, (h, c) = model(inp)
+        out = out.data if form == "packed" else out
+        (out.sum() + 2 * h.sum() + 3 * c.sum()).backward()
+        results.append([out, h, c, xx.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
+
+
+def test_fp32_products_are_ieee_unless_tf32_is_enabled():
+    """With torch's TF32 flags off (the default), the recurrence's products are IEEE float32:
+    its error stays near float32's, far below TF32's 1e-3."""
+    assert not torch.backends.cuda.matmul.allow_tf32
+    options, weights, x, h0, c0, _, _ = _layer({}, 1, 16, 64, 512, 512)
+    with torch.no_grad():
+        truth = reference.lstm_layer(x, None, h0, c0, weights, options, None, training=False)[0]
+        f32 = [DirectionWeights(*(None if t is None else t.float() for t in w)) for w in weights]
+        ours = triton_lstm.lstm_layer(x.float(), None, h0.float(), c0.float(), f32, options, None, training=False)[0]
+    assert (ours.double() - truth).abs().max().item() < 1e-4
+
+
+def test_layer_norm_and_projection_fall_back_on_cuda():
+    for kw in (dict(layer_norm=True), dict(proj_size=16)):
+        m = fastlstm.LSTM(8, 32, device=DEV, **kw)
+        y, _ = m(torch.randn(5, 3, 8, device=DEV))
+        assert y.isfinite().all()
