@@ -85,7 +85,10 @@ def _cast(t, dtype):
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
 def test_engine_float32_error_is_at_most_twice_the_references(cfg, threads):
     """float32: both engines against the float64 reference; ours may err at most 2x the float32
-    reference's error, plus 1e-6 (flash-attention's rule for low-precision comparisons)."""
+    reference's error (flash-attention's rule for low-precision comparisons), plus an atol of 16 float32
+    ulps of the tensor's largest true value: at float32 both errors are rounding noise accumulated
+    through the recurrence (one lucky rounding of the reference makes the ratio meaningless), and
+    gradients summed over many tokens reach magnitudes of 10-20, where a fixed 1e-6 is below one ulp."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
     options, weights, x, h0, c0, masks = inputs_and_masks(ARCHS["bi-proj"], cfg, torch.float64, training=training)
     lengths = LENGTHS["unequal"]
@@ -99,7 +102,8 @@ def test_engine_float32_error_is_at_most_twice_the_references(cfg, threads):
     for k, (a, b, t) in enumerate(zip(ours, theirs, truth)):
         err_ours = (a.double() - t).abs().max().item()
         err_ref = (b.double() - t).abs().max().item()
-        assert err_ours <= 2 * err_ref + 1e-6, (k, err_ours, err_ref)
+        atol = 16 * torch.finfo(torch.float32).eps * max(1.0, t.abs().max().item())
+        assert err_ours <= 2 * err_ref + atol, (k, err_ours, err_ref, atol)
 
 
 @pytest.mark.parametrize("cfg", [OPTIONS["plain"], OPTIONS["layer_norm"], OPTIONS["everything"]], ids=["plain", "ln", "everything"])

@@ -111,7 +111,10 @@ def _cast(t, dtype):
 @pytest.mark.parametrize("cfg", ["plain", "activations", "peephole", "clip", "zoneout", "everything"])
 def test_float32_error_is_at_most_twice_the_references(cfg, grid):
     """float32: both engines against the float64 reference; ours may err at most 2x the float32
-    reference's error, plus 1e-6 (flash-attention's rule for low-precision comparisons)."""
+    reference's error (flash-attention's rule for low-precision comparisons), plus an atol of 16 float32
+    ulps of the tensor's largest true value: at float32 both errors are rounding noise accumulated
+    through the recurrence (one lucky rounding of the reference makes the ratio meaningless), and
+    gradients summed over many tokens reach magnitudes of 10-20, where a fixed 1e-6 is below one ulp."""
     cfg = KERNEL_OPTIONS[cfg]
     training = _training(cfg)
     options, weights, x, h0, c0, masks = inputs_and_masks(KERNEL_ARCHS["bi"], cfg, torch.float64, training=training)
@@ -127,7 +130,8 @@ def test_float32_error_is_at_most_twice_the_references(cfg, grid):
     for k, (a, b, t) in enumerate(zip(ours, theirs, truth)):
         err_ours = (a.double() - t).abs().max().item()
         err_ref = (b.double() - t).abs().max().item()
-        assert err_ours <= 2 * err_ref + 1e-6, (k, err_ours, err_ref)
+        atol = 16 * torch.finfo(torch.float32).eps * max(1.0, t.abs().max().item())
+        assert err_ours <= 2 * err_ref + atol, (k, err_ours, err_ref, atol)
 
 
 def _torch_twin(weights, dtype):

@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from . import packing
-from .engines import select_engine
+from .engines import for_tracing, select_engine
 from .masks import DirectionMasks, LSTMMasks, sample_direction_masks, sample_masks
 from .options import LSTMOptions
 from .weights import DirectionWeights, accumulation_dtype
@@ -52,7 +52,7 @@ def lstm(
     data = input.data if isinstance(input, PackedSequence) else input
     steps, batch = extent(input)
     masks = draw_masks(steps, batch, data, h0, weights, options, dropout=dropout, training=training, given=masks)
-    engine = select_engine(backend, data.device, data.dtype, options)
+    engine = for_tracing(select_engine(backend, data.device, data.dtype, options), weights[0], options)
 
     layout = None
     if isinstance(input, PackedSequence):
@@ -112,7 +112,7 @@ def lstm_cell(
     Gal & Ghahramani's per-sequence dropout.
     """
     masks = draw_cell_masks(x, weights, options, training=training, given=masks)
-    engine = select_engine(backend, x.device, x.dtype, options)
+    engine = for_tracing(select_engine(backend, x.device, x.dtype, options), [weights], options)
     if engine.cell is not None:
         return engine.cell(x, h0, c0, weights, options, masks, training=training)
     _, h, c = engine.layer(

@@ -34,6 +34,10 @@ class DirectionMasks:
     weight_hh: Tensor | None = None  # [4H, H_out]
 
 
+MASK_FIELDS = tuple(f.name for f in fields(DirectionMasks))
+"""DirectionMasks' fields in order (a constant: torch.compile traces a loop over it, not ``fields()``)."""
+
+
 @dataclass
 class LSTMMasks:
     """All masks of one ``LSTM`` forward call."""
@@ -86,17 +90,17 @@ def sample_direction_masks(
         "weight_hh": (options.weight_drop, (4 * hidden_size, h_out), _dropout_mask),
     }
     out = {}
-    for f in fields(DirectionMasks):
-        p, shape, draw = plan[f.name]
-        supplied = getattr(given, f.name)
+    for field_name in MASK_FIELDS:
+        p, shape, draw = plan[field_name]
+        supplied = getattr(given, field_name)
         if p == 0.0:
             if supplied is not None:
-                raise ValueError(f"{name}.{f.name} was given but its option is off (probability 0)")
-            out[f.name] = None
+                raise ValueError(f"{name}.{field_name} was given but its option is off (probability 0)")
+            out[field_name] = None
         elif supplied is not None:
-            out[f.name] = _checked(f"{name}.{f.name}", supplied, shape, device, dtype)
+            out[field_name] = _checked(f"{name}.{field_name}", supplied, shape, device, dtype)
         else:
-            out[f.name] = draw(shape, p, device, dtype)
+            out[field_name] = draw(shape, p, device, dtype)
     return DirectionMasks(**out)
 
 

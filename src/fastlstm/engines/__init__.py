@@ -13,14 +13,14 @@ entry point and one that takes a PackedSequence's rows without padding them.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .. import reference
 from ..options import LSTMOptions
-from . import cpu, triton_lstm
+from . import cpu, ops, triton_lstm
 
 LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
@@ -37,6 +37,12 @@ class Engine:
     # masks, *, training) -> (y [N, D * H_out], h_n, c_n): a PackedSequence's rows as they are;
     # without one, packed input is padded for `layer`.
     packed_layer: Callable | None = None
+    # For torch.compile (engines/ops.py): the layer's forward and backward as plain functions,
+    # (x, lengths, h0, c0, weights, options, masks, *, training, cotangents) -> [dx, dh0, dc0, then
+    # each direction's DirectionWeights fields' gradients (None where absent)]; and which layers
+    # the engine computes itself rather than handing to the reference.
+    gradients: Callable | None = None
+    covers: Callable[[Sequence, LSTMOptions], bool] | None = None
 
 
 def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
@@ -45,8 +51,10 @@ def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> b
 
 # Priority order for "auto": the first engine that supports the call computes it.
 ENGINES: dict[str, Engine] = {
-    "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell, cpu.lstm_layer_packed),
-    "triton": Engine("triton", triton_lstm.lstm_layer, triton_lstm.supports),
+    "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell, cpu.lstm_layer_packed,
+                  gradients=cpu.layer_gradients),
+    "triton": Engine("triton", triton_lstm.lstm_layer, triton_lstm.supports, gradients=triton_lstm.layer_gradients,
+                     covers=triton_lstm.kernels_cover),
     "reference": Engine("reference", reference.lstm_layer, _always),
 }
 
@@ -74,3 +82,14 @@ def select_engine(backend: str, device: torch.device, dtype: torch.dtype, option
             "use backend='auto' or 'reference'"
         )
     return engine
+
+
+def for_tracing(engine: Engine, weights: Sequence, options: LSTMOptions) -> Engine:
+    """``engine`` itself, or under ``torch.compile`` its layer as a custom op: the compiled engines
+    are opaque to dynamo, while the reference is plain torch and is traced as it is (also for the
+    layers an engine hands to it)."""
+    if engine.gradients is None or not ops.AVAILABLE or not ops.is_compiling():
+        return engine
+    if engine.covers is not None and not engine.covers(weights, options):
+        return ENGINES["reference"]
+    return Engine(engine.name, ops.layer_as_op(engine.name), engine.supports)

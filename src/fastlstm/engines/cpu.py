@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from ..masks import DirectionMasks
+from .ops import PlainContext
 from ..options import GATE_ACTIVATIONS, LSTMOptions
 from ..weights import DirectionWeights
 
@@ -504,10 +505,11 @@ def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, 
     if weights[0].bias_ih is not None:
         sums = [w.bias_ih + w.bias_hh for w in weights]
         bias = sums[0] if num_directions == 1 else torch.cat(sums)  # [D*4H]
-    x_hat = x_rstd = None
+    x_norm = None
     if options.layer_norm:
         xw = matmul_nt(x_rows, w_ih).view(-1, num_directions, G)
-        x_hat, _, x_rstd = torch.native_layer_norm(xw, [G], None, None, LAYER_NORM_EPS)
+        x_hat, x_mean, x_rstd = torch.native_layer_norm(xw, [G], None, None, LAYER_NORM_EPS)
+        x_norm = (xw, x_hat, x_mean, x_rstd)
         gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
         xg = (x_hat * gains).view(-1, num_directions * G)
         if bias is not None:
@@ -525,7 +527,7 @@ def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, 
         h_n.append(layout.unsort(h))
         c_n.append(layout.unsort(c))
     outputs = (layout.output(y_rows), torch.stack(h_n), torch.stack(c_n))
-    return outputs, (x_rows, w_ih, x_hat, x_rstd, directions)
+    return outputs, (x_rows, w_ih, x_norm, directions)
 
 
 class _LayerFunction(torch.autograd.Function):
@@ -536,11 +538,11 @@ class _LayerFunction(torch.autograd.Function):
     def forward(ctx, setup, x, h0, c0, *flat_weights):
         layout, options, masks, training = setup
         weights = _unflatten(flat_weights)
-        outputs, (x_rows, w_ih, x_hat, x_rstd, directions) = _layer_forward(
+        outputs, (x_rows, w_ih, x_norm, directions) = _layer_forward(
             layout, options, masks, training, True, x, h0, c0, weights
         )
         ctx.layout, ctx.options, ctx.directions, ctx.num_directions = layout, options, directions, len(weights)
-        ctx.x_hat, ctx.x_rstd = x_hat, x_rstd
+        ctx.x_norm = x_norm
         ctx.save_for_backward(x_rows, w_ih, *flat_weights)
         return outputs
 
@@ -563,9 +565,11 @@ class _LayerFunction(torch.autograd.Function):
         if options.layer_norm:
             gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
             dg = dgates.view(-1, D, G)
-            d_gain = (dg * ctx.x_hat).sum(0)  # [D, 4H]
-            dxh = dg * gains
-            dxw = ctx.x_rstd * (dxh - dxh.mean(-1, keepdim=True) - ctx.x_hat * (dxh * ctx.x_hat).mean(-1, keepdim=True))
+            xw, x_hat, x_mean, x_rstd = ctx.x_norm
+            d_gain = (dg * x_hat).sum(0)  # [D, 4H]
+            # torch's own layer-norm backward: the reference's numerics, to the rounding
+            dxw, _, _ = torch.ops.aten.native_layer_norm_backward(
+                dg * gains, xw, [G], x_mean, x_rstd, None, None, [True, False, False])
             dxw = dxw.reshape(-1, D * G)
         else:
             d_gain = None
@@ -709,6 +713,21 @@ def _run_layer(layout: Layout, x: Tensor, h0: Tensor, c0: Tensor, weights: Seque
             outputs, _ = _layer_forward(layout, options, masks, training, False, x, h0, c0, list(weights))
         return outputs
     return _LayerFunction.apply((layout, options, masks, training), x, h0, c0, *flat)
+
+
+def layer_gradients(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights],
+                    options: LSTMOptions, masks: Sequence[DirectionMasks] | None, *, training: bool,
+                    cotangents: tuple[Tensor, Tensor, Tensor]) -> list[Tensor | None]:
+    """``[dx, dh0, dc0, *each direction's weight gradients]`` of one layer call under the cotangents
+    ``(dy, dh_n, dc_n)``: the autograd.Function's forward and backward run as plain functions, for
+    the custom op that torch.compile sees (engines/ops.py)."""
+    masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
+    flat = [t for w in weights for t in w]
+    ctx = PlainContext([False, True, True, True, *(t is not None for t in flat)])
+    with torch.no_grad():
+        _LayerFunction.forward(ctx, (Layout.of(x.shape[0], x.shape[1], lengths), options, masks, training), x, h0,
+                               c0, *flat)
+        return list(_LayerFunction.backward(ctx, *cotangents)[1:])
 
 
 def lstm_cell(

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from ..masks import DirectionMasks
+from .ops import PlainContext
 from ..options import LSTMOptions
 from ..weights import DirectionWeights, accumulation_dtype
 
@@ -930,6 +931,21 @@ class _LayerFunction(torch.autograd.Function):
 
 def available() -> bool:
     return triton is not None
+
+
+def layer_gradients(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights],
+                    options: LSTMOptions, masks: Sequence[DirectionMasks] | None, *, training: bool,
+                    cotangents: tuple[Tensor, Tensor, Tensor]) -> list[Tensor | None]:
+    """``[dx, dh0, dc0, *each direction's weight gradients]`` of one layer call under the cotangents
+    ``(dy, dh_n, dc_n)``, the autograd.Function run as plain functions (engines/ops.py). Layers the
+    kernels do not cover never get here: under torch.compile they are traced on the reference."""
+    masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
+    flat = [t for w in weights for t in w]
+    ctx = PlainContext([False, True, True, True, *(t is not None for t in flat)])
+    with torch.no_grad():
+        _LayerFunction.forward(ctx, _Call.of(x, lengths, weights, options, masks, training), x.contiguous(), h0, c0,
+                               *flat)
+        return list(_LayerFunction.backward(ctx, *cotangents)[1:])
 
 
 def supports(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
