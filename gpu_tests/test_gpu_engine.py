@@ -127,8 +127,8 @@ def test_every_option(cfg, dtype):
 
 
 GRIDS = {
-    "per-step-w-as-a": Grid(hb=16, bb=16, persistent=False, barrier=False, w_as_a=True),
-    "per-step-w-as-b": Grid(hb=16, bb=16, persistent=False, barrier=False, w_as_a=False),
+    "per-step-w-as-a": Grid(hb=16, bb=16, persistent=False, barrier=False, k_chunk=128, w_as_a=True),
+    "per-step-w-as-b": Grid(hb=16, bb=16, persistent=False, barrier=False, k_chunk=128, w_as_a=False),
     "persistent-w-as-b": None,  # chosen by choose_grid, with the other orientation
 }
 

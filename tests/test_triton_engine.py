@@ -37,12 +37,16 @@ def test_triton_is_installed_and_interpreting():
 
 
 def _one_program(kind, batch, hidden, directions, dtype, device, *, w_as_a=True):
-    return Grid(hb=hidden_pad(hidden), bb=max(16, triton_lstm._pow2(batch)), persistent=True, barrier=True,
-                w_as_a=w_as_a)
+    """One program per group, the weight slice loaded once (the whole reduction in one chunk)."""
+    h_pad = hidden_pad(hidden)
+    return Grid(hb=h_pad, bb=max(16, triton_lstm._pow2(batch)), persistent=True, barrier=True,
+                k_chunk=h_pad if kind == "forward" else 4 * h_pad, w_as_a=w_as_a)
 
 
 def _per_step(kind, batch, hidden, directions, dtype, device, *, w_as_a=False):
-    return Grid(hb=4 if kind == "forward" else 16, bb=16, persistent=False, barrier=False, w_as_a=w_as_a)
+    """Several programs per group, one launch per step, the weights streamed in chunks of 16."""
+    return Grid(hb=4 if kind == "forward" else 16, bb=16, persistent=False, barrier=False, k_chunk=16,
+                w_as_a=w_as_a)
 
 
 # Both operand orientations of the recurrent product, in both launch modes.
@@ -88,7 +92,8 @@ def test_kernels_match_reference_float64(cfg, arch, lengths, monkeypatch):
 @pytest.mark.parametrize("cfg", ["plain", "peephole", "coupled", "everything"])
 def test_several_programs_per_group_match_reference(cfg, lengths, w_as_a, monkeypatch):
     """Per-step mode with H = 20, B = 18: 5 programs of 4 units in the forward, 2 of 16 in the
-    backward, 2 batch blocks, both directions: every exchange between programs goes through memory."""
+    backward, 2 batch blocks, both directions: every exchange between programs goes through memory;
+    the weights are streamed in chunks of 16 (2 in the forward's reduction, 8 in the backward's)."""
     monkeypatch.setattr(triton_lstm, "choose_grid", lambda *a: _per_step(*a, w_as_a=w_as_a))
     lengths = None if lengths is None else torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
     cfg = KERNEL_OPTIONS[cfg]
@@ -206,7 +211,9 @@ def test_a_barrier_that_times_out_raises_instead_of_hanging(monkeypatch):
     after the other), exactly like programs that are not co-resident on a GPU: with a short spin
     limit the barrier gives up and the call raises a clear error."""
     monkeypatch.setattr(triton_lstm, "_BARRIER_SPIN_LIMIT", triton_lstm.tl.constexpr(50))
-    monkeypatch.setattr(triton_lstm, "choose_grid", lambda kind, *a: Grid(hb=4, bb=16, persistent=True, barrier=True))
+    monkeypatch.setattr(triton_lstm, "choose_grid",
+                        lambda kind, *a: Grid(hb=4 if kind == "forward" else 16, bb=16, persistent=True, barrier=True,
+                                              k_chunk=16))
     monkeypatch.setattr(triton_lstm, "_VERIFIED", set())
     options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["uni"], {}, torch.float64, hidden=8, steps=2)
     with torch.no_grad(), pytest.raises(RuntimeError, match="barrier timed out"):

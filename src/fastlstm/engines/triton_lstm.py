@@ -105,6 +105,32 @@ if triton is not None:
         return tl.dot(a, b, input_precision=PRECISION, out_dtype=ACC)
 
     @triton.jit
+    def _row_chunk(base, o_b64, m_b, k0, H, K_CHUNK: tl.constexpr, TRANSPOSED: tl.constexpr):
+        """Columns ``[k0, k0 + K_CHUNK)`` of rows ``o_b`` of a ``[B, H]`` matrix that other programs
+        write (read through L2): ``[BB, K]``, or ``[K, BB]`` when ``TRANSPOSED``."""
+        o_k = k0 + tl.arange(0, K_CHUNK)
+        m_k = o_k < H
+        if TRANSPOSED:
+            chunk = tl.load(base + o_b64[None, :] * H + o_k[:, None], mask=m_k[:, None] & m_b[None, :], other=0.0,
+                            cache_modifier=".cg")
+        else:
+            chunk = tl.load(base + o_b64[:, None] * H + o_k[None, :], mask=m_b[:, None] & m_k[None, :], other=0.0,
+                            cache_modifier=".cg")
+        return chunk
+
+    @triton.jit
+    def _weight_row_chunk(w, w_row, m_row, k0, H, K_CHUNK: tl.constexpr, AS_A: tl.constexpr):
+        """Columns ``[k0, k0 + K_CHUNK)`` of rows ``w_row`` of ``weight_hh [4H, H]``: the product's A
+        operand ``[R, K]``, or its B operand ``[K, R]``."""
+        o_k = k0 + tl.arange(0, K_CHUNK)
+        m_k = o_k < H
+        if AS_A:
+            chunk = tl.load(w + w_row[:, None] * H + o_k[None, :], mask=m_row[:, None] & m_k[None, :], other=0.0)
+        else:
+            chunk = tl.load(w + w_row[None, :] * H + o_k[:, None], mask=m_k[:, None] & m_row[None, :], other=0.0)
+        return chunk
+
+    @triton.jit
     def _clipped(a, bound, HAS_CLIP: tl.constexpr):
         if HAS_CLIP:
             a = tl.minimum(tl.maximum(a, -bound), bound)
@@ -182,6 +208,7 @@ if triton is not None:
         HAS_REC_MASK: tl.constexpr,
         HAS_LENGTHS: tl.constexpr,
         W_AS_A: tl.constexpr,
+        K_CHUNK: tl.constexpr,
         NEEDS_H_PREV: tl.constexpr,
         SAVE: tl.constexpr,
         USE_BARRIER: tl.constexpr,
@@ -192,25 +219,23 @@ if triton is not None:
         G: tl.constexpr = 4 * H
         o_j = i_h * HB + tl.arange(0, HB)  # hidden units owned
         o_b = i_b * BB + tl.arange(0, BB)  # batch rows owned
-        o_k = tl.arange(0, H_PAD)  # the reduction over h_{t-1}
-        m_j, m_b, m_k = o_j < H, o_b < B, o_k < H
+        m_j, m_b = o_j < H, o_b < B
         m_bj = m_b[:, None] & m_j[None, :]
-        m_bk = m_b[:, None] & m_k[None, :]
-        m_kb = m_k[:, None] & m_b[None, :]
         o_b64 = o_b.to(tl.int64)
         d64 = i_d.to(tl.int64)
 
         # weight_hh rows of the owned units, gate-interleaved (entry 4 u + gate), as the product's
-        # A operand [4 HB, H] (it stays in registers) or its B operand [H, 4 HB]
+        # A operand [4 HB, H] (it can stay in registers) or its B operand [H, 4 HB]. With one K chunk
+        # the slice is loaded once, before the time loop; with several it is streamed from L2 each step.
         o_col = tl.arange(0, 4 * HB)
         col_unit, col_gate = i_h * HB + o_col // 4, o_col % 4
         w_row = (col_gate * H + col_unit).to(tl.int64)
-        if W_AS_A:
-            b_w = tl.load(w_hh + d64 * G * H + w_row[:, None] * H + o_k[None, :],
-                          mask=(col_unit < H)[:, None] & m_k[None, :], other=0.0)
-        else:
-            b_w = tl.load(w_hh + d64 * G * H + w_row[None, :] * H + o_k[:, None],
-                          mask=m_k[:, None] & (col_unit < H)[None, :], other=0.0)
+        m_col = col_unit < H
+        w_dir = w_hh + d64 * G * H
+        rec_dir = rec_mask + d64 * B * H
+        RESIDENT: tl.constexpr = K_CHUNK == H_PAD
+        if RESIDENT:
+            b_w = _weight_row_chunk(w_dir, w_row, m_col, 0, H, K_CHUNK, W_AS_A)
 
         if HAS_BIAS:
             p_bias = bias + i_d * G + o_j
@@ -223,11 +248,8 @@ if triton is not None:
             b_pi = tl.load(p_peep, mask=m_j, other=0.0)[None, :]
             b_pf = tl.load(p_peep + H, mask=m_j, other=0.0)[None, :]
             b_po = tl.load(p_peep + 2 * H, mask=m_j, other=0.0)[None, :]
-        if HAS_REC_MASK:
-            if W_AS_A:
-                b_rec = tl.load(rec_mask + (d64 * B + o_b64[None, :]) * H + o_k[:, None], mask=m_kb, other=0.0)
-            else:
-                b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * H + o_k[None, :], mask=m_bk, other=0.0)
+        if HAS_REC_MASK and RESIDENT:
+            b_rec = _row_chunk(rec_dir, o_b64, m_b, 0, H, K_CHUNK, W_AS_A)
         if HAS_LENGTHS:
             b_len = tl.load(lengths + o_b, mask=m_b, other=0)
 
@@ -240,18 +262,31 @@ if triton is not None:
             t = _time_index(s, T, i_d)
             t64 = t.to(tl.int64)
             p_h_prev = h_buf + ((s % 2) * D + d64) * B * H
-            if W_AS_A:  # h_{t-1}^T [H, BB]
-                b_h = tl.load(p_h_prev + o_b64[None, :] * H + o_k[:, None], mask=m_kb, other=0.0,
-                              cache_modifier=".cg")
-            else:  # h_{t-1} [BB, H]
-                b_h = tl.load(p_h_prev + o_b64[:, None] * H + o_k[None, :], mask=m_bk, other=0.0,
-                              cache_modifier=".cg")
-            if HAS_REC_MASK:
-                b_h = (b_h.to(ACC) * b_rec).to(b_h.dtype)
-            if W_AS_A:
-                acc = tl.trans(_product(b_w, b_h, PRECISION, ACC, DOT_IN_FP32))  # [BB, 4 HB]
+            # h_{t-1} [BB, H] (or its transpose [H, BB] against W as A) times the weight slice
+            if RESIDENT:
+                b_h = _row_chunk(p_h_prev, o_b64, m_b, 0, H, K_CHUNK, W_AS_A)
+                if HAS_REC_MASK:
+                    b_h = (b_h.to(ACC) * b_rec).to(b_h.dtype)
+                if W_AS_A:
+                    acc = _product(b_w, b_h, PRECISION, ACC, DOT_IN_FP32)
+                else:
+                    acc = _product(b_h, b_w, PRECISION, ACC, DOT_IN_FP32)
             else:
-                acc = _product(b_h, b_w, PRECISION, ACC, DOT_IN_FP32)
+                if W_AS_A:
+                    acc = tl.zeros((4 * HB, BB), dtype=ACC)
+                else:
+                    acc = tl.zeros((BB, 4 * HB), dtype=ACC)
+                for k0 in range(0, H_PAD, K_CHUNK):
+                    b_h = _row_chunk(p_h_prev, o_b64, m_b, k0, H, K_CHUNK, W_AS_A)
+                    if HAS_REC_MASK:
+                        b_h = (b_h.to(ACC) * _row_chunk(rec_dir, o_b64, m_b, k0, H, K_CHUNK, W_AS_A)).to(b_h.dtype)
+                    w_chunk = _weight_row_chunk(w_dir, w_row, m_col, k0, H, K_CHUNK, W_AS_A)
+                    if W_AS_A:
+                        acc += _product(w_chunk, b_h, PRECISION, ACC, DOT_IN_FP32)
+                    else:
+                        acc += _product(b_h, w_chunk, PRECISION, ACC, DOT_IN_FP32)
+            if W_AS_A:
+                acc = tl.trans(acc)  # [BB, 4 HB]
             # column 4 u + 2 k1 + k0 holds gate 2 k1 + k0 of unit u
             even, odd = tl.split(tl.reshape(acc, (BB, HB, 2, 2)))
             a_i, a_g = tl.split(even)
@@ -340,21 +375,55 @@ if triton is not None:
         tl.store(c_state + p_state, b_c, mask=m_bj)
 
     @triton.jit
-    def _dh_from_dgates(dgates, s, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D: tl.constexpr, G: tl.constexpr,
-                        PRECISION: tl.constexpr, ACC: tl.constexpr, W_AS_A: tl.constexpr,
-                        DOT_IN_FP32: tl.constexpr):
+    def _gate_rows(k0, H, H_PAD: tl.constexpr, K_CHUNK: tl.constexpr):
+        """Entries ``[k0, k0 + K_CHUNK)`` of the gate axis padded per gate to ``H_PAD``: their rows of a
+        ``4H`` axis, and which are real."""
+        o_r = k0 + tl.arange(0, K_CHUNK)
+        r_unit = o_r % H_PAD
+        return ((o_r // H_PAD) * H + r_unit).to(tl.int64), r_unit < H
+
+    @triton.jit
+    def _weight_column_chunk(w, o_j, m_j, k0, H, H_PAD: tl.constexpr, K_CHUNK: tl.constexpr, AS_A: tl.constexpr):
+        """Rows (gate axis) ``[k0, k0 + K_CHUNK)`` of the owned columns ``o_j`` of ``weight_hh [4H, H]``:
+        the product's B operand ``[K, HB]``, or transposed, its A operand ``[HB, K]``."""
+        rows, m_r = _gate_rows(k0, H, H_PAD, K_CHUNK)
+        if AS_A:
+            chunk = tl.load(w + rows[None, :] * H + o_j[:, None], mask=m_j[:, None] & m_r[None, :], other=0.0)
+        else:
+            chunk = tl.load(w + rows[:, None] * H + o_j[None, :], mask=m_r[:, None] & m_j[None, :], other=0.0)
+        return chunk
+
+    @triton.jit
+    def _dh_from_dgates(dgates, w_dir, b_w, s, T, B, i_d, o_b64, m_b, o_j, m_j, H, D: tl.constexpr, G: tl.constexpr,
+                        H_PAD: tl.constexpr, HB: tl.constexpr, BB: tl.constexpr, K_CHUNK: tl.constexpr,
+                        PRECISION: tl.constexpr, ACC: tl.constexpr, W_AS_A: tl.constexpr, DOT_IN_FP32: tl.constexpr):
         """``dgates_t W_hh`` for the owned rows and units, ``t`` the backward's ``s``-th step:
-        ``[BB, 4H] x [4H, HB]`` (or its transpose, ``W_hh^T`` as the A operand). Rows of steps past a
-        sequence's end hold zeros, so they add nothing. Returns ``[BB, HB]``."""
+        ``[BB, 4H] x [4H, HB]`` (or its transpose, ``W_hh^T`` as the A operand), over K chunks of the
+        gate axis; with one chunk the weight slice ``b_w`` is the one loaded before the time loop.
+        Rows of steps past a sequence's end hold zeros, so they add nothing. Returns ``[BB, HB]``."""
         t = _time_index(T - 1 - s, T, i_d).to(tl.int64)
-        base = dgates + i_d.to(tl.int64) * G
+        base = dgates + i_d.to(tl.int64) * G + (t * B + o_b64) * (D * G)
         if W_AS_A:
-            b_dg = tl.load(base + (t * B + o_b64[None, :]) * (D * G) + o_r_real[:, None],
-                           mask=m_r[:, None] & m_b[None, :], other=0.0, cache_modifier=".cg")
-            return tl.trans(_product(b_w, b_dg, PRECISION, ACC, DOT_IN_FP32))
-        b_dg = tl.load(base + (t * B + o_b64[:, None]) * (D * G) + o_r_real[None, :],
-                       mask=m_b[:, None] & m_r[None, :], other=0.0, cache_modifier=".cg")
-        return _product(b_dg, b_w, PRECISION, ACC, DOT_IN_FP32)
+            acc = tl.zeros((HB, BB), dtype=ACC)
+        else:
+            acc = tl.zeros((BB, HB), dtype=ACC)
+        for k0 in range(0, 4 * H_PAD, K_CHUNK):
+            rows, m_r = _gate_rows(k0, H, H_PAD, K_CHUNK)
+            if K_CHUNK == 4 * H_PAD:
+                w_chunk = b_w
+            else:
+                w_chunk = _weight_column_chunk(w_dir, o_j, m_j, k0, H, H_PAD, K_CHUNK, W_AS_A)
+            if W_AS_A:
+                b_dg = tl.load(base[None, :] + rows[:, None], mask=m_r[:, None] & m_b[None, :], other=0.0,
+                               cache_modifier=".cg")
+                acc += _product(w_chunk, b_dg, PRECISION, ACC, DOT_IN_FP32)
+            else:
+                b_dg = tl.load(base[:, None] + rows[None, :], mask=m_b[:, None] & m_r[None, :], other=0.0,
+                               cache_modifier=".cg")
+                acc += _product(b_dg, w_chunk, PRECISION, ACC, DOT_IN_FP32)
+        if W_AS_A:
+            acc = tl.trans(acc)
+        return acc
 
     @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "finish"])
     def _backward_kernel(
@@ -404,6 +473,7 @@ if triton is not None:
         HAS_REC_MASK: tl.constexpr,
         HAS_LENGTHS: tl.constexpr,
         W_AS_A: tl.constexpr,
+        K_CHUNK: tl.constexpr,
         USE_BARRIER: tl.constexpr,
     ):
         """Backward steps ``[step_begin, step_end)``, counted from the last processed step
@@ -421,18 +491,14 @@ if triton is not None:
         o_b64 = o_b.to(tl.int64)
         d64 = i_d.to(tl.int64)
 
-        # weight_hh columns of the owned units, rows padded per gate to H_PAD: the product's B operand
-        # [4H, HB], or transposed, its A operand [HB, 4H]
-        o_r = tl.arange(0, 4 * H_PAD)
-        r_gate, r_unit = o_r // H_PAD, o_r % H_PAD
-        m_r = r_unit < H
-        o_r_real = (r_gate * H + r_unit).to(tl.int64)
-        if W_AS_A:
-            b_w = tl.load(w_hh + d64 * G * H + o_r_real[None, :] * H + o_j[:, None],
-                          mask=m_j[:, None] & m_r[None, :], other=0.0)
+        # weight_hh columns of the owned units (the gate axis padded per gate to H_PAD): the product's B
+        # operand [4H, HB], or transposed, its A operand [HB, 4H]; loaded once when it is one K chunk,
+        # else streamed from L2 each step
+        w_dir = w_hh + d64 * G * H
+        if K_CHUNK == 4 * H_PAD:
+            b_w = _weight_column_chunk(w_dir, o_j, m_j, 0, H, H_PAD, K_CHUNK, W_AS_A)
         else:
-            b_w = tl.load(w_hh + d64 * G * H + o_r_real[:, None] * H + o_j[None, :],
-                          mask=m_r[:, None] & m_j[None, :], other=0.0)
+            b_w = 0.0  # unused
 
         if PEEPHOLE:
             p_peep = peephole + i_d * 3 * H + o_j
@@ -456,8 +522,8 @@ if triton is not None:
 
         for s in range(step_begin, step_end):
             if s > 0:
-                dh_in = _dh_from_dgates(dgates, s - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC, W_AS_A,
-                                        DOT_IN_FP32)
+                dh_in = _dh_from_dgates(dgates, w_dir, b_w, s - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
+                                        HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32)
                 if HAS_REC_MASK:
                     dh_in = dh_in * b_rec
                 b_dh += dh_in
@@ -558,8 +624,8 @@ if triton is not None:
                 _grid_barrier(p_counter, (s - step_begin + 1) * n_group, error)
 
         if finish != 0:
-            dh_in = _dh_from_dgates(dgates, T - 1, T, B, i_d, o_b64, m_b, o_r_real, m_r, b_w, D, G, PRECISION, ACC, W_AS_A,
-                                        DOT_IN_FP32)
+            dh_in = _dh_from_dgates(dgates, w_dir, b_w, T - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
+                                    HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32)
             if HAS_REC_MASK:
                 dh_in = dh_in * b_rec
             b_dh += dh_in
@@ -581,14 +647,17 @@ class Grid:
 
     ``persistent``: one launch runs every step; the ``D x ceil(B / BB)`` groups of
     ``ceil(H / HB)`` programs each meet at a barrier per step (``barrier`` is False when a group
-    is a single program). Otherwise one launch per step.
+    is a single program). Otherwise one launch per step. ``k_chunk``: the recurrent product's
+    reduction is split into chunks of this size (its full length, ``H`` or ``4H`` padded, keeps the
+    weight slice loaded once for the whole sequence; shorter chunks stream it from L2 each step).
     """
 
     hb: int
     bb: int
     persistent: bool
     barrier: bool
-    # the weight slice as tl.dot's A operand (it can stay in registers) rather than its B operand
+    k_chunk: int
+    # the weight slice as tl.dot's A operand rather than its B operand
     w_as_a: bool = True
     num_warps: int = 4
 
@@ -596,9 +665,12 @@ class Grid:
         return (triton.cdiv(hidden, self.hb), triton.cdiv(batch, self.bb), directions)
 
 
-# On-chip budget for one program's slice of weight_hh: half an H100 SM's register file, so that
-# h, the gates and the state still fit beside it.
-_MAX_SLICE_BYTES = 128 * 1024
+# Operand bytes one program stages per step for the recurrent product (its weight slice and a block
+# of h or dgates): (whole reduction kept loaded, one streamed chunk), per kernel. From Triton's sm_90
+# builds (engines/triton_build.py, benchmarks/triton_resources.py): within these the kernels build
+# without register spills and well inside an H100 SM's 227 KB of shared memory; the backward, with
+# more live state, spills above 32 KB.
+_STAGED_BYTES = {"forward": (96 * 1024, 48 * 1024), "backward": (32 * 1024, 32 * 1024)}
 
 
 def _pow2(n: int) -> int:
@@ -610,35 +682,62 @@ def hidden_pad(hidden: int) -> int:
     return max(16, _pow2(hidden))
 
 
-def choose_grid(kind: str, batch: int, hidden: int, directions: int, dtype: torch.dtype, device: torch.device) -> Grid:
-    """The split of ``kind`` ("forward" or "backward") for one layer.
+def _min_hb(kind: str) -> int:
+    """``tl.dot`` needs every side >= 16: the forward's product is ``[BB, H] x [H, 4 HB]``, so
+    ``HB >= 4``; the backward's is ``[BB, 4H] x [4H, HB]``, so ``HB >= 16``."""
+    return 4 if kind == "forward" else 16
 
-    ``tl.dot`` needs every side >= 16: the forward's product is ``[BB, H] x [H, 4 HB]``, so
-    ``HB >= 4``; the backward's is ``[BB, 4H] x [4H, HB]``, so ``HB >= 16``. ``HB`` grows until the
-    programs fit one per SM; if the slice then no longer fits on chip, one launch per step.
-    """
+
+def k_chunk(kind: str, hidden: int, hb: int, bb: int, dtype: torch.dtype) -> int:
+    """The reduction's chunk: all of it if the operands fit the kernel's resident budget
+    (:data:`_STAGED_BYTES`), else halved until they fit its chunk budget (at least 16)."""
+    total, rows = (hidden_pad(hidden), 4 * hb) if kind == "forward" else (4 * hidden_pad(hidden), hb)
+    per_k = (rows + bb) * torch.empty((), dtype=dtype).element_size()
+    resident, streamed = _STAGED_BYTES[kind]
+    if per_k * total <= resident:
+        return total
+    chunk = total
+    while chunk > 16 and per_k * chunk > streamed:
+        chunk //= 2
+    return chunk
+
+
+def per_step_grid(kind: str, grid: Grid, hidden: int, dtype: torch.dtype) -> Grid:
+    """The one-launch-per-step split that replaces a persistent ``grid`` that does not fit the GPU.
+    It keeps ``BB``, so the buffers sized by the number of batch blocks stay valid."""
+    hb = _min_hb(kind)
+    return Grid(hb=hb, bb=grid.bb, persistent=False, barrier=False, k_chunk=k_chunk(kind, hidden, hb, grid.bb, dtype),
+                w_as_a=grid.w_as_a)
+
+
+def plan_grid(kind: str, batch: int, hidden: int, directions: int, dtype: torch.dtype, sms: int) -> Grid:
+    """The split of ``kind`` ("forward" or "backward") for one layer on a GPU with ``sms`` SMs: ``HB``
+    grows from its minimum until the programs fit one per SM (else one launch per step); the
+    product's reduction is chunked so that its operands fit on chip."""
     h_pad = hidden_pad(hidden)
     bb = max(16, _pow2(batch)) if batch <= 64 else 64
-    if INTERPRET or device.type != "cuda":
-        # interpreted programs run one after another: one program per group
-        return Grid(hb=h_pad, bb=max(16, _pow2(batch)), persistent=True, barrier=False)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
     groups = directions * triton.cdiv(batch, bb)
-    hb = 4 if kind == "forward" else 16
+    hb = _min_hb(kind)
     while groups * triton.cdiv(hidden, hb) > sms and hb < h_pad:
         hb *= 2
-    slice_bytes = h_pad * 4 * hb * torch.empty((), dtype=dtype).element_size()
-    grid = Grid(hb=hb, bb=bb, persistent=True, barrier=triton.cdiv(hidden, hb) > 1,
-                num_warps=4 if slice_bytes <= 32 * 1024 else 8)
-    if groups * triton.cdiv(hidden, hb) > sms or slice_bytes > _MAX_SLICE_BYTES:
-        return per_step_grid(kind, grid)
+    chunk = k_chunk(kind, hidden, hb, bb, dtype)
+    staged = (4 * hb if kind == "forward" else hb) + bb
+    # more warps for big staged operands or a big elementwise tile (register pressure, from the builds)
+    big = staged * chunk * torch.empty((), dtype=dtype).element_size() > 32 * 1024 or hb * bb >= 1024
+    grid = Grid(hb=hb, bb=bb, persistent=True, barrier=triton.cdiv(hidden, hb) > 1, k_chunk=chunk,
+                num_warps=8 if big else 4)
+    if groups * triton.cdiv(hidden, hb) > sms:
+        return per_step_grid(kind, grid, hidden, dtype)
     return grid
 
 
-def per_step_grid(kind: str, grid: Grid) -> Grid:
-    """The one-launch-per-step split that replaces a persistent ``grid`` that does not fit the GPU.
-    It keeps ``BB``, so the buffers sized by the number of batch blocks stay valid."""
-    return Grid(hb=4 if kind == "forward" else 16, bb=grid.bb, persistent=False, barrier=False, w_as_a=grid.w_as_a)
+def choose_grid(kind: str, batch: int, hidden: int, directions: int, dtype: torch.dtype, device: torch.device) -> Grid:
+    """:func:`plan_grid` for ``device``; interpreted (CPU) runs get one program per group."""
+    if INTERPRET or device.type != "cuda":
+        # interpreted programs run one after another: one program per group
+        h_pad, bb = hidden_pad(hidden), max(16, _pow2(batch))
+        return Grid(hb=h_pad, bb=bb, persistent=True, barrier=False, k_chunk=k_chunk(kind, hidden, h_pad, bb, dtype))
+    return plan_grid(kind, batch, hidden, directions, dtype, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 _VERIFIED: set[tuple] = set()
@@ -656,7 +755,7 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
     kind = "backward" if backward else "forward"
     key = (kind, error.device, call.batch, call.hidden, call.directions, call.dtype, grid, tuple(sorted(extra.items())))
     if grid.persistent and key in _DOES_NOT_FIT:
-        grid = per_step_grid(kind, grid)
+        grid = per_step_grid(kind, grid, call.hidden, call.dtype)
     shape = grid.shape(call.batch, call.hidden, call.directions)
     constants = call.constants(grid) | extra
 
@@ -675,7 +774,8 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
     except Exception as exc:
         if grid.persistent and _OutOfResources is not None and isinstance(exc, _OutOfResources):
             _DOES_NOT_FIT.add(key)
-            return _launch(kernel, call, per_step_grid(kind, grid), args, scalars, extra, error, backward=backward)
+            return _launch(kernel, call, per_step_grid(kind, grid, call.hidden, call.dtype), args, scalars, extra, error,
+                           backward=backward)
         raise RuntimeError(
             f"fastlstm: the Triton {kind} kernel failed for grid {shape} ({grid}) with {constants}: {exc}"
         ) from exc
@@ -766,7 +866,7 @@ class _Call:
             ACT_OUT=_ACTIVATION_CODES[o.activations[2]], PEEPHOLE=self.peephole is not None,
             HAS_CLIP=o.clip is not None, COUPLED=o.coupled_input_forget, HAS_CELL_CLIP=o.cell_clip is not None,
             ZONEOUT_H=self.zoneout_h, ZONEOUT_C=self.zoneout_c, HAS_REC_MASK=self.rec_mask is not None,
-            HAS_LENGTHS=self.lengths is not None, W_AS_A=grid.w_as_a,
+            HAS_LENGTHS=self.lengths is not None, W_AS_A=grid.w_as_a, K_CHUNK=grid.k_chunk,
         )
 
     def grid(self, kind: str, device: torch.device) -> Grid:
