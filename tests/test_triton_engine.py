@@ -95,10 +95,21 @@ def test_several_programs_per_group_match_reference(cfg, lengths, w_as_a, monkey
     backward, 2 batch blocks, both directions: every exchange between programs goes through memory;
     the weights are streamed in chunks of 16 (2 in the forward's reduction, 8 in the backward's)."""
     monkeypatch.setattr(triton_lstm, "choose_grid", lambda *a: _per_step(*a, w_as_a=w_as_a))
+    # sorted by length, the second batch block holds the two shortest: it stops after 1 step
     lengths = None if lengths is None else torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
     cfg = KERNEL_OPTIONS[cfg]
     compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=lengths, training=_training(cfg),
             dtype=torch.float64, tol=1e-10, steps=5, batch=18, hidden=20)
+
+
+@pytest.mark.parametrize("lengths", [[3, 2, 1, 3], [4, 1, 2, 2]], ids=["longest-3", "longest-4"])
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+def test_steps_past_every_sequence_end_are_skipped(cfg, lengths, grid):
+    """T = 6 but no sequence is longer than 3 or 4: the forward direction stops early, the reverse
+    one starts late, and the final h sits in either slot of the ping-pong buffer (odd, even)."""
+    cfg = KERNEL_OPTIONS[cfg]
+    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=torch.tensor(lengths), training=_training(cfg),
+            dtype=torch.float64, tol=1e-10)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])

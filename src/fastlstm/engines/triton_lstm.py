@@ -155,6 +155,21 @@ if triton is not None:
         tl.debug_barrier()
 
     @triton.jit
+    def _step_range(lengths, o_b, m_b, T, i_d, reverse_first, HAS_LENGTHS: tl.constexpr):
+        """The steps ``[lo, hi)`` of a processing order that hold real work for this batch block:
+        steps past every sequence's end of the block are skipped, not computed. Direction ``i_d``
+        processes the real steps first unless it is ``reverse_first`` (the forward kernel's
+        reverse direction, or the backward's forward one), which starts with the padding."""
+        lo = T * 0
+        hi = T + 0
+        if HAS_LENGTHS:
+            longest = tl.max(tl.load(lengths + o_b, mask=m_b, other=0)).to(tl.int32)
+            starts_late = i_d == reverse_first
+            lo = tl.where(starts_late, T - longest, 0)
+            hi = tl.where(starts_late, T, longest)
+        return lo, hi
+
+    @triton.jit
     def _time_index(s, T, i_d):
         """Direction ``i_d``'s ``s``-th processed step: ``s`` forward, ``T - 1 - s`` in reverse."""
         return tl.where(i_d == 1, T - 1 - s, s)
@@ -258,7 +273,9 @@ if triton is not None:
         p_counter = counters + i_d * tl.num_programs(1) + i_b
         n_group = tl.num_programs(0)
 
-        for s in range(step_begin, step_end):
+        lo, hi = _step_range(lengths, o_b, m_b, T, i_d, 1, HAS_LENGTHS)
+        s_lo = tl.maximum(step_begin, lo)
+        for s in range(s_lo, tl.minimum(step_end, hi)):
             t = _time_index(s, T, i_d)
             t64 = t.to(tl.int64)
             p_h_prev = h_buf + ((s % 2) * D + d64) * B * H
@@ -370,7 +387,7 @@ if triton is not None:
                 if HAS_CELL_CLIP:
                     tl.store(cell_clip_out + p_state_t, inside_cell.to(tl.int8), mask=m_bj)
             if USE_BARRIER:
-                _grid_barrier(p_counter, (s - step_begin + 1) * n_group, error)
+                _grid_barrier(p_counter, (s - s_lo + 1) * n_group, error)
 
         tl.store(c_state + p_state, b_c, mask=m_bj)
 
@@ -481,7 +498,8 @@ if triton is not None:
         ``dgates W_hh`` of the step before (every program's slice of it, published before the
         barrier), then the owned slice of this step's ``dgates`` is computed and published.
         ``finish`` runs the last product, which gives ``dh_0``; one launch per step passes it to an
-        extra, empty launch, so that a launch boundary separates the phases."""
+        extra, empty launch, so that a launch boundary separates the phases. Steps past the end of
+        every sequence of the batch block are skipped (their dgates rows stay zero)."""
         i_h, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         G: tl.constexpr = 4 * H
         o_j = i_h * HB + tl.arange(0, HB)
@@ -520,8 +538,10 @@ if triton is not None:
         p_counter = counters + i_d * tl.num_programs(1) + i_b
         n_group = tl.num_programs(0)
 
-        for s in range(step_begin, step_end):
-            if s > 0:
+        lo, hi = _step_range(lengths, o_b, m_b, T, i_d, 0, HAS_LENGTHS)
+        s_lo = tl.maximum(step_begin, lo)
+        for s in range(s_lo, tl.minimum(step_end, hi)):
+            if s > lo:
                 dh_in = _dh_from_dgates(dgates, w_dir, b_w, s - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
                                         HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32)
                 if HAS_REC_MASK:
@@ -560,12 +580,13 @@ if triton is not None:
             gate_o = tl.load(gates + row + 3 * H, mask=m_bj, other=0.0).to(ACC)
             b_cf = tl.load(c_fresh + p_state_t, mask=m_bj, other=0.0)
             # c_{t-1}: the carried state after the step processed before t, or c_0
+            # (the reverse direction's first real step follows only padding, which left c_0 in place)
             prev_real = m_bj & (tl.full((BB, HB), s_fwd, tl.int32) > 0)
+            if HAS_LENGTHS:
+                prev_real = prev_real & (t_prev < b_len)[:, None]
             if ZONEOUT_C != 0:
                 c_prev = tl.load(c_carried + p_state_prev, mask=prev_real, other=0.0)
             else:
-                if HAS_LENGTHS:
-                    prev_real = prev_real & (t_prev < b_len)[:, None]
                 c_prev = tl.load(c_fresh + p_state_prev, mask=prev_real, other=0.0)
             c_prev = tl.where(prev_real, c_prev, b_c0)
 
@@ -621,10 +642,10 @@ if triton is not None:
             tl.store(dgates + row + 2 * H, da_g.to(out_ty), mask=m_bj)
             tl.store(dgates + row + 3 * H, da_o.to(out_ty), mask=m_bj)
             if USE_BARRIER:
-                _grid_barrier(p_counter, (s - step_begin + 1) * n_group, error)
+                _grid_barrier(p_counter, (s - s_lo + 1) * n_group, error)
 
-        if finish != 0:
-            dh_in = _dh_from_dgates(dgates, w_dir, b_w, T - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
+        if (finish != 0) & (hi > lo):
+            dh_in = _dh_from_dgates(dgates, w_dir, b_w, hi - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
                                     HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32)
             if HAS_REC_MASK:
                 dh_in = dh_in * b_rec
@@ -891,9 +912,10 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
     G = 4 * H
     xg = (x.reshape(T * B, -1) @ call.w_ih.t()).view(T, B, D * G)  # every step and direction at once
     h_buf = _empty(x, 2, D, B, H)
-    h_buf[0].copy_(h0)
+    h_buf.copy_(h0.unsqueeze(0).expand(2, D, B, H))  # a direction that skips its first steps starts in either slot
     c_state = c0.to(acc).contiguous().clone()
-    y = _empty(x, T, B, D * H)
+    # steps a batch block skips (past all of its sequences' ends) are never written: zeros there
+    y = _empty(x, T, B, D * H) if call.lengths is None else x.new_zeros(T, B, D * H)
     o = call.options
     saved = {
         "gates": _empty(x, T, B, D * G) if save else None,
@@ -918,7 +940,21 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
     extra = dict(HAS_BIAS=call.bias is not None, NEEDS_H_PREV=call.zoneout_h != 0 or call.lengths is not None,
                  SAVE=save)
     _launch(_forward_kernel, call, grid, args, scalars, extra, error, backward=False)
-    return y, h_buf[T % 2].clone(), c_state.to(dtype), saved
+    return y, _final_h(h_buf, call, grid.bb), c_state.to(dtype), saved
+
+
+def _final_h(h_buf: Tensor, call: _Call, bb: int) -> Tensor:
+    """``h_n [D, B, H]`` from the ping-pong buffer ``[2, D, B, H]``: step ``s`` writes slot
+    ``(s + 1) % 2``, so a block that ran its last step ``hi - 1`` left ``h`` in slot ``hi % 2`` (``hi`` is
+    ``T`` except for the forward direction of a block whose sequences all end early)."""
+    T, B, D = call.steps, call.batch, call.directions
+    if call.lengths is None:
+        return h_buf[T % 2].clone()
+    padded = torch.zeros(triton.cdiv(B, bb) * bb, dtype=torch.int64, device=h_buf.device)
+    padded[:B] = call.lengths
+    longest = padded.view(-1, bb).amax(1).repeat_interleave(bb)[:B]  # [B]: the max length of each row's block
+    slots = torch.stack([longest % 2, torch.full_like(longest, T % 2)][:D])  # [D, B]
+    return h_buf.gather(0, slots[None, :, :, None].expand(1, D, B, h_buf.shape[-1]))[0]
 
 
 
@@ -951,7 +987,7 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     G = 4 * H
     dh_state = dh_n.to(acc).contiguous().clone()
     dc_state = dc_n.to(acc).contiguous().clone()
-    dgates = _empty(x, T, B, D * G)
+    dgates = _empty(x, T, B, D * G) if call.lengths is None else x.new_zeros(T, B, D * G)  # skipped steps: zero
     grid = call.grid("backward", x.device)
     blocks = triton.cdiv(B, grid.bb)
     dpeep = torch.zeros(blocks, D, 3 * H, dtype=acc, device=x.device)
@@ -1078,6 +1114,28 @@ def lstm_layer(
     if masks is not None and not training:
         raise ValueError("masks are only used in training mode; eval mode uses their expectations")
     masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
+    if lengths is not None:
+        return _by_length(x, lengths, h0, c0, weights, options, masks, training)
+    return _run(x, lengths, h0, c0, weights, options, masks, training)
+
+
+def _by_length(x, lengths, h0, c0, weights, options, masks, training):
+    """Sequences sorted by length (longest first), so that each batch block's steps past all of its
+    sequences' ends can be skipped; results in the caller's order (autograd sees the permutations)."""
+    order = torch.argsort(lengths, descending=True, stable=True).to(x.device)
+    back = torch.argsort(order)
+
+    def rows(t, dim):
+        return None if t is None else t.index_select(dim, order)
+
+    sorted_masks = [DirectionMasks(rows(m.zoneout_h, 1), rows(m.zoneout_c, 1), rows(m.recurrent, 0), m.weight_hh)
+                    for m in masks]
+    y, h, c = _run(rows(x, 1), lengths.to(x.device)[order], rows(h0, 1), rows(c0, 1), weights, options, sorted_masks,
+                   training)
+    return y.index_select(1, back), h.index_select(1, back), c.index_select(1, back)
+
+
+def _run(x, lengths, h0, c0, weights, options, masks, training):
     call = _Call.of(x, lengths, weights, options, masks, training)
     tensors = (x, h0, c0, *(t for w in weights for t in w))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
