@@ -94,3 +94,30 @@ def compare(engine, arch, cfg, *, lengths, training, dtype, tol, **shape):
 
 
 LENGTHS = {"full": None, "unequal": torch.tensor([3, 6, 1, 4])}
+
+
+def _cast(t, dtype):
+    return None if t is None else t.detach().to(dtype).requires_grad_(t.requires_grad)
+
+
+def compare_float32(engine, arch, cfg, *, training, lengths):
+    """float32: ``engine`` and the reference engine against the float64 reference; ours may err at
+    most 2x the float32 reference's error (flash-attention's rule for low-precision comparisons),
+    plus an atol of 16 float32 ulps of the tensor's largest true value: at float32 both errors are
+    rounding noise accumulated through the recurrence (one lucky rounding of the reference makes the
+    ratio meaningless), and gradients summed over many tokens reach magnitudes of 10-20, where a
+    fixed 1e-6 is below one ulp."""
+    options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training)
+    truth = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
+    f32 = lambda ts: [_cast(t, torch.float32) for t in ts]  # noqa: E731
+    weights32 = [DirectionWeights(*f32(w)) for w in weights]
+    masks32 = None if masks is None else [type(m)(*f32([m.zoneout_h, m.zoneout_c, m.recurrent, m.weight_hh]))
+                                          for m in masks]
+    args32 = (*f32([x]), lengths, *f32([h0, c0]), weights32, options, masks32, training)
+    ours = run(engine, *args32)
+    theirs = run(reference.lstm_layer, *args32)
+    for k, (a, b, t) in enumerate(zip(ours, theirs, truth)):
+        err_ours = (a.double() - t).abs().max().item()
+        err_ref = (b.double() - t).abs().max().item()
+        atol = 16 * torch.finfo(torch.float32).eps * max(1.0, t.abs().max().item())
+        assert err_ours <= 2 * err_ref + atol, (k, err_ours, err_ref, atol)

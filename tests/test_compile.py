@@ -13,7 +13,7 @@ import fastlstm
 from fastlstm.engines import ops, triton_lstm
 from fastlstm.options import make_options
 
-from engine_cases import ARCHS, inputs_and_masks, run
+from engine_cases import inputs_and_masks, run
 
 pytestmark = pytest.mark.skipif(not ops.AVAILABLE, reason="torch.library.custom_op needs torch >= 2.4")
 
