@@ -31,6 +31,7 @@ there must be one program per group (the "one-program mode"); the per-step mode 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -140,15 +141,20 @@ if triton is not None:
     def _grid_barrier(p_counter, target, p_error):
         """Wait until ``target`` arrivals at ``p_counter`` (this program's included).
 
-        The CTA barrier orders every thread's stores before the release; loads after it read
-        through L2 (``.cg``). A wait far past any step's length flags ``p_error`` and returns.
+        The CTA barrier orders every thread's stores before thread 0's release (cumulativity, as in
+        CUTLASS's grid barrier), and the acquire plus the CTA barrier after it order the loads that
+        follow. A wait far past any step's length flags ``p_error`` and returns; once any barrier
+        of the launch has given up, the others stop waiting at once, so a launch whose programs
+        are not all resident ends in about one spin limit instead of one per step.
         """
         tl.debug_barrier()
         tl.atomic_add(p_counter, 1, sem="release", scope="gpu")
         arrived = tl.atomic_add(p_counter, 0, sem="acquire", scope="gpu")
+        failed = tl.atomic_add(p_error, 0, sem="relaxed", scope="gpu")
         spins = 0
-        while (arrived < target) & (spins < _BARRIER_SPIN_LIMIT):
+        while (arrived < target) & (spins < _BARRIER_SPIN_LIMIT) & (failed == 0):
             arrived = tl.atomic_add(p_counter, 0, sem="acquire", scope="gpu")
+            failed = tl.atomic_add(p_error, 0, sem="relaxed", scope="gpu")
             spins += 1
         if arrived < target:
             tl.atomic_max(p_error, 1)
@@ -275,7 +281,8 @@ if triton is not None:
 
         lo, hi = _step_range(lengths, o_b, m_b, T, i_d, 1, HAS_LENGTHS)
         s_lo = tl.maximum(step_begin, lo)
-        for s in range(s_lo, tl.minimum(step_end, hi)):
+        # num_stages=1: a step's loads of h_{t-1} must not be prefetched before the step that writes it
+        for s in tl.range(s_lo, tl.minimum(step_end, hi), num_stages=1):
             t = _time_index(s, T, i_d)
             t64 = t.to(tl.int64)
             p_h_prev = h_buf + ((s % 2) * D + d64) * B * H
@@ -388,6 +395,8 @@ if triton is not None:
                     tl.store(cell_clip_out + p_state_t, inside_cell.to(tl.int8), mask=m_bj)
             if USE_BARRIER:
                 _grid_barrier(p_counter, (s - s_lo + 1) * n_group, error)
+            else:  # one program per group: its own warps still exchange h through memory
+                tl.debug_barrier()
 
         tl.store(c_state + p_state, b_c, mask=m_bj)
 
@@ -540,7 +549,8 @@ if triton is not None:
 
         lo, hi = _step_range(lengths, o_b, m_b, T, i_d, 0, HAS_LENGTHS)
         s_lo = tl.maximum(step_begin, lo)
-        for s in range(s_lo, tl.minimum(step_end, hi)):
+        # num_stages=1: a step's loads of dgates must not be prefetched before the step that writes it
+        for s in tl.range(s_lo, tl.minimum(step_end, hi), num_stages=1):
             if s > lo:
                 dh_in = _dh_from_dgates(dgates, w_dir, b_w, s - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
                                         HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32)
@@ -643,6 +653,8 @@ if triton is not None:
             tl.store(dgates + row + 3 * H, da_o.to(out_ty), mask=m_bj)
             if USE_BARRIER:
                 _grid_barrier(p_counter, (s - s_lo + 1) * n_group, error)
+            else:  # one program per group: its own warps still exchange dgates through memory
+                tl.debug_barrier()
 
         if (finish != 0) & (hi > lo):
             dh_in = _dh_from_dgates(dgates, w_dir, b_w, hi - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
@@ -763,6 +775,10 @@ def choose_grid(kind: str, batch: int, hidden: int, directions: int, dtype: torc
 
 _VERIFIED: set[tuple] = set()
 _DOES_NOT_FIT: set[tuple] = set()
+# The barrier's error flag costs a host sync to read: by default only the first persistent launch
+# of each configuration reads it; FASTLSTM_TRITON_CHECK_BARRIERS=always reads it after every launch
+# (for GPUs shared with other kernels that may hold SMs).
+_CHECK_EVERY_LAUNCH = os.environ.get("FASTLSTM_TRITON_CHECK_BARRIERS") == "always"
 
 
 def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra: dict, error: Tensor, *,
@@ -784,14 +800,17 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
         step_args = (begin, end, finish) if backward else (begin, end)
         kernel[shape](*args, *step_args, *scalars, **constants, USE_BARRIER=use_barrier, num_warps=grid.num_warps)
 
+    # Triton launches on the current CUDA device: make it the tensors' one
+    device = torch.cuda.device(error.device) if error.device.type == "cuda" else contextlib.nullcontext()
     try:
-        if grid.persistent:
-            run(0, call.steps, 1, grid.barrier)
-        else:
-            for s in range(call.steps):
-                run(s, s + 1, 0, False)
-            if backward:
-                run(call.steps, call.steps, 1, False)
+        with device:
+            if grid.persistent:
+                run(0, call.steps, 1, grid.barrier)
+            else:
+                for s in range(call.steps):
+                    run(s, s + 1, 0, False)
+                if backward:
+                    run(call.steps, call.steps, 1, False)
     except Exception as exc:
         if grid.persistent and _OutOfResources is not None and isinstance(exc, _OutOfResources):
             _DOES_NOT_FIT.add(key)
@@ -800,7 +819,7 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
         raise RuntimeError(
             f"fastlstm: the Triton {kind} kernel failed for grid {shape} ({grid}) with {constants}: {exc}"
         ) from exc
-    if grid.barrier and key not in _VERIFIED:
+    if grid.barrier and (_CHECK_EVERY_LAUNCH or key not in _VERIFIED):
         if int(error.item()) != 0:
             raise RuntimeError(
                 f"fastlstm: the persistent Triton {kind} kernel's barrier timed out (grid {shape}): its "
