@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm import reference
@@ -85,7 +85,7 @@ def _check(ours, baseline, truth, dtype, names):
         assert err_ours <= 2 * err_base + atol, f"{name}: ours {err_ours:.3g} vs baseline {err_base:.3g}"
 
 
-def _compare(cfg, dtype, *, directions, batch, steps, hidden, input_size=None, lengths=None):
+def _compare(cfg, dtype, *, directions, batch, steps, hidden, input_size=None, lengths=None, ours_fn=None):
     options, weights, x, h0, c0, masks, training = _layer(cfg, directions, batch, steps, input_size or hidden,
                                                           hidden)
     if lengths is not None:
@@ -94,7 +94,7 @@ def _compare(cfg, dtype, *, directions, batch, steps, hidden, input_size=None, l
            ((steps, batch, directions * hidden), (directions, batch, hidden), (directions, batch, hidden))]
     args = (options, weights, x, lengths, h0, c0, masks, training, cot)
     truth = _run(reference.lstm_layer, torch.float64, *args)
-    ours = _run(triton_lstm.lstm_layer, dtype, *args)
+    ours = _run(ours_fn or triton_lstm.lstm_layer, dtype, *args)
     base_fn = reference.lstm_layer if dtype == torch.float32 else _half_precision_reference
     baseline = _run(base_fn, dtype, *args)
     names = ["output", "h_n", "c_n", "x", "h0", "c0"] + [
@@ -128,6 +128,52 @@ def test_every_option_bf16(cfg):
 def test_every_option_at_once_other_dtypes(dtype):
     _compare(KERNEL_OPTIONS["everything"], dtype, directions=2, batch=16, steps=40, hidden=256,
              lengths=torch.randint(1, 41, (16,)))
+
+
+def _through_packed_rows(x, lengths, h0, c0, weights, options, masks, *, training):
+    """The packed entry point behind the padded signature: ``x`` packed (unsorted lengths), its rows
+    through the kernels, the output rows padded again (differentiably) for the comparison."""
+    packed = pack_padded_sequence(x, lengths.cpu(), enforce_sorted=False)
+    y, h, c = triton_lstm.lstm_layer_packed(packed.data, packed.batch_sizes, packed.sorted_indices, h0, c0, weights,
+                                            options, masks, training=training)
+    y, _ = pad_packed_sequence(packed._replace(data=y), total_length=x.shape[0])
+    return y, h, c
+
+
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_packed_rows(dtype, cfg):
+    """A PackedSequence's rows straight into the kernels (no padding built), unsorted lengths from 1
+    to T, both directions, two batch blocks."""
+    _compare(KERNEL_OPTIONS[cfg], dtype, directions=2, batch=100, steps=48, hidden=256,
+             lengths=torch.randint(1, 49, (100,)), ours_fn=_through_packed_rows)
+
+
+@pytest.mark.parametrize("cfg", ["layer_norm", "layer_norm+everything"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_norm_inference(dtype, cfg):
+    """Layer norm's forward in the kernels (no gradients needed): output and final states, at a
+    shape whose groups hold several programs (their moments exchanged each step)."""
+    cfg = {"layer_norm": dict(layer_norm=True),
+           "layer_norm+everything": dict(KERNEL_OPTIONS["everything"], layer_norm=True)}[cfg]
+    options, weights, x, h0, c0, masks, training = _layer(cfg, 2, 48, 40, 256, 512)
+    lengths = torch.randint(1, 41, (48,), device=DEV)
+    def uniform(size, lo, hi):
+        return torch.empty(size, device=DEV, dtype=torch.float64).uniform_(lo, hi)
+
+    # layer-norm weights near 1, the cell's bias near 0
+    weights = [w._replace(layer_norm_ih_weight=uniform(4 * 512, 0.7, 1.3), layer_norm_hh_weight=uniform(4 * 512, 0.7, 1.3),
+                          layer_norm_cell_weight=uniform(512, 0.7, 1.3), layer_norm_cell_bias=uniform(512, -0.2, 0.2))
+               for w in weights]
+    cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+    ws = [DirectionWeights(*(cast(t) for t in w)) for w in weights]
+    ms = None if masks is None else [DirectionMasks(*(cast(t) for t in m)) for m in masks]
+    with torch.no_grad():
+        truth = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
+        ours = triton_lstm.lstm_layer(cast(x), lengths, cast(h0), cast(c0), ws, options, ms, training=training)
+        base_fn = reference.lstm_layer if dtype == torch.float32 else _half_precision_reference
+        baseline = base_fn(cast(x), lengths, cast(h0), cast(c0), ws, options, ms, training=training)
+    _check(ours, baseline, truth, dtype, ["output", "h_n", "c_n"])
 
 
 GRIDS = {

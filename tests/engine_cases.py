@@ -2,6 +2,7 @@
 inputs, and a run that collects outputs, final states and every gradient under random cotangents."""
 
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from fastlstm import reference
 from fastlstm.masks import sample_direction_masks
@@ -121,3 +122,35 @@ def compare_float32(engine, arch, cfg, *, training, lengths):
         err_ref = (b.double() - t).abs().max().item()
         atol = 16 * torch.finfo(torch.float32).eps * max(1.0, t.abs().max().item())
         assert err_ours <= 2 * err_ref + atol, (k, err_ours, err_ref, atol)
+
+
+def compare_packed(packed_layer, arch, cfg, *, lengths, sorted_input, tol, **shape):
+    """An engine's packed entry point on a PackedSequence's rows against the reference engine on the
+    padded batch: the output rows, the final states (user order) and every gradient, the input's
+    taken row by row."""
+    training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
+    options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training, **shape)
+    packed = pack_padded_sequence(x, lengths, enforce_sorted=sorted_input)
+    data = packed.data.detach().requires_grad_()
+    y, h, c = packed_layer(data, packed.batch_sizes, packed.sorted_indices, h0, c0, weights, options, masks,
+                           training=training)
+    y_ref, h_ref, c_ref = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
+    y_ref_rows = pack_padded_sequence(y_ref, lengths, enforce_sorted=sorted_input).data
+    for name, a, b in (("output", y, y_ref_rows), ("h_n", h, h_ref), ("c_n", c, c_ref)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+    leaves = [h0, c0, *[p for w in weights for p in w if p is not None]]
+    g = torch.Generator().manual_seed(3)
+    cot = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (y, h, c)]
+    ours = torch.autograd.grad(sum((t * u).sum() for t, u in zip((y, h, c), cot)), [data, *leaves], allow_unused=True)
+    theirs = torch.autograd.grad(sum((t * u).sum() for t, u in zip((y_ref_rows, h_ref, c_ref), cot)), [x, *leaves],
+                                 allow_unused=True)
+    d_x_rows = pack_padded_sequence(theirs[0], lengths, enforce_sorted=sorted_input).data
+    torch.testing.assert_close(ours[0], d_x_rows, rtol=tol, atol=tol, msg=lambda m: f"x: {m}")
+    names = ["h0", "c0"] + [f"dir{k}.{f}" for k, w in enumerate(weights) for f, p in zip(DirectionWeights._fields, w)
+                            if p is not None]
+    for name, a, b in zip(names, ours[1:], theirs[1:]):
+        if b is None:
+            assert a is None or a.abs().max() == 0, name
+        else:
+            torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+    return data.shape[0]

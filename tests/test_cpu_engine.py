@@ -16,7 +16,8 @@ from fastlstm.masks import sample_direction_masks
 from fastlstm.options import make_options
 from fastlstm.weights import DirectionWeights
 
-from engine_cases import ARCHS, LENGTHS, OPTIONS, compare, compare_float32, inputs_and_masks, make_layer, run
+from engine_cases import (ARCHS, LENGTHS, OPTIONS, compare, compare_float32, compare_packed, inputs_and_masks, make_layer,
+                          run)
 
 
 
@@ -234,27 +235,5 @@ def test_cell_module_no_grad_and_grad_agree():
 @pytest.mark.parametrize("cfg", [OPTIONS["plain"], OPTIONS["layer_norm"], OPTIONS["everything"]], ids=["plain", "ln", "everything"])
 def test_packed_entry_point_takes_rows_as_they_are(cfg, sorted_input, some_threads):
     """lstm_layer_packed on a PackedSequence's rows against the reference on the padded batch."""
-    training = "zoneout" in cfg
-    options, weights, x, h0, c0, masks = inputs_and_masks(ARCHS["bi-proj"], cfg, torch.float64, training=training)
     lengths = torch.tensor([6, 5, 3, 1]) if sorted_input else LENGTHS["unequal"]
-    packed = pack_padded_sequence(x, lengths, enforce_sorted=sorted_input)
-    data = packed.data.detach().requires_grad_()
-    y, h, c = cpu.lstm_layer_packed(data, packed.batch_sizes, packed.sorted_indices, h0, c0, weights, options, masks,
-                                    training=training)
-    y_ref, h_ref, c_ref = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
-    y_ref_rows = pack_padded_sequence(y_ref, lengths, enforce_sorted=sorted_input).data
-    for a, b in ((y, y_ref_rows), (h, h_ref), (c, c_ref)):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    leaves = [h0, c0, *[p for w in weights for p in w if p is not None]]
-    g = torch.Generator().manual_seed(3)
-    cot = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in (y, h, c)]
-    ours = torch.autograd.grad(sum((t * u).sum() for t, u in zip((y, h, c), cot)), [data, *leaves], allow_unused=True)
-    theirs = torch.autograd.grad(sum((t * u).sum() for t, u in zip((y_ref_rows, h_ref, c_ref), cot)), [x, *leaves],
-                                 allow_unused=True)
-    d_x_rows = pack_padded_sequence(theirs[0], lengths, enforce_sorted=sorted_input).data
-    torch.testing.assert_close(ours[0], d_x_rows, rtol=1e-10, atol=1e-10)
-    for a, b in zip(ours[1:], theirs[1:]):
-        if b is None:
-            assert a is None or a.abs().max() == 0
-        else:
-            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    compare_packed(cpu.lstm_layer_packed, ARCHS["bi-proj"], cfg, lengths=lengths, sorted_input=sorted_input, tol=1e-10)

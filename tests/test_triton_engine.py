@@ -16,7 +16,8 @@ from fastlstm.engines.triton_lstm import Grid, hidden_pad
 from fastlstm.masks import sample_direction_masks
 from fastlstm.weights import DirectionWeights
 
-from engine_cases import ARCHS, LENGTHS, OPTIONS, _cast, compare, compare_float32, inputs_and_masks, make_layer, run
+from engine_cases import (ARCHS, LENGTHS, OPTIONS, _cast, compare, compare_float32, compare_packed, inputs_and_masks,
+                          make_layer, run)
 
 
 @pytest.fixture(autouse=True)
@@ -256,3 +257,97 @@ def test_a_persistent_grid_that_does_not_fit_falls_back_to_per_step(monkeypatch)
             dtype=torch.float64, tol=1e-10)
     assert {hb for _, hb in launches} == {persistent_hb, 4, 16}  # tried persistent, then per-step fwd and bwd
     assert len(triton_lstm._DOES_NOT_FIT) == 2
+
+
+PACKED_LENGTHS = {"sorted": [6, 5, 3, 1], "unsorted": [3, 6, 1, 4]}
+
+
+@pytest.mark.parametrize("order", PACKED_LENGTHS)
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+def test_packed_rows_match_the_padded_reference(cfg, order, grid, monkeypatch):
+    """A PackedSequence's rows go into the kernels as they are: outputs, final states and every
+    gradient against the reference on the padded batch. Every per-token buffer the engine fills has
+    one row per real token, none for padding."""
+    token_rows = []
+    poisoned = triton_lstm._empty
+
+    def recorded(like, *shape, dtype=None):
+        token_rows.append(shape[0])
+        return poisoned(like, *shape, dtype=dtype)
+
+    monkeypatch.setattr(triton_lstm, "_empty", recorded)
+    lengths = torch.tensor(PACKED_LENGTHS[order])
+    n = compare_packed(triton_lstm.lstm_layer_packed, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=lengths,
+                       sorted_input=order == "sorted", tol=1e-10)
+    per_token = [rows for rows in token_rows if rows != 2]  # the [2, D, B, H] ping-pong state aside
+    assert per_token and all(rows == n for rows in per_token), (n, token_rows)
+
+
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+def test_packed_rows_with_several_programs_per_group(cfg, monkeypatch):
+    """Per-step mode, H = 20, B = 18 (2 batch blocks, 5 forward / 2 backward programs per group): each
+    step's rows start at their own offset, and rows past a sequence's end do not exist."""
+    monkeypatch.setattr(triton_lstm, "choose_grid", _per_step)
+    lengths = torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
+    compare_packed(triton_lstm.lstm_layer_packed, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=lengths,
+                   sorted_input=False, tol=1e-10, steps=5, batch=18, hidden=20)
+
+
+@pytest.mark.parametrize("cfg", ["layer_norm", "proj"])
+def test_packed_layer_norm_and_projection_fall_back_to_the_reference(cfg):
+    arch = ARCHS["bi-proj"] if cfg == "proj" else KERNEL_ARCHS["bi"]
+    compare_packed(triton_lstm.lstm_layer_packed, arch, OPTIONS["layer_norm"] if cfg == "layer_norm" else {},
+                   lengths=torch.tensor([3, 6, 1, 4]), sorted_input=False, tol=1e-10)
+
+
+LN_OPTIONS = {
+    "layer_norm": OPTIONS["layer_norm"],
+    "everything": dict(KERNEL_OPTIONS["everything"], layer_norm=True),
+}
+
+
+def _compare_inference(arch, cfg, lengths, *, packed=False, **shape):
+    """The kernels' forward without autograd against the reference's: output and final states."""
+    training = _training(cfg)
+    options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training, **shape)
+    with torch.no_grad():
+        theirs = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
+        if packed:
+            from torch.nn.utils.rnn import pack_padded_sequence
+
+            p = pack_padded_sequence(x, lengths, enforce_sorted=False)
+            ours = triton_lstm.lstm_layer_packed(p.data, p.batch_sizes, p.sorted_indices, h0, c0, weights, options,
+                                                 masks, training=training)
+            theirs = (pack_padded_sequence(theirs[0], lengths, enforce_sorted=False).data, *theirs[1:])
+        else:
+            ours = triton_lstm.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
+    for name, a, b in zip(("output", "h_n", "c_n"), ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("form", ["full", "unequal", "packed"])
+@pytest.mark.parametrize("cfg", LN_OPTIONS)
+def test_layer_norm_forward_in_the_kernels(cfg, form, grid):
+    """Layer norm's forward (inference) runs in the kernels: LN(x W_ih^T) before the recurrence,
+    LN(h W_hh^T) and LN(c_t) from every program's moments, exchanged each step."""
+    lengths = None if form == "full" else LENGTHS["unequal"]
+    _compare_inference(KERNEL_ARCHS["bi"], LN_OPTIONS[cfg], lengths, packed=form == "packed")
+
+
+@pytest.mark.parametrize("cfg", LN_OPTIONS)
+def test_layer_norm_moments_combine_across_programs(cfg, monkeypatch):
+    """Per-step mode, H = 21: 6 forward programs of 4 units (the last holds 1), 2 batch blocks, each
+    step three launches (the phases): a row's statistics combine six programs' shares."""
+    monkeypatch.setattr(triton_lstm, "choose_grid", _per_step)
+    lengths = torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
+    _compare_inference(KERNEL_ARCHS["bi"], LN_OPTIONS[cfg], lengths, steps=5, batch=18, hidden=21)
+
+
+def test_layer_norm_with_gradients_runs_on_the_reference(monkeypatch):
+    """Layer norm's backward is not in the kernels yet: a call that needs gradients runs on the
+    reference, exactly."""
+    launched = []
+    monkeypatch.setattr(triton_lstm, "_launch", lambda *a, **k: launched.append(a))
+    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], OPTIONS["layer_norm"], lengths=LENGTHS["unequal"],
+            training=False, dtype=torch.float64, tol=1e-12)
+    assert not launched

@@ -53,7 +53,8 @@ def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> b
 ENGINES: dict[str, Engine] = {
     "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell, cpu.lstm_layer_packed,
                   gradients=cpu.layer_gradients),
-    "triton": Engine("triton", triton_lstm.lstm_layer, triton_lstm.supports, gradients=triton_lstm.layer_gradients,
+    "triton": Engine("triton", triton_lstm.lstm_layer, triton_lstm.supports,
+                     packed_layer=triton_lstm.lstm_layer_packed, gradients=triton_lstm.layer_gradients,
                      covers=triton_lstm.kernels_cover),
     "reference": Engine("reference", reference.lstm_layer, _always),
 }

@@ -28,10 +28,10 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # per block, sm_90
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # pointer arguments by role: the input's dtype, the accumulation dtype, or a fixed one
 _STORAGE = {"xg", "w_hh", "h_buf", "y", "gates_out", "dy", "gates", "dgates"}
-_FIXED = {"lengths": "*i64", "counters": "*i32", "error": "*i32", "clip_out": "*i8", "cell_clip_out": "*i8",
+_FIXED = {"lengths": "*i64", "offsets": "*i64", "counters": "*i32", "error": "*i32", "clip_out": "*i8", "cell_clip_out": "*i8",
           "clip_in": "*i8", "cell_clip_in": "*i8"}
-_SCALARS_FP = {"clip", "cell_clip", "z_h", "z_c"}
-_SCALARS_INT = {"T", "B", "step_begin", "step_end", "finish"}
+_SCALARS_FP = {"clip", "cell_clip", "z_h", "z_c", "ln_eps"}
+_SCALARS_INT = {"T", "B", "step_begin", "step_end", "finish", "phase"}
 
 
 @dataclass(frozen=True)
@@ -65,25 +65,32 @@ def _signature(kernel, dtype: torch.dtype, constants: dict) -> dict[str, str]:
 
 
 def build(kind: str, dtype: torch.dtype, hidden: int, grid: Grid, options: LSTMOptions | None = None, *,
-          directions: int = 1, bias: bool = True, lengths: bool = False, arch: int = 90) -> Build:
-    """Compile the ``kind`` kernel ("forward" or "backward") for ``sm_<arch>`` and read its resources."""
+          directions: int = 1, bias: bool = True, lengths: bool = False, packed: bool = False,
+          arch: int = 90) -> Build:
+    """Compile the ``kind`` kernel ("forward" or "backward") for ``sm_<arch>`` and read its resources.
+    ``packed``: for a PackedSequence's rows (implies ``lengths``)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     options = options or LSTMOptions()
+    lengths = lengths or packed
+    ln = torch.empty(0) if options.layer_norm else None
     call = triton_lstm._Call(
         steps=1, batch=1, hidden=hidden, directions=directions, dtype=dtype,
         acc=torch.float64 if dtype == torch.float64 else torch.float32, lengths=torch.empty(0) if lengths else None,
         w_ih=None, w_hh=None, weight_masks=[], bias=None, peephole=torch.empty(0) if options.peephole else None,
         rec_mask=None, zh_mask=None, zc_mask=None, zoneout_h=2 if options.zoneout_h else 0,
-        zoneout_c=2 if options.zoneout_c else 0, options=options,
+        zoneout_c=2 if options.zoneout_c else 0, options=options, ln_ih=ln, ln_hh=ln, ln_cell_w=ln, ln_cell_b=ln,
+        batch_sizes=torch.ones(1, dtype=torch.int64) if packed else None, offsets=torch.empty(0) if packed else None,
     )
     constants = call.constants(grid) | {"USE_BARRIER": grid.barrier}
     constants["DOT_IN_FP32"] = False
     if kind == "forward":
         kernel = triton_lstm._forward_kernel
-        constants |= {"HAS_BIAS": bias, "NEEDS_H_PREV": call.zoneout_h != 0 or lengths, "SAVE": True}
+        # layer norm's backward is not in the kernels: its forward runs for inference only
+        constants |= {"HAS_BIAS": bias, "NEEDS_H_PREV": call.zoneout_h != 0 or lengths,
+                      "SAVE": not options.layer_norm} | call.forward_constants(grid)
     else:
         kernel = triton_lstm._backward_kernel
     # the launcher passes these; the jit decorator's wrapper is what ASTSource wants

@@ -18,6 +18,11 @@ Design (see docs/equations.md for the math):
   its hidden units (``[4H, HB]``): it computes its slice of ``dgates_t``, publishes it, meets its
   group at the barrier, and takes ``dh_{t-1} = dgates_t W_hh`` for its units.
 * Then cuBLAS computes ``dx``, ``dW_ih`` and ``dW_hh`` (``K = T B``) and a reduction the biases.
+* A PackedSequence's rows ``[N, F]`` are used as they are: the kernels address step ``t``'s rows as
+  ``offsets[t] + b`` (``PACKED``) instead of ``t B + b``, so nothing is padded.
+* Layer norm (forward): ``LN(x W_ih^T)`` is computed with the input GEMM; ``LN(h W_hh^T)`` and
+  ``LN(c_t)`` combine every program's moments of its share of the row, exchanged at two more
+  barriers per step. Its backward is not in the kernels: calls that need it run on the reference.
 
 The barrier only works when every program of a group is resident at once. The launcher asks for at
 most one program per SM; when that cannot hold (too many programs, a slice too large to keep on
@@ -37,11 +42,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.utils.rnn import PackedSequence
 
 from ..masks import DirectionMasks
 from .ops import PlainContext
 from ..options import LSTMOptions
+from ..reference import LAYER_NORM_EPS
 from ..weights import DirectionWeights, accumulation_dtype
 
 try:
@@ -180,13 +188,83 @@ if triton is not None:
         """Direction ``i_d``'s ``s``-th processed step: ``s`` forward, ``T - 1 - s`` in reverse."""
         return tl.where(i_d == 1, T - 1 - s, s)
 
-    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end"])
+    @triton.jit
+    def _rows_at(offsets, t, B, o_b64, PACKED: tl.constexpr):
+        """The rows of step ``t``'s batch rows ``o_b`` in a per-token tensor: ``t B + b`` of a padded
+        ``[T, B, F]`` one, or ``offsets[t] + b`` of a PackedSequence's ``[N, F]`` rows. ``[BB]`` int64."""
+        if PACKED:
+            first = tl.load(offsets + t).to(tl.int64)
+        else:
+            first = t.to(tl.int64) * B
+        return first + o_b64
+
+    @triton.jit
+    def _live(m_b, t, b_len, PACKED: tl.constexpr):
+        """Which batch rows have a row at step ``t``: packed input has none past a sequence's end
+        (padded input keeps its padding rows, which the kernels fill with zeros)."""
+        if PACKED:
+            m_b = m_b & (t < b_len)
+        return m_b
+
+    @triton.jit
+    def _lengths_of(lengths, o_b, m_b, BB: tl.constexpr, HAS_LENGTHS: tl.constexpr):
+        if HAS_LENGTHS:
+            b_len = tl.load(lengths + o_b, mask=m_b, other=0)
+        else:
+            b_len = tl.zeros((BB,), dtype=tl.int64)  # unread: every row runs every step
+        return b_len
+
+    @triton.jit
+    def _sync(p_counter, arrivals, error, USE_BARRIER: tl.constexpr):
+        """The end of a phase: the group's grid barrier, or for a one-program group (or a launch
+        that runs one phase) a CTA barrier, since the program's own warps exchange through memory."""
+        if USE_BARRIER:
+            _grid_barrier(p_counter, arrivals, error)
+        else:
+            tl.debug_barrier()
+
+    @triton.jit
+    def _partial_moments(v, m, count):
+        """Each row's mean and sum of squared deviations (M2) over the entries ``m`` of ``v [BB, K]``,
+        ``count`` of them: this program's share of a layer-norm statistic."""
+        mean = tl.sum(tl.where(m, v, 0.0), axis=1) / count
+        dev = tl.where(m, v - mean[:, None], 0.0)
+        return mean, tl.sum(dev * dev, axis=1)
+
+    @triton.jit
+    def _publish_moments(p_rows, i_h, mean, m2, m_b, on):
+        """Store this program's ``(mean, M2)`` of each row in slot ``i_h`` of ``[B, LN_SLOTS, 2]`` if ``on``."""
+        m = tl.where(on, m_b, False)  # (a scalar and a block in `&` fail in the interpreter)
+        tl.store(p_rows + i_h * 2, mean, mask=m)
+        tl.store(p_rows + i_h * 2 + 1, m2, mask=m)
+
+    @triton.jit
+    def _combined_moments(p_rows, m_b, n_programs, H, HB: tl.constexpr, PER_UNIT: tl.constexpr,
+                          NP_PAD: tl.constexpr, eps):
+        """Each row's mean and ``1 / sqrt(var + eps)`` over all ``PER_UNIT * H`` entries, from every
+        program's ``(mean, M2)`` (Chan et al.'s pairwise combination: no cancellation of E[x^2] - mean^2).
+        ``p_rows [BB]`` points at the rows of a ``[B, LN_SLOTS, 2]`` table that other programs write;
+        ``NP_PAD`` covers the group's programs."""
+        o_p = tl.arange(0, NP_PAD)
+        m_p = o_p < n_programs
+        m = m_b[:, None] & m_p[None, :]
+        means = tl.load(p_rows[:, None] + o_p[None, :] * 2, mask=m, other=0.0, cache_modifier=".cg")
+        m2s = tl.load(p_rows[:, None] + o_p[None, :] * 2 + 1, mask=m, other=0.0, cache_modifier=".cg")
+        counts = tl.where(m_p, PER_UNIT * tl.minimum(HB, H - o_p * HB), 0).to(means.dtype)[None, :]
+        total = PER_UNIT * H
+        mean = tl.sum(counts * means, axis=1) / total
+        dev = means - mean[:, None]
+        m2 = tl.sum(m2s + counts * dev * dev, axis=1)
+        return mean, 1.0 / tl.sqrt(m2 / total + eps)
+
+    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "phase"])
     def _forward_kernel(
-        xg,  # [T, B, D*4H]  x_t W_ih^T of every direction, storage dtype
+        xg,  # [T, B, D*4H] (or packed, [N, D*4H])  x_t W_ih^T of every direction, storage dtype
         bias,  # [D, 4H]  b_ih + b_hh, accumulation dtype
         w_hh,  # [D, 4H, H]  weight_hh (DropConnect mask applied), storage dtype
         peephole,  # [D, 3H]  (p_i, p_f, p_o), accumulation dtype
         lengths,  # [B] int64
+        offsets,  # [T] int64: with PACKED, the first row of each step in the per-token tensors
         rec_mask,  # [D, B, H]  recurrent-dropout mask on h_{t-1}
         zh_mask,  # [D, T, B, H]  zoneout keep masks (training)
         zc_mask,  # [D, T, B, H]
@@ -198,16 +276,22 @@ if triton is not None:
         c_carried_out,  # [T, B, D*H]  saved carried c_t (zoneout on c only)
         clip_out,  # [T, B, D*4H] int8: 1 where the gate pre-activation was inside the clip
         cell_clip_out,  # [T, B, D*H] int8: 1 where c_t was inside the cell clip
+        ln_hh,  # [D, 4H]  layer norm of h_{t-1} W_hh^T: its weight, accumulation dtype
+        ln_cell_w,  # [D, H]  layer norm of c_t: weight
+        ln_cell_b,  # [D, H]  and bias
+        ln_stats,  # [2, D, B, LN_SLOTS, 2]  each program's (mean, M2) of its rows: gates, then cell
         counters,  # [D, NB] int32 barrier arrivals
         error,  # [1] int32
         T,
         B,
         step_begin,
         step_end,
+        phase,
         clip,
         cell_clip,
         z_h,
         z_c,
+        ln_eps,
         H: tl.constexpr,
         D: tl.constexpr,
         H_PAD: tl.constexpr,
@@ -228,14 +312,25 @@ if triton is not None:
         ZONEOUT_C: tl.constexpr,
         HAS_REC_MASK: tl.constexpr,
         HAS_LENGTHS: tl.constexpr,
+        PACKED: tl.constexpr,
         W_AS_A: tl.constexpr,
         K_CHUNK: tl.constexpr,
         NEEDS_H_PREV: tl.constexpr,
         SAVE: tl.constexpr,
+        LAYER_NORM: tl.constexpr,
+        NP_PAD: tl.constexpr,
+        LN_SLOTS: tl.constexpr,
         USE_BARRIER: tl.constexpr,
     ):
         """Steps ``[step_begin, step_end)`` of the recurrence (docs/equations.md, sections 1-7):
-        ``a_t = x_t W_ih^T + b + h_{t-1} W_hh^T``, the gates, ``c_t``, ``h_t``, per program slice."""
+        ``a_t = x_t W_ih^T + b + h_{t-1} W_hh^T``, the gates, ``c_t``, ``h_t``, per program slice.
+
+        With ``LAYER_NORM`` (``xg`` then holds ``LN(x_t W_ih^T)``), a step has three phases, each
+        ended by the group's barrier: 0 publishes each program's moments of its share of
+        ``h_{t-1} W_hh^T``; 1 normalises it with the combined ones, runs the gates and publishes the
+        moments of its share of ``c_t``; 2 normalises ``c_t`` and finishes the step. ``phase`` 3 runs
+        them all (persistent); one launch per step runs phases 0, 1, 2 as three launches, each
+        recomputing the step up to its phase and storing only that phase's results."""
         i_h, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         G: tl.constexpr = 4 * H
         o_j = i_h * HB + tl.arange(0, HB)  # hidden units owned
@@ -271,13 +366,19 @@ if triton is not None:
             b_po = tl.load(p_peep + 2 * H, mask=m_j, other=0.0)[None, :]
         if HAS_REC_MASK and RESIDENT:
             b_rec = _row_chunk(rec_dir, o_b64, m_b, 0, H, K_CHUNK, W_AS_A)
-        if HAS_LENGTHS:
-            b_len = tl.load(lengths + o_b, mask=m_b, other=0)
+        b_len = _lengths_of(lengths, o_b, m_b, BB, HAS_LENGTHS)
 
         p_state = (d64 * B + o_b64[:, None]) * H + o_j[None, :]  # [BB, HB] in a [D, B, H] tensor
         b_c = tl.load(c_state + p_state, mask=m_bj, other=0.0)
         p_counter = counters + i_d * tl.num_programs(1) + i_b
         n_group = tl.num_programs(0)
+        BARRIERS: tl.constexpr = 3 if LAYER_NORM else 1  # per step
+        if LAYER_NORM:
+            b_ln_hh = tl.load(ln_hh + d64 * G + col_gate * H + col_unit, mask=m_col, other=0.0)[None, :]  # [1, 4 HB]
+            b_ln_cw = tl.load(ln_cell_w + d64 * H + o_j, mask=m_j, other=0.0)[None, :]
+            b_ln_cb = tl.load(ln_cell_b + d64 * H + o_j, mask=m_j, other=0.0)[None, :]
+            p_ln_gates = ln_stats + ((0 * D + d64) * B + o_b64) * LN_SLOTS * 2  # [BB]
+            p_ln_cell = ln_stats + ((1 * D + d64) * B + o_b64) * LN_SLOTS * 2
 
         lo, hi = _step_range(lengths, o_b, m_b, T, i_d, 1, HAS_LENGTHS)
         s_lo = tl.maximum(step_begin, lo)
@@ -285,6 +386,8 @@ if triton is not None:
         for s in tl.range(s_lo, tl.minimum(step_end, hi), num_stages=1):
             t = _time_index(s, T, i_d)
             t64 = t.to(tl.int64)
+            r64 = _rows_at(offsets, t, B, o_b64, PACKED)
+            m_rj = _live(m_b, t, b_len, PACKED)[:, None] & m_j[None, :]  # the [BB, HB] entries that have a row
             p_h_prev = h_buf + ((s % 2) * D + d64) * B * H
             # h_{t-1} [BB, H] (or its transpose [H, BB] against W as A) times the weight slice
             if RESIDENT:
@@ -311,16 +414,22 @@ if triton is not None:
                         acc += _product(b_h, w_chunk, PRECISION, ACC, DOT_IN_FP32)
             if W_AS_A:
                 acc = tl.trans(acc)  # [BB, 4 HB]
+            if LAYER_NORM:  # LN(h_{t-1} W_hh^T) over all 4H gates of a row: every program's share
+                mean_p, m2_p = _partial_moments(acc, m_col[None, :], 4 * tl.minimum(HB, H - i_h * HB))
+                _publish_moments(p_ln_gates, i_h, mean_p, m2_p, m_b, (phase == 0) | (phase == 3))
+                _sync(p_counter, ((s - s_lo) * 3 + 1) * n_group, error, USE_BARRIER)
+                mean, rstd = _combined_moments(p_ln_gates, m_b, n_group, H, HB, 4, NP_PAD, ln_eps)
+                acc = (acc - mean[:, None]) * rstd[:, None] * b_ln_hh
             # column 4 u + 2 k1 + k0 holds gate 2 k1 + k0 of unit u
             even, odd = tl.split(tl.reshape(acc, (BB, HB, 2, 2)))
             a_i, a_g = tl.split(even)
             a_f, a_o = tl.split(odd)
 
-            row = (t64 * B + o_b64[:, None]) * (D * G) + d64 * G + o_j[None, :]  # gate i in [T, B, D*4H]
-            a_i += tl.load(xg + row, mask=m_bj, other=0.0).to(ACC)
-            a_f += tl.load(xg + row + H, mask=m_bj, other=0.0).to(ACC)
-            a_g += tl.load(xg + row + 2 * H, mask=m_bj, other=0.0).to(ACC)
-            a_o += tl.load(xg + row + 3 * H, mask=m_bj, other=0.0).to(ACC)
+            row = r64[:, None] * (D * G) + d64 * G + o_j[None, :]  # gate i in [T, B, D*4H]
+            a_i += tl.load(xg + row, mask=m_rj, other=0.0).to(ACC)
+            a_f += tl.load(xg + row + H, mask=m_rj, other=0.0).to(ACC)
+            a_g += tl.load(xg + row + 2 * H, mask=m_rj, other=0.0).to(ACC)
+            a_o += tl.load(xg + row + 3 * H, mask=m_rj, other=0.0).to(ACC)
             if HAS_BIAS:
                 a_i += b_bi
                 a_f += b_bf
@@ -342,9 +451,16 @@ if triton is not None:
             if PEEPHOLE:
                 a_o += b_po * c_fresh
             gate_o = _activate(_clipped(a_o, clip, HAS_CLIP), ACT_GATE)
-            h_fresh = gate_o * _activate(c_fresh, ACT_OUT)
+            if LAYER_NORM:  # LN(c_t) over the H units of a row
+                mean_p, m2_p = _partial_moments(c_fresh, m_j[None, :], tl.minimum(HB, H - i_h * HB))
+                _publish_moments(p_ln_cell, i_h, mean_p, m2_p, m_b, (phase == 1) | (phase == 3))
+                _sync(p_counter, ((s - s_lo) * 3 + 2) * n_group, error, USE_BARRIER)
+                mean, rstd = _combined_moments(p_ln_cell, m_b, n_group, H, HB, 1, NP_PAD, ln_eps)
+                h_fresh = gate_o * _activate((c_fresh - mean[:, None]) * rstd[:, None] * b_ln_cw + b_ln_cb, ACT_OUT)
+            else:
+                h_fresh = gate_o * _activate(c_fresh, ACT_OUT)
 
-            p_state_t = (t64 * B + o_b64[:, None]) * (D * H) + d64 * H + o_j[None, :]  # [T, B, D*H]
+            p_state_t = r64[:, None] * (D * H) + d64 * H + o_j[None, :]  # [T, B, D*H]
             if NEEDS_H_PREV:
                 p_h_own = p_h_prev + o_b64[:, None] * H + o_j[None, :]
                 h_prev_own = tl.load(p_h_own, mask=m_bj, other=0.0, cache_modifier=".cg").to(ACC)
@@ -371,32 +487,34 @@ if triton is not None:
                 c_new = tl.where(active, c_new, b_c)
             else:
                 h_out = h_new
-            b_c = c_new
+            # a launch that runs an earlier phase of the step only (layer norm, one launch per step)
+            # stores nothing of the step's results
+            finishes = (phase == 2) | (phase == 3)
+            b_c = tl.where(finishes, c_new, b_c)
+            m_rj = tl.where(finishes, m_rj, False)
+            m_out = tl.where(finishes, m_bj, False)
 
-            tl.store(y + p_state_t, h_out.to(y.dtype.element_ty), mask=m_bj)
+            tl.store(y + p_state_t, h_out.to(y.dtype.element_ty), mask=m_rj)
             p_h_next = h_buf + (((s + 1) % 2) * D + d64) * B * H + o_b64[:, None] * H + o_j[None, :]
-            tl.store(p_h_next, h_new.to(h_buf.dtype.element_ty), mask=m_bj)
+            tl.store(p_h_next, h_new.to(h_buf.dtype.element_ty), mask=m_out)
             if SAVE:
                 p_g = gates_out + row
-                tl.store(p_g, gate_i.to(gates_out.dtype.element_ty), mask=m_bj)
-                tl.store(p_g + H, gate_f.to(gates_out.dtype.element_ty), mask=m_bj)
-                tl.store(p_g + 2 * H, gate_g.to(gates_out.dtype.element_ty), mask=m_bj)
-                tl.store(p_g + 3 * H, gate_o.to(gates_out.dtype.element_ty), mask=m_bj)
-                tl.store(c_fresh_out + p_state_t, c_fresh, mask=m_bj)
+                tl.store(p_g, gate_i.to(gates_out.dtype.element_ty), mask=m_rj)
+                tl.store(p_g + H, gate_f.to(gates_out.dtype.element_ty), mask=m_rj)
+                tl.store(p_g + 2 * H, gate_g.to(gates_out.dtype.element_ty), mask=m_rj)
+                tl.store(p_g + 3 * H, gate_o.to(gates_out.dtype.element_ty), mask=m_rj)
+                tl.store(c_fresh_out + p_state_t, c_fresh, mask=m_rj)
                 if ZONEOUT_C != 0:
-                    tl.store(c_carried_out + p_state_t, c_new, mask=m_bj)
+                    tl.store(c_carried_out + p_state_t, c_new, mask=m_rj)
                 if HAS_CLIP:
                     p_clip = clip_out + row
-                    tl.store(p_clip, ((a_i >= -clip) & (a_i <= clip)).to(tl.int8), mask=m_bj)
-                    tl.store(p_clip + H, ((a_f >= -clip) & (a_f <= clip)).to(tl.int8), mask=m_bj)
-                    tl.store(p_clip + 2 * H, ((a_g >= -clip) & (a_g <= clip)).to(tl.int8), mask=m_bj)
-                    tl.store(p_clip + 3 * H, ((a_o >= -clip) & (a_o <= clip)).to(tl.int8), mask=m_bj)
+                    tl.store(p_clip, ((a_i >= -clip) & (a_i <= clip)).to(tl.int8), mask=m_rj)
+                    tl.store(p_clip + H, ((a_f >= -clip) & (a_f <= clip)).to(tl.int8), mask=m_rj)
+                    tl.store(p_clip + 2 * H, ((a_g >= -clip) & (a_g <= clip)).to(tl.int8), mask=m_rj)
+                    tl.store(p_clip + 3 * H, ((a_o >= -clip) & (a_o <= clip)).to(tl.int8), mask=m_rj)
                 if HAS_CELL_CLIP:
-                    tl.store(cell_clip_out + p_state_t, inside_cell.to(tl.int8), mask=m_bj)
-            if USE_BARRIER:
-                _grid_barrier(p_counter, (s - s_lo + 1) * n_group, error)
-            else:  # one program per group: its own warps still exchange h through memory
-                tl.debug_barrier()
+                    tl.store(cell_clip_out + p_state_t, inside_cell.to(tl.int8), mask=m_rj)
+            _sync(p_counter, (s - s_lo + 1) * BARRIERS * n_group, error, USE_BARRIER)
 
         tl.store(c_state + p_state, b_c, mask=m_bj)
 
@@ -420,15 +538,18 @@ if triton is not None:
         return chunk
 
     @triton.jit
-    def _dh_from_dgates(dgates, w_dir, b_w, s, T, B, i_d, o_b64, m_b, o_j, m_j, H, D: tl.constexpr, G: tl.constexpr,
-                        H_PAD: tl.constexpr, HB: tl.constexpr, BB: tl.constexpr, K_CHUNK: tl.constexpr,
-                        PRECISION: tl.constexpr, ACC: tl.constexpr, W_AS_A: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+    def _dh_from_dgates(dgates, w_dir, b_w, s, T, B, i_d, offsets, b_len, o_b64, m_b, o_j, m_j, H, D: tl.constexpr,
+                        G: tl.constexpr, H_PAD: tl.constexpr, HB: tl.constexpr, BB: tl.constexpr,
+                        K_CHUNK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, W_AS_A: tl.constexpr,
+                        DOT_IN_FP32: tl.constexpr, PACKED: tl.constexpr):
         """``dgates_t W_hh`` for the owned rows and units, ``t`` the backward's ``s``-th step:
         ``[BB, 4H] x [4H, HB]`` (or its transpose, ``W_hh^T`` as the A operand), over K chunks of the
         gate axis; with one chunk the weight slice ``b_w`` is the one loaded before the time loop.
-        Rows of steps past a sequence's end hold zeros, so they add nothing. Returns ``[BB, HB]``."""
-        t = _time_index(T - 1 - s, T, i_d).to(tl.int64)
-        base = dgates + i_d.to(tl.int64) * G + (t * B + o_b64) * (D * G)
+        Padded rows of steps past a sequence's end hold zeros, so they add nothing (packed input has no
+        such rows: they are masked). Returns ``[BB, HB]``."""
+        t = _time_index(T - 1 - s, T, i_d)
+        base = dgates + i_d.to(tl.int64) * G + _rows_at(offsets, t, B, o_b64, PACKED) * (D * G)
+        m_b = _live(m_b, t, b_len, PACKED)
         if W_AS_A:
             acc = tl.zeros((HB, BB), dtype=ACC)
         else:
@@ -459,6 +580,7 @@ if triton is not None:
         w_hh,  # [D, 4H, H]
         peephole,  # [D, 3H]
         lengths,  # [B]
+        offsets,  # [T]  (PACKED)
         rec_mask,  # [D, B, H]
         zh_mask,  # [D, T, B, H]
         zc_mask,  # [D, T, B, H]
@@ -498,6 +620,7 @@ if triton is not None:
         ZONEOUT_C: tl.constexpr,
         HAS_REC_MASK: tl.constexpr,
         HAS_LENGTHS: tl.constexpr,
+        PACKED: tl.constexpr,
         W_AS_A: tl.constexpr,
         K_CHUNK: tl.constexpr,
         USE_BARRIER: tl.constexpr,
@@ -537,8 +660,7 @@ if triton is not None:
             d_po = tl.zeros((HB,), dtype=ACC)
         if HAS_REC_MASK:
             b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj, other=0.0).to(ACC)
-        if HAS_LENGTHS:
-            b_len = tl.load(lengths + o_b, mask=m_b, other=0)
+        b_len = _lengths_of(lengths, o_b, m_b, BB, HAS_LENGTHS)
 
         p_state = (d64 * B + o_b64[:, None]) * H + o_j[None, :]
         b_dh = tl.load(dh_state + p_state, mask=m_bj, other=0.0)
@@ -552,8 +674,8 @@ if triton is not None:
         # num_stages=1: a step's loads of dgates must not be prefetched before the step that writes it
         for s in tl.range(s_lo, tl.minimum(step_end, hi), num_stages=1):
             if s > lo:
-                dh_in = _dh_from_dgates(dgates, w_dir, b_w, s - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
-                                        HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32)
+                dh_in = _dh_from_dgates(dgates, w_dir, b_w, s - 1, T, B, i_d, offsets, b_len, o_b64, m_b, o_j, m_j, H,
+                                        D, G, H_PAD, HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32, PACKED)
                 if HAS_REC_MASK:
                     dh_in = dh_in * b_rec
                 b_dh += dh_in
@@ -562,11 +684,15 @@ if triton is not None:
             t = _time_index(s_fwd, T, i_d)
             t64 = t.to(tl.int64)
             t_prev = tl.where(i_d == 1, t + 1, t - 1)  # the step processed before t
-            row = (t64 * B + o_b64[:, None]) * (D * G) + d64 * G + o_j[None, :]
-            p_state_t = (t64 * B + o_b64[:, None]) * (D * H) + d64 * H + o_j[None, :]
-            p_state_prev = (t_prev.to(tl.int64) * B + o_b64[:, None]) * (D * H) + d64 * H + o_j[None, :]
+            r64 = _rows_at(offsets, t, B, o_b64, PACKED)
+            # t_prev is -1 or T at a direction's first step, where nothing is read from it
+            r_prev = _rows_at(offsets, tl.minimum(tl.maximum(t_prev, 0), T - 1), B, o_b64, PACKED)
+            m_rj = _live(m_b, t, b_len, PACKED)[:, None] & m_j[None, :]
+            row = r64[:, None] * (D * G) + d64 * G + o_j[None, :]
+            p_state_t = r64[:, None] * (D * H) + d64 * H + o_j[None, :]
+            p_state_prev = r_prev[:, None] * (D * H) + d64 * H + o_j[None, :]
 
-            dh_total = b_dh + tl.load(dy + p_state_t, mask=m_bj, other=0.0).to(ACC)
+            dh_total = b_dh + tl.load(dy + p_state_t, mask=m_rj, other=0.0).to(ACC)
             if ZONEOUT_H == 1:
                 keep_h = tl.load(zh_mask + ((d64 * T + t64) * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj,
                                  other=0.0).to(ACC)
@@ -584,11 +710,11 @@ if triton is not None:
             else:
                 dc_fresh = b_dc
 
-            gate_i = tl.load(gates + row, mask=m_bj, other=0.0).to(ACC)
-            gate_f = tl.load(gates + row + H, mask=m_bj, other=0.0).to(ACC)
-            gate_g = tl.load(gates + row + 2 * H, mask=m_bj, other=0.0).to(ACC)
-            gate_o = tl.load(gates + row + 3 * H, mask=m_bj, other=0.0).to(ACC)
-            b_cf = tl.load(c_fresh + p_state_t, mask=m_bj, other=0.0)
+            gate_i = tl.load(gates + row, mask=m_rj, other=0.0).to(ACC)
+            gate_f = tl.load(gates + row + H, mask=m_rj, other=0.0).to(ACC)
+            gate_g = tl.load(gates + row + 2 * H, mask=m_rj, other=0.0).to(ACC)
+            gate_o = tl.load(gates + row + 3 * H, mask=m_rj, other=0.0).to(ACC)
+            b_cf = tl.load(c_fresh + p_state_t, mask=m_rj, other=0.0)
             # c_{t-1}: the carried state after the step processed before t, or c_0
             # (the reverse direction's first real step follows only padding, which left c_0 in place)
             prev_real = m_bj & (tl.full((BB, HB), s_fwd, tl.int32) > 0)
@@ -605,11 +731,11 @@ if triton is not None:
             dc_fresh += dh_fresh * gate_o * _activation_grad(cell_out, ACT_OUT)
             if HAS_CLIP:
                 p_clip = clip_in + row
-                da_o = tl.where(tl.load(p_clip + 3 * H, mask=m_bj, other=0) != 0, da_o, 0.0)
+                da_o = tl.where(tl.load(p_clip + 3 * H, mask=m_rj, other=0) != 0, da_o, 0.0)
             if PEEPHOLE:
                 dc_fresh += da_o * b_po
             if HAS_CELL_CLIP:
-                dc_fresh = tl.where(tl.load(cell_clip_in + p_state_t, mask=m_bj, other=0) != 0, dc_fresh, 0.0)
+                dc_fresh = tl.where(tl.load(cell_clip_in + p_state_t, mask=m_rj, other=0) != 0, dc_fresh, 0.0)
             d_i = dc_fresh * gate_g
             d_f = dc_fresh * c_prev
             if COUPLED:
@@ -620,10 +746,10 @@ if triton is not None:
             da_i = d_i * _activation_grad(gate_i, ACT_GATE)
             da_g = dc_fresh * gate_i * _activation_grad(gate_g, ACT_IN)
             if HAS_CLIP:
-                da_i = tl.where(tl.load(p_clip, mask=m_bj, other=0) != 0, da_i, 0.0)
-                da_g = tl.where(tl.load(p_clip + 2 * H, mask=m_bj, other=0) != 0, da_g, 0.0)
+                da_i = tl.where(tl.load(p_clip, mask=m_rj, other=0) != 0, da_i, 0.0)
+                da_g = tl.where(tl.load(p_clip + 2 * H, mask=m_rj, other=0) != 0, da_g, 0.0)
                 if not COUPLED:
-                    da_f = tl.where(tl.load(p_clip + H, mask=m_bj, other=0) != 0, da_f, 0.0)
+                    da_f = tl.where(tl.load(p_clip + H, mask=m_rj, other=0) != 0, da_f, 0.0)
             dc_new = dc_fresh * gate_f
             if PEEPHOLE:
                 dc_new += da_i * b_pi + da_f * b_pf
@@ -647,18 +773,18 @@ if triton is not None:
                 d_pf += tl.sum(da_f * c_prev, axis=0)
                 d_po += tl.sum(da_o * b_cf, axis=0)
             out_ty = dgates.dtype.element_ty
-            tl.store(dgates + row, da_i.to(out_ty), mask=m_bj)
-            tl.store(dgates + row + H, da_f.to(out_ty), mask=m_bj)
-            tl.store(dgates + row + 2 * H, da_g.to(out_ty), mask=m_bj)
-            tl.store(dgates + row + 3 * H, da_o.to(out_ty), mask=m_bj)
+            tl.store(dgates + row, da_i.to(out_ty), mask=m_rj)
+            tl.store(dgates + row + H, da_f.to(out_ty), mask=m_rj)
+            tl.store(dgates + row + 2 * H, da_g.to(out_ty), mask=m_rj)
+            tl.store(dgates + row + 3 * H, da_o.to(out_ty), mask=m_rj)
             if USE_BARRIER:
                 _grid_barrier(p_counter, (s - s_lo + 1) * n_group, error)
             else:  # one program per group: its own warps still exchange dgates through memory
                 tl.debug_barrier()
 
         if (finish != 0) & (hi > lo):
-            dh_in = _dh_from_dgates(dgates, w_dir, b_w, hi - 1, T, B, i_d, o_b64, m_b, o_j, m_j, H, D, G, H_PAD,
-                                    HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32)
+            dh_in = _dh_from_dgates(dgates, w_dir, b_w, hi - 1, T, B, i_d, offsets, b_len, o_b64, m_b, o_j, m_j, H, D,
+                                    G, H_PAD, HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32, PACKED)
             if HAS_REC_MASK:
                 dh_in = dh_in * b_rec
             b_dh += dh_in
@@ -773,6 +899,8 @@ def choose_grid(kind: str, batch: int, hidden: int, directions: int, dtype: torc
     return plan_grid(kind, batch, hidden, directions, dtype, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
+_ALL_PHASES = 3  # the forward kernel's `phase` that runs every phase of a step
+
 _VERIFIED: set[tuple] = set()
 _DOES_NOT_FIT: set[tuple] = set()
 # The barrier's error flag costs a host sync to read: by default only the first persistent launch
@@ -794,21 +922,25 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
     if grid.persistent and key in _DOES_NOT_FIT:
         grid = per_step_grid(kind, grid, call.hidden, call.dtype)
     shape = grid.shape(call.batch, call.hidden, call.directions)
-    constants = call.constants(grid) | extra
+    constants = call.constants(grid) | extra | ({} if backward else call.forward_constants(grid))
 
-    def run(begin: int, end: int, finish: int, use_barrier: bool) -> None:
-        step_args = (begin, end, finish) if backward else (begin, end)
-        kernel[shape](*args, *step_args, *scalars, **constants, USE_BARRIER=use_barrier, num_warps=grid.num_warps)
+    def run(begin: int, end: int, last: int, use_barrier: bool) -> None:
+        # the backward's last argument says whether to finish with dh_0, the forward's which phase to run
+        kernel[shape](*args, begin, end, last, *scalars, **constants, USE_BARRIER=use_barrier,
+                      num_warps=grid.num_warps)
 
     # Triton launches on the current CUDA device: make it the tensors' one
     device = torch.cuda.device(error.device) if error.device.type == "cuda" else contextlib.nullcontext()
     try:
         with device:
             if grid.persistent:
-                run(0, call.steps, 1, grid.barrier)
+                run(0, call.steps, 1 if backward else _ALL_PHASES, grid.barrier)
             else:
+                # forward with layer norm: each phase of a step is a launch (the boundary is the barrier)
+                phases = range(3) if not backward and call.ln_hh is not None else [_ALL_PHASES]
                 for s in range(call.steps):
-                    run(s, s + 1, 0, False)
+                    for phase in phases:
+                        run(s, s + 1, 0 if backward else phase, False)
                 if backward:
                     run(call.steps, call.steps, 1, False)
     except Exception as exc:
@@ -860,12 +992,34 @@ class _Call:
     zoneout_h: int
     zoneout_c: int
     options: LSTMOptions
+    ln_ih: Tensor | None  # [D, 4H] acc: layer-norm weights
+    ln_hh: Tensor | None  # [D, 4H]
+    ln_cell_w: Tensor | None  # [D, H]
+    ln_cell_b: Tensor | None  # [D, H]
+    # A PackedSequence's rows instead of a padded batch: its batch_sizes [T] (CPU) and each step's
+    # first row [T] (on the device); lengths then holds the sorted sequences' lengths.
+    batch_sizes: Tensor | None = None
+    offsets: Tensor | None = None
+
+    @property
+    def token_shape(self) -> tuple[int, ...]:
+        """The leading shape of the per-token tensors: ``(T, B)`` padded, ``(N,)`` packed."""
+        return (self.steps, self.batch) if self.batch_sizes is None else (int(self.batch_sizes.sum()),)
 
     @staticmethod
     def of(x: Tensor, lengths: Tensor | None, weights: Sequence[DirectionWeights], options: LSTMOptions,
-           masks: Sequence[DirectionMasks], training: bool) -> _Call:
+           masks: Sequence[DirectionMasks], training: bool, *, batch_sizes: Tensor | None = None) -> _Call:
+        """The call for padded ``x [T, B, I]`` (with optional ``lengths``), or with ``batch_sizes``, for a
+        PackedSequence's rows ``x [N, I]`` (sorted order)."""
         dtype, acc = x.dtype, accumulation_dtype(x.dtype)
-        T, B = x.shape[0], x.shape[1]
+        offsets = None
+        if batch_sizes is None:
+            T, B = x.shape[0], x.shape[1]
+        else:
+            batch_sizes = batch_sizes.to(torch.int64).cpu()
+            T, B = batch_sizes.numel(), int(batch_sizes[0])
+            lengths = (batch_sizes[:, None] > torch.arange(B)[None, :]).sum(0)  # sorted: longest first
+            offsets = (torch.cumsum(batch_sizes, 0) - batch_sizes).to(x.device)
         H = weights[0].weight_hh.shape[0] // 4
         w_hh = torch.stack([
             w.weight_hh if m.weight_hh is None else w.weight_hh * m.weight_hh for w, m in zip(weights, masks)
@@ -894,6 +1048,12 @@ class _Call:
             zoneout_h=mode(masks[0].zoneout_h is not None, options.zoneout_h),
             zoneout_c=mode(masks[0].zoneout_c is not None, options.zoneout_c),
             options=options,
+            ln_ih=stacked([w.layer_norm_ih_weight for w in weights], acc),
+            ln_hh=stacked([w.layer_norm_hh_weight for w in weights], acc),
+            ln_cell_w=stacked([w.layer_norm_cell_weight for w in weights], acc),
+            ln_cell_b=stacked([w.layer_norm_cell_bias for w in weights], acc),
+            batch_sizes=batch_sizes,
+            offsets=offsets,
         )
 
     def constants(self, grid: Grid) -> dict:
@@ -906,8 +1066,14 @@ class _Call:
             ACT_OUT=_ACTIVATION_CODES[o.activations[2]], PEEPHOLE=self.peephole is not None,
             HAS_CLIP=o.clip is not None, COUPLED=o.coupled_input_forget, HAS_CELL_CLIP=o.cell_clip is not None,
             ZONEOUT_H=self.zoneout_h, ZONEOUT_C=self.zoneout_c, HAS_REC_MASK=self.rec_mask is not None,
-            HAS_LENGTHS=self.lengths is not None, W_AS_A=grid.w_as_a, K_CHUNK=grid.k_chunk,
+            HAS_LENGTHS=self.lengths is not None, PACKED=self.offsets is not None, W_AS_A=grid.w_as_a,
+            K_CHUNK=grid.k_chunk,
         )
+
+    def forward_constants(self, grid: Grid) -> dict:
+        """The forward kernel's own flags (layer norm's exchange: programs per group, slots)."""
+        return dict(LAYER_NORM=self.ln_hh is not None, NP_PAD=max(2, _pow2(triton.cdiv(self.hidden, grid.hb))),
+                    LN_SLOTS=_ln_slots(self.hidden))
 
     def grid(self, kind: str, device: torch.device) -> Grid:
         return choose_grid(kind, self.batch, self.hidden, self.directions, self.dtype, device)
@@ -925,23 +1091,29 @@ def _or_dummy(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
-    """``x [T, B, I]``, ``h0``/``c0 [D, B, H]`` -> ``y [T, B, D*H]``, ``h_n``, ``c_n [D, B, H]`` and, with
-    ``save``, the tensors :func:`_backward` needs."""
+    """``x [T, B, I]`` (packed: ``[N, I]``), ``h0``/``c0 [D, B, H]`` -> ``y [T, B, D*H]`` (packed:
+    ``[N, D*H]``), ``h_n``, ``c_n [D, B, H]`` and, with ``save``, the tensors :func:`_backward` needs."""
     T, B, H, D, dtype, acc = call.steps, call.batch, call.hidden, call.directions, call.dtype, call.acc
     G = 4 * H
-    xg = (x.reshape(T * B, -1) @ call.w_ih.t()).view(T, B, D * G)  # every step and direction at once
+    tokens = call.token_shape
+    xg = (x.reshape(-1, x.shape[-1]) @ call.w_ih.t()).view(*tokens, D * G)  # every step and direction at once
+    if call.ln_ih is not None:  # LN(x_t W_ih^T) is outside the recurrence too, in the accumulation dtype
+        per_direction = xg.view(-1, D, G).to(acc)
+        xg = (F.layer_norm(per_direction, (G,), eps=LAYER_NORM_EPS) * call.ln_ih).view(*tokens, D * G)
     h_buf = _empty(x, 2, D, B, H)
     h_buf.copy_(h0.unsqueeze(0).expand(2, D, B, H))  # a direction that skips its first steps starts in either slot
     c_state = c0.to(acc).contiguous().clone()
-    # steps a batch block skips (past all of its sequences' ends) are never written: zeros there
-    y = _empty(x, T, B, D * H) if call.lengths is None else x.new_zeros(T, B, D * H)
+    # padding rows of steps a batch block skips (past all of its sequences' ends) are never written:
+    # zeros there; packed input has no padding rows
+    padded_with_lengths = call.lengths is not None and call.offsets is None
+    y = x.new_zeros(*tokens, D * H) if padded_with_lengths else _empty(x, *tokens, D * H)
     o = call.options
     saved = {
-        "gates": _empty(x, T, B, D * G) if save else None,
-        "c_fresh": _empty(x, T, B, D * H, dtype=acc) if save else None,
-        "c_carried": _empty(x, T, B, D * H, dtype=acc) if save and call.zoneout_c else None,
-        "clip": _empty(x, T, B, D * G, dtype=torch.int8) if save and o.clip is not None else None,
-        "cell_clip": _empty(x, T, B, D * H, dtype=torch.int8) if save and o.cell_clip is not None else None,
+        "gates": _empty(x, *tokens, D * G) if save else None,
+        "c_fresh": _empty(x, *tokens, D * H, dtype=acc) if save else None,
+        "c_carried": _empty(x, *tokens, D * H, dtype=acc) if save and call.zoneout_c else None,
+        "clip": _empty(x, *tokens, D * G, dtype=torch.int8) if save and o.clip is not None else None,
+        "cell_clip": _empty(x, *tokens, D * H, dtype=torch.int8) if save and o.cell_clip is not None else None,
     }
     grid = call.grid("forward", x.device)
     counters = torch.zeros(D, triton.cdiv(B, grid.bb), dtype=torch.int32, device=x.device)
@@ -949,17 +1121,31 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
     dummy_acc = x.new_empty(1, dtype=acc)
     args = (
         xg, _or_dummy(call.bias, dummy_acc), call.w_hh, _or_dummy(call.peephole, dummy_acc),
-        _or_dummy(call.lengths, counters), _or_dummy(call.rec_mask, dummy_acc), _or_dummy(call.zh_mask, dummy_acc),
-        _or_dummy(call.zc_mask, dummy_acc), h_buf, c_state, y,
+        _or_dummy(call.lengths, counters), _or_dummy(call.offsets, counters), _or_dummy(call.rec_mask, dummy_acc),
+        _or_dummy(call.zh_mask, dummy_acc), _or_dummy(call.zc_mask, dummy_acc), h_buf, c_state, y,
         _or_dummy(saved["gates"], y), _or_dummy(saved["c_fresh"], dummy_acc), _or_dummy(saved["c_carried"], dummy_acc),
-        _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error), counters, error,
-        T, B,
+        _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error),
+        _or_dummy(call.ln_hh, dummy_acc), _or_dummy(call.ln_cell_w, dummy_acc), _or_dummy(call.ln_cell_b, dummy_acc),
+        _ln_stats(call, x), counters, error, T, B,
     )
-    scalars = (o.clip or 0.0, o.cell_clip or 0.0, o.zoneout_h, o.zoneout_c)
+    scalars = (o.clip or 0.0, o.cell_clip or 0.0, o.zoneout_h, o.zoneout_c, LAYER_NORM_EPS)
     extra = dict(HAS_BIAS=call.bias is not None, NEEDS_H_PREV=call.zoneout_h != 0 or call.lengths is not None,
                  SAVE=save)
     _launch(_forward_kernel, call, grid, args, scalars, extra, error, backward=False)
     return y, _final_h(h_buf, call, grid.bb), c_state.to(dtype), saved
+
+
+def _ln_slots(hidden: int) -> int:
+    """Slots per row of the layer-norm exchange: one per program of a group, for every grid (the
+    launcher may switch grids; ``HB >= 4``)."""
+    return max(2, _pow2(triton.cdiv(hidden, 4)))
+
+
+def _ln_stats(call: _Call, like: Tensor) -> Tensor:
+    """Where the programs of a group exchange their layer-norm moments: ``[2, D, B, LN_SLOTS, 2]``."""
+    if call.ln_hh is None:
+        return like.new_empty(1, dtype=call.acc)
+    return like.new_zeros(2, call.directions, call.batch, _ln_slots(call.hidden), 2, dtype=call.acc)
 
 
 def _final_h(h_buf: Tensor, call: _Call, bb: int) -> Tensor:
@@ -997,6 +1183,26 @@ def _previous_states(y: Tensor, h0: Tensor, lengths: Tensor | None) -> Tensor:
     return h_prev
 
 
+def _previous_states_packed(y: Tensor, h0: Tensor, call: _Call) -> Tensor:
+    """:func:`_previous_states` for a PackedSequence's rows: ``y [N, D*H]`` -> ``[N, D, H]``. Row
+    ``(t, b)``'s forward direction saw row ``(t - 1, b)`` (or ``h_0``), its reverse direction row
+    ``(t + 1, b)`` if sequence ``b`` reaches step ``t + 1`` (else ``h_0``)."""
+    batch_sizes, T = call.batch_sizes, call.steps
+    N, D, H = y.shape[0], h0.shape[0], h0.shape[2]
+    first = torch.cumsum(batch_sizes, 0) - batch_sizes
+    step = torch.repeat_interleave(torch.arange(T), batch_sizes)
+    slot = torch.arange(N) - first[step]
+    initial = N + slot  # row of h_0 in cat([y_d, h_0[d]])
+    sources = [torch.where(step > 0, first[(step - 1).clamp(min=0)] + slot, initial)]
+    if D == 2:
+        nxt = (step + 1).clamp(max=T - 1)
+        has_next = (step + 1 < T) & (slot < batch_sizes[nxt])
+        sources.append(torch.where(has_next, first[nxt] + slot, initial))
+    y3 = y.view(N, D, H)
+    return torch.stack([torch.cat([y3[:, d], h0[d].to(y.dtype)]).index_select(0, src.to(y.device))
+                        for d, src in enumerate(sources)], 1)
+
+
 def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Tensor, dy: Tensor, dh_n: Tensor,
               dc_n: Tensor) -> dict[str, Tensor | None]:
     """BPTT in the kernel, then the weight products: returns the gradients of ``x``, ``h0``, ``c0``,
@@ -1006,7 +1212,10 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     G = 4 * H
     dh_state = dh_n.to(acc).contiguous().clone()
     dc_state = dc_n.to(acc).contiguous().clone()
-    dgates = _empty(x, T, B, D * G) if call.lengths is None else x.new_zeros(T, B, D * G)  # skipped steps: zero
+    tokens = call.token_shape
+    # padding rows of skipped steps must read as zero; packed input has no padding rows
+    padded_with_lengths = call.lengths is not None and call.offsets is None
+    dgates = x.new_zeros(*tokens, D * G) if padded_with_lengths else _empty(x, *tokens, D * G)
     grid = call.grid("backward", x.device)
     blocks = triton.cdiv(B, grid.bb)
     dpeep = torch.zeros(blocks, D, 3 * H, dtype=acc, device=x.device)
@@ -1016,23 +1225,33 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     c0_acc = c0.to(acc).contiguous()
     args = (
         dy.to(dtype).contiguous(), dh_state, dc_state, call.w_hh, _or_dummy(call.peephole, dummy_acc),
-        _or_dummy(call.lengths, counters), _or_dummy(call.rec_mask, dummy_acc), _or_dummy(call.zh_mask, dummy_acc),
-        _or_dummy(call.zc_mask, dummy_acc), saved["gates"], saved["c_fresh"], _or_dummy(saved["c_carried"], dummy_acc),
+        _or_dummy(call.lengths, counters), _or_dummy(call.offsets, counters), _or_dummy(call.rec_mask, dummy_acc),
+        _or_dummy(call.zh_mask, dummy_acc), _or_dummy(call.zc_mask, dummy_acc), saved["gates"], saved["c_fresh"], _or_dummy(saved["c_carried"], dummy_acc),
         c0_acc, _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error), dgates, dpeep, counters,
         error, T, B,
     )
     o = call.options
     _launch(_backward_kernel, call, grid, args, (o.zoneout_h, o.zoneout_c), {}, error, backward=True)
 
-    rows = dgates.view(T * B, D * G)
-    x_rows = x.reshape(T * B, -1)
-    h_in = _previous_states(y, h0, call.lengths)
-    if call.rec_mask is not None:
-        h_in = (h_in * call.rec_mask.transpose(0, 1).unsqueeze(0)).to(dtype)
-    per_direction = rows.view(T * B, D, G).transpose(0, 1)  # [D, T*B, 4H]
-    d_w_hh = torch.bmm(per_direction.transpose(1, 2), h_in.view(T * B, D, H).transpose(0, 1))  # [D, 4H, H]
+    rows = dgates.view(-1, D * G)
+    n = rows.shape[0]  # T*B, or N packed rows
+    x_rows = x.reshape(n, -1)
+    # h_{t-1} as each row's step saw it, the recurrent-dropout mask applied: [n, D, H]
+    rec = None if call.rec_mask is None else call.rec_mask.transpose(0, 1)  # [B, D, H]
+    if call.offsets is None:
+        h_in = _previous_states(y, h0, call.lengths)  # [T, B, D, H]
+    else:
+        h_in = _previous_states_packed(y, h0, call)
+        if rec is not None:  # each packed row's sequence
+            first = torch.cumsum(call.batch_sizes, 0) - call.batch_sizes
+            rec = rec[(torch.arange(n) - torch.repeat_interleave(first, call.batch_sizes)).to(x.device)]
+    if rec is not None:
+        h_in = (h_in * rec).to(dtype)
+    h_in = h_in.reshape(n, D, H)
+    per_direction = rows.view(n, D, G).transpose(0, 1)  # [D, n, 4H]
+    d_w_hh = torch.bmm(per_direction.transpose(1, 2), h_in.transpose(0, 1))  # [D, 4H, H]
     return {
-        "x": (rows @ call.w_ih).view(T, B, -1),
+        "x": (rows @ call.w_ih).view(x.shape),
         "h0": dh_state.to(dtype),
         "c0": dc_state.to(dtype),
         "weight_ih": rows.t() @ x_rows,
@@ -1108,8 +1327,23 @@ def supports(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> 
 
 
 def kernels_cover(weights: Sequence[DirectionWeights], options: LSTMOptions) -> bool:
-    """Layer norm and the projection reach the kernels in part 2; until then the reference runs them."""
+    """Whether the kernels run a layer's forward and backward. The projection is not in the kernels
+    yet, nor layer norm's backward: the reference runs those layers."""
     return not options.layer_norm and weights[0].weight_hr is None
+
+
+def _kernels_run(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights],
+                 options: LSTMOptions) -> bool:
+    """Whether this call runs in the kernels: everything :func:`kernels_cover` covers, and layer
+    norm's forward when no gradient is needed (inference)."""
+    if kernels_cover(weights, options):
+        return True
+    return weights[0].weight_hr is None and not _needs_grad(x, h0, c0, weights)
+
+
+def _needs_grad(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights]) -> bool:
+    tensors = (x, h0, c0, *(t for w in weights for t in w))
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def lstm_layer(
@@ -1126,7 +1360,7 @@ def lstm_layer(
     """The engine entry point; the signature and semantics of :func:`fastlstm.reference.lstm_layer`.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests)."""
-    if not kernels_cover(weights, options):
+    if not _kernels_run(x, h0, c0, weights, options):
         from .. import reference
 
         return reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
@@ -1143,21 +1377,59 @@ def _by_length(x, lengths, h0, c0, weights, options, masks, training):
     sequences' ends can be skipped; results in the caller's order (autograd sees the permutations)."""
     order = torch.argsort(lengths, descending=True, stable=True).to(x.device)
     back = torch.argsort(order)
-
-    def rows(t, dim):
-        return None if t is None else t.index_select(dim, order)
-
-    sorted_masks = [DirectionMasks(rows(m.zoneout_h, 1), rows(m.zoneout_c, 1), rows(m.recurrent, 0), m.weight_hh)
-                    for m in masks]
-    y, h, c = _run(rows(x, 1), lengths.to(x.device)[order], rows(h0, 1), rows(c0, 1), weights, options, sorted_masks,
-                   training)
+    h0, c0, masks = _in_order(order, h0, c0, masks)
+    y, h, c = _run(x.index_select(1, order), lengths.to(x.device)[order], h0, c0, weights, options, masks, training)
     return y.index_select(1, back), h.index_select(1, back), c.index_select(1, back)
 
 
-def _run(x, lengths, h0, c0, weights, options, masks, training):
-    call = _Call.of(x, lengths, weights, options, masks, training)
-    tensors = (x, h0, c0, *(t for w in weights for t in w))
-    if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
+def _in_order(order: Tensor, h0: Tensor, c0: Tensor, masks: list[DirectionMasks]):
+    """The initial states and the masks (user batch order) with their batch rows taken in ``order``."""
+    def rows(t, dim):
+        return None if t is None else t.index_select(dim, order)
+
+    return rows(h0, 1), rows(c0, 1), [
+        DirectionMasks(rows(m.zoneout_h, 1), rows(m.zoneout_c, 1), rows(m.recurrent, 0), m.weight_hh) for m in masks
+    ]
+
+
+def lstm_layer_packed(
+    data: Tensor,
+    batch_sizes: Tensor,
+    sorted_indices: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[DirectionWeights],
+    options: LSTMOptions,
+    masks: Sequence[DirectionMasks] | None,
+    *,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A PackedSequence's rows ``data [N, I]`` (with its ``batch_sizes`` and ``sorted_indices``) as they
+    are: -> ``(y [N, D * H_out], h_n, c_n)``, states in user batch order. The kernels address each
+    step's rows through the step's first row, so no padded tensor is built and no padding is
+    computed. Masks are padded ``[T, B, .]`` in user order, as everywhere."""
+    if not _kernels_run(data, h0, c0, weights, options):
+        from .. import packing, reference
+
+        layout = packing.layout_of(PackedSequence(data, batch_sizes, sorted_indices, None))
+        y, h, c = reference.lstm_layer(packing.unpack(data, layout), layout.lengths, h0, c0, weights, options, masks,
+                                       training=training)
+        return packing.pack(y, layout), h, c
+    if masks is not None and not training:
+        raise ValueError("masks are only used in training mode; eval mode uses their expectations")
+    masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
+    if sorted_indices is None:
+        return _run(data, None, h0, c0, weights, options, masks, training, batch_sizes=batch_sizes)
+    order = sorted_indices.to(data.device)
+    back = torch.argsort(order)
+    h0, c0, masks = _in_order(order, h0, c0, masks)
+    y, h, c = _run(data, None, h0, c0, weights, options, masks, training, batch_sizes=batch_sizes)
+    return y, h.index_select(1, back), c.index_select(1, back)
+
+
+def _run(x, lengths, h0, c0, weights, options, masks, training, *, batch_sizes=None):
+    call = _Call.of(x, lengths, weights, options, masks, training, batch_sizes=batch_sizes)
+    if not _needs_grad(x, h0, c0, weights):
         with torch.no_grad():
             y, h_n, c_n, _ = _forward(call, x.contiguous(), h0, c0, save=False)
         return y, h_n, c_n
