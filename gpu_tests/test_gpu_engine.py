@@ -23,12 +23,12 @@ from fastlstm.weights import DirectionWeights
 from engine_cases import OPTIONS
 
 DEV = torch.device("cpu" if os.environ.get("FASTLSTM_GPU_TESTS_ON_CPU") == "1" else "cuda")
-KERNEL_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("layer_norm", "everything")}
-KERNEL_OPTIONS["everything"] = dict(
-    activations=("sigmoid", "tanh", "softsign"), peephole=True, clip=1.5, zoneout=(0.2, 0.3),
-    recurrent_dropout=0.3, weight_drop=0.3, cell_clip=0.8,
-)
+KERNEL_OPTIONS = dict(OPTIONS)  # every option runs in the kernels (the projection does not yet)
 STOCHASTIC = ("zoneout", "recurrent_dropout", "weight_drop")
+
+
+def _uniform(size, lo, hi):
+    return torch.empty(size, dtype=torch.float64, device=DEV).uniform_(lo, hi)
 
 
 def _layer(cfg, directions, batch, steps, input_size, hidden, bias=True):
@@ -42,7 +42,13 @@ def _layer(cfg, directions, batch, steps, input_size, hidden, bias=True):
             w.update(bias_ih=torch.empty(4 * hidden), bias_hh=torch.empty(4 * hidden))
         if options.peephole:
             w["weight_peephole"] = torch.empty(3 * hidden)
-        weights.append(DirectionWeights(**{n: t.double().uniform_(-k, k).to(DEV) for n, t in w.items()}))
+        w = {n: t.double().uniform_(-k, k).to(DEV) for n, t in w.items()}
+        if options.layer_norm:  # weights near 1, the cell's bias near 0
+            w |= {"layer_norm_ih_weight": _uniform(4 * hidden, 0.7, 1.3),
+                  "layer_norm_hh_weight": _uniform(4 * hidden, 0.7, 1.3),
+                  "layer_norm_cell_weight": _uniform(hidden, 0.7, 1.3),
+                  "layer_norm_cell_bias": _uniform(hidden, -0.2, 0.2)}
+        weights.append(DirectionWeights(**w))
     x = torch.randn(steps, batch, input_size, dtype=torch.float64, device=DEV)
     h0 = torch.randn(directions, batch, hidden, dtype=torch.float64, device=DEV) * 0.5
     c0 = torch.randn(directions, batch, hidden, dtype=torch.float64, device=DEV) * 0.5
@@ -149,22 +155,13 @@ def test_packed_rows(dtype, cfg):
              lengths=torch.randint(1, 49, (100,)), ours_fn=_through_packed_rows)
 
 
-@pytest.mark.parametrize("cfg", ["layer_norm", "layer_norm+everything"])
+@pytest.mark.parametrize("cfg", ["layer_norm", "everything"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_layer_norm_inference(dtype, cfg):
-    """Layer norm's forward in the kernels (no gradients needed): output and final states, at a
-    shape whose groups hold several programs (their moments exchanged each step)."""
-    cfg = {"layer_norm": dict(layer_norm=True),
-           "layer_norm+everything": dict(KERNEL_OPTIONS["everything"], layer_norm=True)}[cfg]
-    options, weights, x, h0, c0, masks, training = _layer(cfg, 2, 48, 40, 256, 512)
+    """Layer norm without autograd (nothing saved), at a shape whose groups hold several programs
+    (their moments exchanged each step): output and final states."""
+    options, weights, x, h0, c0, masks, training = _layer(KERNEL_OPTIONS[cfg], 2, 48, 40, 512, 512)
     lengths = torch.randint(1, 41, (48,), device=DEV)
-    def uniform(size, lo, hi):
-        return torch.empty(size, device=DEV, dtype=torch.float64).uniform_(lo, hi)
-
-    # layer-norm weights near 1, the cell's bias near 0
-    weights = [w._replace(layer_norm_ih_weight=uniform(4 * 512, 0.7, 1.3), layer_norm_hh_weight=uniform(4 * 512, 0.7, 1.3),
-                          layer_norm_cell_weight=uniform(512, 0.7, 1.3), layer_norm_cell_bias=uniform(512, -0.2, 0.2))
-               for w in weights]
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     ws = [DirectionWeights(*(cast(t) for t in w)) for w in weights]
     ms = None if masks is None else [DirectionMasks(*(cast(t) for t in m)) for m in masks]
@@ -235,8 +232,8 @@ def test_fp32_products_are_ieee_unless_tf32_is_enabled():
     assert (ours.double() - truth).abs().max().item() < 1e-4
 
 
-def test_layer_norm_and_projection_fall_back_on_cuda():
-    for kw in (dict(layer_norm=True), dict(proj_size=16)):
-        m = fastlstm.LSTM(8, 32, device=DEV, **kw)
+def test_projection_falls_back_on_cuda():
+    for kw in (dict(), dict(layer_norm=True)):
+        m = fastlstm.LSTM(8, 32, proj_size=16, device=DEV, **kw)
         y, _ = m(torch.randn(5, 3, 8, device=DEV))
         assert y.isfinite().all()

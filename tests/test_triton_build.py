@@ -27,6 +27,8 @@ CASES = {
     "fwd-bf16-B64-H512-packed": ("forward", "bfloat16", 64, 512, 2, "", "packed"),
     "bwd-bf16-B64-H512-packed": ("backward", "bfloat16", 64, 512, 2, "", "packed"),
     "fwd-bf16-B64-H1024-layer_norm": ("forward", "bfloat16", 64, 1024, 1, "layer_norm", "packed"),
+    "bwd-bf16-B64-H1024-layer_norm": ("backward", "bfloat16", 64, 1024, 1, "layer_norm", "packed"),
+    "bwd-fp32-B16-H256-layer_norm-bi": ("backward", "float32", 16, 256, 2, "layer_norm", "lengths"),
 }
 
 _BUILD = """

@@ -65,12 +65,8 @@ def grid(request, monkeypatch):
     return request.param
 
 
-# Layer norm and the projection are part 2 of the GPU work; everything else runs in the kernels.
-KERNEL_OPTIONS = {k: v for k, v in OPTIONS.items() if k not in ("layer_norm", "everything")}
-KERNEL_OPTIONS["everything"] = dict(
-    activations=("sigmoid", "tanh", "softsign"), peephole=True, clip=1.5, zoneout=(0.2, 0.3),
-    recurrent_dropout=0.3, weight_drop=0.3, cell_clip=0.8,
-)
+# Every option runs in the kernels; the projection does not yet (the reference runs it).
+KERNEL_OPTIONS = dict(OPTIONS)
 KERNEL_ARCHS = {"uni": ARCHS["uni"], "bi-nobias": ARCHS["bi-nobias"], "bi": dict(directions=2, proj=0, bias=True)}
 STOCHASTIC = ("zoneout", "recurrent_dropout", "weight_drop")
 
@@ -183,16 +179,15 @@ def test_inference_path_matches_reference(cfg, grid):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("cfg", ["layer_norm", "proj"])
-def test_layer_norm_and_projection_fall_back_to_the_reference(cfg, monkeypatch):
-    """Not yet in the kernels: those layers run on the reference, never a wrong answer."""
-    arch = ARCHS["bi-proj"] if cfg == "proj" else KERNEL_ARCHS["bi"]
-    options, weights = make_layer(arch, OPTIONS["layer_norm"] if cfg == "layer_norm" else {})
+@pytest.mark.parametrize("cfg", ["plain", "layer_norm"])
+def test_projection_falls_back_to_the_reference(cfg, monkeypatch):
+    """Not yet in the kernels: layers with proj_size run on the reference, never a wrong answer."""
+    options, weights = make_layer(ARCHS["bi-proj"], OPTIONS[cfg])
     assert not triton_lstm.kernels_cover(weights, options)
     launched = []
     monkeypatch.setattr(triton_lstm, "_launch", lambda *a, **k: launched.append(a))
-    compare(triton_lstm.lstm_layer, arch, OPTIONS["layer_norm"] if cfg == "layer_norm" else {},
-            lengths=LENGTHS["unequal"], training=False, dtype=torch.float64, tol=1e-12)
+    compare(triton_lstm.lstm_layer, ARCHS["bi-proj"], OPTIONS[cfg], lengths=LENGTHS["unequal"], training=False,
+            dtype=torch.float64, tol=1e-12)
     assert not launched
 
 
@@ -293,61 +288,44 @@ def test_packed_rows_with_several_programs_per_group(cfg, monkeypatch):
                    sorted_input=False, tol=1e-10, steps=5, batch=18, hidden=20)
 
 
-@pytest.mark.parametrize("cfg", ["layer_norm", "proj"])
-def test_packed_layer_norm_and_projection_fall_back_to_the_reference(cfg):
-    arch = ARCHS["bi-proj"] if cfg == "proj" else KERNEL_ARCHS["bi"]
-    compare_packed(triton_lstm.lstm_layer_packed, arch, OPTIONS["layer_norm"] if cfg == "layer_norm" else {},
-                   lengths=torch.tensor([3, 6, 1, 4]), sorted_input=False, tol=1e-10)
-
-
-LN_OPTIONS = {
-    "layer_norm": OPTIONS["layer_norm"],
-    "everything": dict(KERNEL_OPTIONS["everything"], layer_norm=True),
-}
-
-
-def _compare_inference(arch, cfg, lengths, *, packed=False, **shape):
-    """The kernels' forward without autograd against the reference's: output and final states."""
-    training = _training(cfg)
-    options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training, **shape)
-    with torch.no_grad():
-        theirs = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
-        if packed:
-            from torch.nn.utils.rnn import pack_padded_sequence
-
-            p = pack_padded_sequence(x, lengths, enforce_sorted=False)
-            ours = triton_lstm.lstm_layer_packed(p.data, p.batch_sizes, p.sorted_indices, h0, c0, weights, options,
-                                                 masks, training=training)
-            theirs = (pack_padded_sequence(theirs[0], lengths, enforce_sorted=False).data, *theirs[1:])
-        else:
-            ours = triton_lstm.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
-    for name, a, b in zip(("output", "h_n", "c_n"), ours, theirs):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+@pytest.mark.parametrize("cfg", ["plain", "layer_norm"])
+def test_packed_projection_falls_back_to_the_reference(cfg):
+    compare_packed(triton_lstm.lstm_layer_packed, ARCHS["bi-proj"], OPTIONS[cfg], lengths=torch.tensor([3, 6, 1, 4]),
+                   sorted_input=False, tol=1e-10)
 
 
 @pytest.mark.parametrize("form", ["full", "unequal", "packed"])
-@pytest.mark.parametrize("cfg", LN_OPTIONS)
-def test_layer_norm_forward_in_the_kernels(cfg, form, grid):
-    """Layer norm's forward (inference) runs in the kernels: LN(x W_ih^T) before the recurrence,
-    LN(h W_hh^T) and LN(c_t) from every program's moments, exchanged each step."""
-    lengths = None if form == "full" else LENGTHS["unequal"]
-    _compare_inference(KERNEL_ARCHS["bi"], LN_OPTIONS[cfg], lengths, packed=form == "packed")
+@pytest.mark.parametrize("cfg", ["layer_norm", "everything"])
+def test_layer_norm_in_the_kernels(cfg, form, grid):
+    """Layer norm, forward and backward, in the kernels: LN(x W_ih^T) with the input GEMM,
+    LN(h W_hh^T) and LN(c_t) from every program's share of a row's moments (forward) and sums
+    (backward), exchanged each step. Every output and gradient against the reference."""
+    cfg = KERNEL_OPTIONS[cfg]
+    if form == "packed":
+        compare_packed(triton_lstm.lstm_layer_packed, KERNEL_ARCHS["bi"], cfg, lengths=LENGTHS["unequal"],
+                       sorted_input=False, tol=1e-10)
+    else:
+        compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=LENGTHS[form], training=_training(cfg),
+                dtype=torch.float64, tol=1e-10)
 
 
-@pytest.mark.parametrize("cfg", LN_OPTIONS)
-def test_layer_norm_moments_combine_across_programs(cfg, monkeypatch):
-    """Per-step mode, H = 21: 6 forward programs of 4 units (the last holds 1), 2 batch blocks, each
-    step three launches (the phases): a row's statistics combine six programs' shares."""
+@pytest.mark.parametrize("cfg", ["layer_norm", "everything"])
+def test_layer_norm_statistics_combine_across_programs(cfg, monkeypatch):
+    """Per-step mode, H = 21: 6 forward programs of 4 units (the last holds 1) and 2 backward ones
+    of 16, 2 batch blocks, each step three launches (the phases): a row's statistics combine every
+    program's share, forward and backward."""
     monkeypatch.setattr(triton_lstm, "choose_grid", _per_step)
     lengths = torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
-    _compare_inference(KERNEL_ARCHS["bi"], LN_OPTIONS[cfg], lengths, steps=5, batch=18, hidden=21)
+    cfg = KERNEL_OPTIONS[cfg]
+    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=lengths, training=_training(cfg),
+            dtype=torch.float64, tol=1e-10, steps=5, batch=18, hidden=21)
 
 
-def test_layer_norm_with_gradients_runs_on_the_reference(monkeypatch):
-    """Layer norm's backward is not in the kernels yet: a call that needs gradients runs on the
-    reference, exactly."""
-    launched = []
-    monkeypatch.setattr(triton_lstm, "_launch", lambda *a, **k: launched.append(a))
-    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], OPTIONS["layer_norm"], lengths=LENGTHS["unequal"],
-            training=False, dtype=torch.float64, tol=1e-12)
-    assert not launched
+def test_layer_norm_inference_matches_reference(grid):
+    """Without autograd (nothing saved): the same outputs."""
+    options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["bi"], OPTIONS["layer_norm"], torch.float64)
+    with torch.no_grad():
+        ours = triton_lstm.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, None, training=False)
+        theirs = reference.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, None, training=False)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

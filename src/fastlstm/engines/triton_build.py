@@ -84,13 +84,11 @@ def build(kind: str, dtype: torch.dtype, hidden: int, grid: Grid, options: LSTMO
         zoneout_c=2 if options.zoneout_c else 0, options=options, ln_ih=ln, ln_hh=ln, ln_cell_w=ln, ln_cell_b=ln,
         batch_sizes=torch.ones(1, dtype=torch.int64) if packed else None, offsets=torch.empty(0) if packed else None,
     )
-    constants = call.constants(grid) | {"USE_BARRIER": grid.barrier}
+    constants = call.constants(grid) | call.layer_norm_constants(grid) | {"USE_BARRIER": grid.barrier}
     constants["DOT_IN_FP32"] = False
     if kind == "forward":
         kernel = triton_lstm._forward_kernel
-        # layer norm's backward is not in the kernels: its forward runs for inference only
-        constants |= {"HAS_BIAS": bias, "NEEDS_H_PREV": call.zoneout_h != 0 or lengths,
-                      "SAVE": not options.layer_norm} | call.forward_constants(grid)
+        constants |= {"HAS_BIAS": bias, "NEEDS_H_PREV": call.zoneout_h != 0 or lengths, "SAVE": True}
     else:
         kernel = triton_lstm._backward_kernel
     # the launcher passes these; the jit decorator's wrapper is what ASTSource wants

@@ -20,9 +20,9 @@ Design (see docs/equations.md for the math):
 * Then cuBLAS computes ``dx``, ``dW_ih`` and ``dW_hh`` (``K = T B``) and a reduction the biases.
 * A PackedSequence's rows ``[N, F]`` are used as they are: the kernels address step ``t``'s rows as
   ``offsets[t] + b`` (``PACKED``) instead of ``t B + b``, so nothing is padded.
-* Layer norm (forward): ``LN(x W_ih^T)`` is computed with the input GEMM; ``LN(h W_hh^T)`` and
-  ``LN(c_t)`` combine every program's moments of its share of the row, exchanged at two more
-  barriers per step. Its backward is not in the kernels: calls that need it run on the reference.
+* Layer norm: ``LN(x W_ih^T)`` is computed with the input GEMM; ``LN(h W_hh^T)`` and ``LN(c_t)``
+  combine every program's moments of its share of the row (forward) or its two gradient sums
+  (backward), exchanged at two more barriers per step (docs/equations.md, section 10.5).
 
 The barrier only works when every program of a group is resident at once. The launcher asks for at
 most one program per SM; when that cannot hold (too many programs, a slice too large to keep on
@@ -42,7 +42,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
@@ -224,6 +223,16 @@ if triton is not None:
             tl.debug_barrier()
 
     @triton.jit
+    def _finishes(phase, LAYER_NORM: tl.constexpr):
+        """Whether a launch that runs ``phase`` finishes its steps. Only layer norm splits a step into
+        phases; without it the answer is a constant, which costs no registers."""
+        if LAYER_NORM:
+            done = (phase == 2) | (phase == 3)
+        else:
+            done = True
+        return done
+
+    @triton.jit
     def _partial_moments(v, m, count):
         """Each row's mean and sum of squared deviations (M2) over the entries ``m`` of ``v [BB, K]``,
         ``count`` of them: this program's share of a layer-norm statistic."""
@@ -237,6 +246,20 @@ if triton is not None:
         m = tl.where(on, m_b, False)  # (a scalar and a block in `&` fail in the interpreter)
         tl.store(p_rows + i_h * 2, mean, mask=m)
         tl.store(p_rows + i_h * 2 + 1, m2, mask=m)
+
+    @triton.jit
+    def _publish_sums(p_rows, i_h, a, b, m_b, on):
+        """Store this program's two row sums in slot ``i_h`` of ``[B, LN_SLOTS, 2]`` if ``on``."""
+        _publish_moments(p_rows, i_h, a, b, m_b, on)
+
+    @triton.jit
+    def _combined_sums(p_rows, m_b, n_programs, NP_PAD: tl.constexpr):
+        """Each row's two sums over every program's share (see :func:`_publish_sums`)."""
+        o_p = tl.arange(0, NP_PAD)
+        m = m_b[:, None] & (o_p < n_programs)[None, :]
+        first = tl.load(p_rows[:, None] + o_p[None, :] * 2, mask=m, other=0.0, cache_modifier=".cg")
+        second = tl.load(p_rows[:, None] + o_p[None, :] * 2 + 1, mask=m, other=0.0, cache_modifier=".cg")
+        return tl.sum(first, axis=1), tl.sum(second, axis=1)
 
     @triton.jit
     def _combined_moments(p_rows, m_b, n_programs, H, HB: tl.constexpr, PER_UNIT: tl.constexpr,
@@ -280,6 +303,8 @@ if triton is not None:
         ln_cell_w,  # [D, H]  layer norm of c_t: weight
         ln_cell_b,  # [D, H]  and bias
         ln_stats,  # [2, D, B, LN_SLOTS, 2]  each program's (mean, M2) of its rows: gates, then cell
+        hh_hat_out,  # [T, B, D*4H]  saved (h_{t-1} W_hh^T - mean) * rstd, accumulation dtype
+        ln_rows_out,  # [T, B, D*3]  saved per row: rstd of h_{t-1} W_hh^T, mean and rstd of c_t
         counters,  # [D, NB] int32 barrier arrivals
         error,  # [1] int32
         T,
@@ -418,8 +443,9 @@ if triton is not None:
                 mean_p, m2_p = _partial_moments(acc, m_col[None, :], 4 * tl.minimum(HB, H - i_h * HB))
                 _publish_moments(p_ln_gates, i_h, mean_p, m2_p, m_b, (phase == 0) | (phase == 3))
                 _sync(p_counter, ((s - s_lo) * 3 + 1) * n_group, error, USE_BARRIER)
-                mean, rstd = _combined_moments(p_ln_gates, m_b, n_group, H, HB, 4, NP_PAD, ln_eps)
-                acc = (acc - mean[:, None]) * rstd[:, None] * b_ln_hh
+                mean_h, rstd_h = _combined_moments(p_ln_gates, m_b, n_group, H, HB, 4, NP_PAD, ln_eps)
+                hh_hat = (acc - mean_h[:, None]) * rstd_h[:, None]
+                acc = hh_hat * b_ln_hh
             # column 4 u + 2 k1 + k0 holds gate 2 k1 + k0 of unit u
             even, odd = tl.split(tl.reshape(acc, (BB, HB, 2, 2)))
             a_i, a_g = tl.split(even)
@@ -455,8 +481,9 @@ if triton is not None:
                 mean_p, m2_p = _partial_moments(c_fresh, m_j[None, :], tl.minimum(HB, H - i_h * HB))
                 _publish_moments(p_ln_cell, i_h, mean_p, m2_p, m_b, (phase == 1) | (phase == 3))
                 _sync(p_counter, ((s - s_lo) * 3 + 2) * n_group, error, USE_BARRIER)
-                mean, rstd = _combined_moments(p_ln_cell, m_b, n_group, H, HB, 1, NP_PAD, ln_eps)
-                h_fresh = gate_o * _activate((c_fresh - mean[:, None]) * rstd[:, None] * b_ln_cw + b_ln_cb, ACT_OUT)
+                mean_c, rstd_c = _combined_moments(p_ln_cell, m_b, n_group, H, HB, 1, NP_PAD, ln_eps)
+                h_fresh = gate_o * _activate((c_fresh - mean_c[:, None]) * rstd_c[:, None] * b_ln_cw + b_ln_cb,
+                                             ACT_OUT)
             else:
                 h_fresh = gate_o * _activate(c_fresh, ACT_OUT)
 
@@ -489,7 +516,7 @@ if triton is not None:
                 h_out = h_new
             # a launch that runs an earlier phase of the step only (layer norm, one launch per step)
             # stores nothing of the step's results
-            finishes = (phase == 2) | (phase == 3)
+            finishes = _finishes(phase, LAYER_NORM)
             b_c = tl.where(finishes, c_new, b_c)
             m_rj = tl.where(finishes, m_rj, False)
             m_out = tl.where(finishes, m_bj, False)
@@ -497,6 +524,20 @@ if triton is not None:
             tl.store(y + p_state_t, h_out.to(y.dtype.element_ty), mask=m_rj)
             p_h_next = h_buf + (((s + 1) % 2) * D + d64) * B * H + o_b64[:, None] * H + o_j[None, :]
             tl.store(p_h_next, h_new.to(h_buf.dtype.element_ty), mask=m_out)
+            if SAVE and LAYER_NORM:
+                # the normalised h_{t-1} W_hh^T of the owned gates, and (once per row) the statistics
+                hat_even, hat_odd = tl.split(tl.reshape(hh_hat, (BB, HB, 2, 2)))
+                hat_i, hat_g = tl.split(hat_even)
+                hat_f, hat_o = tl.split(hat_odd)
+                tl.store(hh_hat_out + row, hat_i, mask=m_rj)
+                tl.store(hh_hat_out + row + H, hat_f, mask=m_rj)
+                tl.store(hh_hat_out + row + 2 * H, hat_g, mask=m_rj)
+                tl.store(hh_hat_out + row + 3 * H, hat_o, mask=m_rj)
+                m_row = tl.where(i_h == 0, tl.where(finishes, _live(m_b, t, b_len, PACKED), False), False)
+                p_rows = ln_rows_out + r64 * (D * 3) + d64 * 3
+                tl.store(p_rows, rstd_h, mask=m_row)
+                tl.store(p_rows + 1, mean_c, mask=m_row)
+                tl.store(p_rows + 2, rstd_c, mask=m_row)
             if SAVE:
                 p_g = gates_out + row
                 tl.store(p_g, gate_i.to(gates_out.dtype.element_ty), mask=m_rj)
@@ -590,7 +631,15 @@ if triton is not None:
         c0,  # [D, B, H]
         clip_in,  # [T, B, D*4H] int8
         cell_clip_in,  # [T, B, D*H] int8
-        dgates,  # [T, B, D*4H]  out: d loss / d a_t (pre-activation), storage dtype
+        ln_hh,  # [D, 4H]  layer-norm weights (LAYER_NORM)
+        ln_cell_w,  # [D, H]
+        ln_cell_b,  # [D, H]
+        hh_hat,  # [T, B, D*4H]  saved normalised h_{t-1} W_hh^T
+        ln_rows,  # [T, B, D*3]  saved rstd of h_{t-1} W_hh^T, mean and rstd of c_t
+        ln_stats,  # [2, D, B, LN_SLOTS, 2]  the programs' row sums, exchanged
+        da_out,  # [T, B, D*4H]  out (LAYER_NORM): d loss / d a_t, for LN(x W_ih^T) and the biases
+        dln,  # [NB, D, 6H]  out: the weights' gradients of LN(h W_hh^T) (4H) and LN(c_t) (weight H, bias H)
+        dgates,  # [T, B, D*4H]  out: d loss / d (h_{t-1} W_hh^T), which is d loss / d a_t without layer norm
         dpeep,  # [NB, D, 3H]  out: peephole gradient summed over this batch block's rows
         counters,  # [D, NB] int32
         error,  # [1] int32
@@ -599,6 +648,7 @@ if triton is not None:
         step_begin,
         step_end,
         finish,
+        phase,
         z_h,
         z_c,
         H: tl.constexpr,
@@ -623,15 +673,23 @@ if triton is not None:
         PACKED: tl.constexpr,
         W_AS_A: tl.constexpr,
         K_CHUNK: tl.constexpr,
+        LAYER_NORM: tl.constexpr,
+        NP_PAD: tl.constexpr,
+        LN_SLOTS: tl.constexpr,
         USE_BARRIER: tl.constexpr,
     ):
         """Backward steps ``[step_begin, step_end)``, counted from the last processed step
-        (docs/equations.md section 10). Each step has two phases: first ``dh`` receives
+        (docs/equations.md section 10). Each step has two parts: first ``dh`` receives
         ``dgates W_hh`` of the step before (every program's slice of it, published before the
         barrier), then the owned slice of this step's ``dgates`` is computed and published.
         ``finish`` runs the last product, which gives ``dh_0``; one launch per step passes it to an
-        extra, empty launch, so that a launch boundary separates the phases. Steps past the end of
-        every sequence of the batch block are skipped (their dgates rows stay zero)."""
+        extra, empty launch, so that a launch boundary separates the parts. Steps past the end of
+        every sequence of the batch block are skipped (their dgates rows stay zero).
+
+        With ``LAYER_NORM`` the backward of ``LN(c_t)`` and of ``LN(h_{t-1} W_hh^T)`` each need two
+        sums over a whole row: each is a phase that publishes the program's share and ends at the
+        group's barrier (``phase`` as in the forward kernel: 3 runs every phase; one launch per step
+        runs phases 0, 1, 2 as three launches that store only their own phase's results)."""
         i_h, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         G: tl.constexpr = 4 * H
         o_j = i_h * HB + tl.arange(0, HB)
@@ -662,6 +720,24 @@ if triton is not None:
             b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj, other=0.0).to(ACC)
         b_len = _lengths_of(lengths, o_b, m_b, BB, HAS_LENGTHS)
 
+        BARRIERS: tl.constexpr = 3 if LAYER_NORM else 1  # per step
+        if LAYER_NORM:
+            p_gate_w = ln_hh + d64 * G + o_j
+            b_gi = tl.load(p_gate_w, mask=m_j, other=0.0)[None, :]
+            b_gf = tl.load(p_gate_w + H, mask=m_j, other=0.0)[None, :]
+            b_gg = tl.load(p_gate_w + 2 * H, mask=m_j, other=0.0)[None, :]
+            b_go = tl.load(p_gate_w + 3 * H, mask=m_j, other=0.0)[None, :]
+            b_ln_cw = tl.load(ln_cell_w + d64 * H + o_j, mask=m_j, other=0.0)[None, :]
+            b_ln_cb = tl.load(ln_cell_b + d64 * H + o_j, mask=m_j, other=0.0)[None, :]
+            d_gi = tl.zeros((HB,), dtype=ACC)
+            d_gf = tl.zeros((HB,), dtype=ACC)
+            d_gg = tl.zeros((HB,), dtype=ACC)
+            d_go = tl.zeros((HB,), dtype=ACC)
+            d_cw = tl.zeros((HB,), dtype=ACC)
+            d_cb = tl.zeros((HB,), dtype=ACC)
+            p_ln_gates = ln_stats + ((0 * D + d64) * B + o_b64) * LN_SLOTS * 2  # [BB]
+            p_ln_cell = ln_stats + ((1 * D + d64) * B + o_b64) * LN_SLOTS * 2
+
         p_state = (d64 * B + o_b64[:, None]) * H + o_j[None, :]
         b_dh = tl.load(dh_state + p_state, mask=m_bj, other=0.0)
         b_dc = tl.load(dc_state + p_state, mask=m_bj, other=0.0)
@@ -673,6 +749,9 @@ if triton is not None:
         s_lo = tl.maximum(step_begin, lo)
         # num_stages=1: a step's loads of dgates must not be prefetched before the step that writes it
         for s in tl.range(s_lo, tl.minimum(step_end, hi), num_stages=1):
+            # a launch that runs an earlier phase of the step only stores nothing of its results
+            finishes = _finishes(phase, LAYER_NORM)
+            dh_carried, dc_carried = b_dh, b_dc
             if s > lo:
                 dh_in = _dh_from_dgates(dgates, w_dir, b_w, s - 1, T, B, i_d, offsets, b_len, o_b64, m_b, o_j, m_j, H,
                                         D, G, H_PAD, HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32, PACKED)
@@ -726,9 +805,31 @@ if triton is not None:
                 c_prev = tl.load(c_fresh + p_state_prev, mask=prev_real, other=0.0)
             c_prev = tl.where(prev_real, c_prev, b_c0)
 
-            cell_out = _activate(b_cf, ACT_OUT)
+            if LAYER_NORM:
+                p_rows = ln_rows + r64 * (D * 3) + d64 * 3
+                m_live = _live(m_b, t, b_len, PACKED)
+                rstd_h = tl.load(p_rows, mask=m_live, other=0.0)[:, None]
+                mean_c = tl.load(p_rows + 1, mask=m_live, other=0.0)[:, None]
+                rstd_c = tl.load(p_rows + 2, mask=m_live, other=0.0)[:, None]
+                c_hat = tl.where(m_rj, (b_cf - mean_c) * rstd_c, 0.0)
+                cell_out = _activate(c_hat * b_ln_cw + b_ln_cb, ACT_OUT)
+            else:
+                cell_out = _activate(b_cf, ACT_OUT)
             da_o = dh_fresh * cell_out * _activation_grad(gate_o, ACT_GATE)
-            dc_fresh += dh_fresh * gate_o * _activation_grad(cell_out, ACT_OUT)
+            d_cell = dh_fresh * gate_o * _activation_grad(cell_out, ACT_OUT)  # d loss / d (the cell's output)
+            if LAYER_NORM:  # back through LN(c_t): two sums over the row's H units
+                d_cell = tl.where(m_rj, d_cell, 0.0)
+                if HAS_LENGTHS:  # padding rows (past a sequence's end) add nothing
+                    d_cell = tl.where((t < b_len)[:, None], d_cell, 0.0)
+                d_cw += tl.where(finishes, tl.sum(d_cell * c_hat, axis=0), 0.0)
+                d_cb += tl.where(finishes, tl.sum(d_cell, axis=0), 0.0)
+                d_hat = d_cell * b_ln_cw
+                _publish_sums(p_ln_cell, i_h, tl.sum(d_hat, axis=1), tl.sum(d_hat * c_hat, axis=1), m_b,
+                              (phase == 0) | (phase == 3))
+                _sync(p_counter, ((s - s_lo) * 3 + 1) * n_group, error, USE_BARRIER)
+                sum_d, sum_dc = _combined_sums(p_ln_cell, m_b, n_group, NP_PAD)
+                d_cell = rstd_c * (d_hat - (sum_d[:, None] + c_hat * sum_dc[:, None]) / H)
+            dc_fresh += d_cell
             if HAS_CLIP:
                 p_clip = clip_in + row
                 da_o = tl.where(tl.load(p_clip + 3 * H, mask=m_rj, other=0) != 0, da_o, 0.0)
@@ -769,18 +870,45 @@ if triton is not None:
                 b_dh = dh_kept
                 b_dc = dc_new
             if PEEPHOLE:
-                d_pi += tl.sum(da_i * c_prev, axis=0)
-                d_pf += tl.sum(da_f * c_prev, axis=0)
-                d_po += tl.sum(da_o * b_cf, axis=0)
+                d_pi += tl.where(finishes, tl.sum(da_i * c_prev, axis=0), 0.0)
+                d_pf += tl.where(finishes, tl.sum(da_f * c_prev, axis=0), 0.0)
+                d_po += tl.where(finishes, tl.sum(da_o * b_cf, axis=0), 0.0)
+            b_dh = tl.where(finishes, b_dh, dh_carried)
+            b_dc = tl.where(finishes, b_dc, dc_carried)
+            m_live_j = m_rj
+            m_rj = tl.where(finishes, m_rj, False)
+            if LAYER_NORM:
+                # a_t = LN(x W_ih^T) + LN(h_{t-1} W_hh^T) + b: d a_t goes to the input side and the biases
+                # as it is, and back through LN(h_{t-1} W_hh^T): two sums over the row's 4H gates
+                tl.store(da_out + row, da_i, mask=m_rj)
+                tl.store(da_out + row + H, da_f, mask=m_rj)
+                tl.store(da_out + row + 2 * H, da_g, mask=m_rj)
+                tl.store(da_out + row + 3 * H, da_o, mask=m_rj)
+                hat_i = tl.load(hh_hat + row, mask=m_live_j, other=0.0)
+                hat_f = tl.load(hh_hat + row + H, mask=m_live_j, other=0.0)
+                hat_g = tl.load(hh_hat + row + 2 * H, mask=m_live_j, other=0.0)
+                hat_o = tl.load(hh_hat + row + 3 * H, mask=m_live_j, other=0.0)
+                d_gi += tl.where(finishes, tl.sum(da_i * hat_i, axis=0), 0.0)
+                d_gf += tl.where(finishes, tl.sum(da_f * hat_f, axis=0), 0.0)
+                d_gg += tl.where(finishes, tl.sum(da_g * hat_g, axis=0), 0.0)
+                d_go += tl.where(finishes, tl.sum(da_o * hat_o, axis=0), 0.0)
+                dhat_i, dhat_f, dhat_g, dhat_o = da_i * b_gi, da_f * b_gf, da_g * b_gg, da_o * b_go
+                sum_d = tl.sum(dhat_i + dhat_f + dhat_g + dhat_o, axis=1)
+                sum_dh = tl.sum(dhat_i * hat_i + dhat_f * hat_f + dhat_g * hat_g + dhat_o * hat_o, axis=1)
+                _publish_sums(p_ln_gates, i_h, sum_d, sum_dh, m_b, (phase == 1) | (phase == 3))
+                _sync(p_counter, ((s - s_lo) * 3 + 2) * n_group, error, USE_BARRIER)
+                sum_d, sum_dh = _combined_sums(p_ln_gates, m_b, n_group, NP_PAD)
+                mean_d, mean_dh = (sum_d / G)[:, None], (sum_dh / G)[:, None]
+                da_i = rstd_h * (dhat_i - mean_d - hat_i * mean_dh)
+                da_f = rstd_h * (dhat_f - mean_d - hat_f * mean_dh)
+                da_g = rstd_h * (dhat_g - mean_d - hat_g * mean_dh)
+                da_o = rstd_h * (dhat_o - mean_d - hat_o * mean_dh)
             out_ty = dgates.dtype.element_ty
             tl.store(dgates + row, da_i.to(out_ty), mask=m_rj)
             tl.store(dgates + row + H, da_f.to(out_ty), mask=m_rj)
             tl.store(dgates + row + 2 * H, da_g.to(out_ty), mask=m_rj)
             tl.store(dgates + row + 3 * H, da_o.to(out_ty), mask=m_rj)
-            if USE_BARRIER:
-                _grid_barrier(p_counter, (s - s_lo + 1) * n_group, error)
-            else:  # one program per group: its own warps still exchange dgates through memory
-                tl.debug_barrier()
+            _sync(p_counter, (s - s_lo + 1) * BARRIERS * n_group, error, USE_BARRIER)
 
         if (finish != 0) & (hi > lo):
             dh_in = _dh_from_dgates(dgates, w_dir, b_w, hi - 1, T, B, i_d, offsets, b_len, o_b64, m_b, o_j, m_j, H, D,
@@ -795,6 +923,14 @@ if triton is not None:
             tl.store(p_dpeep, tl.load(p_dpeep, mask=m_j, other=0.0) + d_pi, mask=m_j)
             tl.store(p_dpeep + H, tl.load(p_dpeep + H, mask=m_j, other=0.0) + d_pf, mask=m_j)
             tl.store(p_dpeep + 2 * H, tl.load(p_dpeep + 2 * H, mask=m_j, other=0.0) + d_po, mask=m_j)
+        if LAYER_NORM:  # this launch's share, added: one launch per step accumulates over the launches
+            p_dln = dln + (i_b * D + i_d) * 6 * H + o_j
+            tl.store(p_dln, tl.load(p_dln, mask=m_j, other=0.0) + d_gi, mask=m_j)
+            tl.store(p_dln + H, tl.load(p_dln + H, mask=m_j, other=0.0) + d_gf, mask=m_j)
+            tl.store(p_dln + 2 * H, tl.load(p_dln + 2 * H, mask=m_j, other=0.0) + d_gg, mask=m_j)
+            tl.store(p_dln + 3 * H, tl.load(p_dln + 3 * H, mask=m_j, other=0.0) + d_go, mask=m_j)
+            tl.store(p_dln + 4 * H, tl.load(p_dln + 4 * H, mask=m_j, other=0.0) + d_cw, mask=m_j)
+            tl.store(p_dln + 5 * H, tl.load(p_dln + 5 * H, mask=m_j, other=0.0) + d_cb, mask=m_j)
 
 
 # -- launchers --------------------------------------------------------------------------------------
@@ -922,27 +1058,27 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
     if grid.persistent and key in _DOES_NOT_FIT:
         grid = per_step_grid(kind, grid, call.hidden, call.dtype)
     shape = grid.shape(call.batch, call.hidden, call.directions)
-    constants = call.constants(grid) | extra | ({} if backward else call.forward_constants(grid))
+    constants = call.constants(grid) | extra | call.layer_norm_constants(grid)
 
-    def run(begin: int, end: int, last: int, use_barrier: bool) -> None:
-        # the backward's last argument says whether to finish with dh_0, the forward's which phase to run
-        kernel[shape](*args, begin, end, last, *scalars, **constants, USE_BARRIER=use_barrier,
-                      num_warps=grid.num_warps)
+    def run(begin: int, end: int, finish: int, phase: int, use_barrier: bool) -> None:
+        # the backward's `finish` says whether to end with dh_0; `phase` which phases of a step to run
+        step_args = (begin, end, finish, phase) if backward else (begin, end, phase)
+        kernel[shape](*args, *step_args, *scalars, **constants, USE_BARRIER=use_barrier, num_warps=grid.num_warps)
 
     # Triton launches on the current CUDA device: make it the tensors' one
     device = torch.cuda.device(error.device) if error.device.type == "cuda" else contextlib.nullcontext()
     try:
         with device:
             if grid.persistent:
-                run(0, call.steps, 1 if backward else _ALL_PHASES, grid.barrier)
+                run(0, call.steps, 1, _ALL_PHASES, grid.barrier)
             else:
-                # forward with layer norm: each phase of a step is a launch (the boundary is the barrier)
-                phases = range(3) if not backward and call.ln_hh is not None else [_ALL_PHASES]
+                # with layer norm each phase of a step is a launch (the launch boundary is the barrier)
+                phases = range(3) if call.ln_hh is not None else [_ALL_PHASES]
                 for s in range(call.steps):
                     for phase in phases:
-                        run(s, s + 1, 0 if backward else phase, False)
+                        run(s, s + 1, 0, phase, False)
                 if backward:
-                    run(call.steps, call.steps, 1, False)
+                    run(call.steps, call.steps, 1, _ALL_PHASES, False)
     except Exception as exc:
         if grid.persistent and _OutOfResources is not None and isinstance(exc, _OutOfResources):
             _DOES_NOT_FIT.add(key)
@@ -1070,8 +1206,8 @@ class _Call:
             K_CHUNK=grid.k_chunk,
         )
 
-    def forward_constants(self, grid: Grid) -> dict:
-        """The forward kernel's own flags (layer norm's exchange: programs per group, slots)."""
+    def layer_norm_constants(self, grid: Grid) -> dict:
+        """Layer norm's flag and its exchange's sizes (programs per group, slots)."""
         return dict(LAYER_NORM=self.ln_hh is not None, NP_PAD=max(2, _pow2(triton.cdiv(self.hidden, grid.hb))),
                     LN_SLOTS=_ln_slots(self.hidden))
 
@@ -1097,9 +1233,10 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
     G = 4 * H
     tokens = call.token_shape
     xg = (x.reshape(-1, x.shape[-1]) @ call.w_ih.t()).view(*tokens, D * G)  # every step and direction at once
-    if call.ln_ih is not None:  # LN(x_t W_ih^T) is outside the recurrence too, in the accumulation dtype
-        per_direction = xg.view(-1, D, G).to(acc)
-        xg = (F.layer_norm(per_direction, (G,), eps=LAYER_NORM_EPS) * call.ln_ih).view(*tokens, D * G)
+    layer_norm = call.ln_hh is not None
+    if layer_norm:  # LN(x_t W_ih^T) is outside the recurrence too, in the accumulation dtype
+        normed, mean_x, rstd_x = torch.native_layer_norm(xg.view(-1, D, G).to(acc), [G], None, None, LAYER_NORM_EPS)
+        xg = (normed * call.ln_ih).view(*tokens, D * G)
     h_buf = _empty(x, 2, D, B, H)
     h_buf.copy_(h0.unsqueeze(0).expand(2, D, B, H))  # a direction that skips its first steps starts in either slot
     c_state = c0.to(acc).contiguous().clone()
@@ -1114,6 +1251,9 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
         "c_carried": _empty(x, *tokens, D * H, dtype=acc) if save and call.zoneout_c else None,
         "clip": _empty(x, *tokens, D * G, dtype=torch.int8) if save and o.clip is not None else None,
         "cell_clip": _empty(x, *tokens, D * H, dtype=torch.int8) if save and o.cell_clip is not None else None,
+        "hh_hat": _empty(x, *tokens, D * G, dtype=acc) if save and layer_norm else None,
+        "ln_rows": _empty(x, *tokens, D * 3, dtype=acc) if save and layer_norm else None,
+        "x_moments": (mean_x, rstd_x) if save and layer_norm else None,
     }
     grid = call.grid("forward", x.device)
     counters = torch.zeros(D, triton.cdiv(B, grid.bb), dtype=torch.int32, device=x.device)
@@ -1126,7 +1266,8 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
         _or_dummy(saved["gates"], y), _or_dummy(saved["c_fresh"], dummy_acc), _or_dummy(saved["c_carried"], dummy_acc),
         _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error),
         _or_dummy(call.ln_hh, dummy_acc), _or_dummy(call.ln_cell_w, dummy_acc), _or_dummy(call.ln_cell_b, dummy_acc),
-        _ln_stats(call, x), counters, error, T, B,
+        _ln_stats(call, x), _or_dummy(saved["hh_hat"], dummy_acc), _or_dummy(saved["ln_rows"], dummy_acc),
+        counters, error, T, B,
     )
     scalars = (o.clip or 0.0, o.cell_clip or 0.0, o.zoneout_h, o.zoneout_c, LAYER_NORM_EPS)
     extra = dict(HAS_BIAS=call.bias is not None, NEEDS_H_PREV=call.zoneout_h != 0 or call.lengths is not None,
@@ -1216,9 +1357,14 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     # padding rows of skipped steps must read as zero; packed input has no padding rows
     padded_with_lengths = call.lengths is not None and call.offsets is None
     dgates = x.new_zeros(*tokens, D * G) if padded_with_lengths else _empty(x, *tokens, D * G)
+    layer_norm = call.ln_hh is not None
+    da = None
+    if layer_norm:  # d a_t, for LN(x W_ih^T) and the biases (dgates is then d (h_{t-1} W_hh^T))
+        da = x.new_zeros(*tokens, D * G, dtype=acc) if padded_with_lengths else _empty(x, *tokens, D * G, dtype=acc)
     grid = call.grid("backward", x.device)
     blocks = triton.cdiv(B, grid.bb)
     dpeep = torch.zeros(blocks, D, 3 * H, dtype=acc, device=x.device)
+    dln = torch.zeros(blocks, D, 6 * H, dtype=acc, device=x.device) if layer_norm else None
     counters = torch.zeros(D, blocks, dtype=torch.int32, device=x.device)
     error = torch.zeros(1, dtype=torch.int32, device=x.device)
     dummy_acc = x.new_empty(1, dtype=acc)
@@ -1227,8 +1373,10 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
         dy.to(dtype).contiguous(), dh_state, dc_state, call.w_hh, _or_dummy(call.peephole, dummy_acc),
         _or_dummy(call.lengths, counters), _or_dummy(call.offsets, counters), _or_dummy(call.rec_mask, dummy_acc),
         _or_dummy(call.zh_mask, dummy_acc), _or_dummy(call.zc_mask, dummy_acc), saved["gates"], saved["c_fresh"], _or_dummy(saved["c_carried"], dummy_acc),
-        c0_acc, _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error), dgates, dpeep, counters,
-        error, T, B,
+        c0_acc, _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error),
+        _or_dummy(call.ln_hh, dummy_acc), _or_dummy(call.ln_cell_w, dummy_acc), _or_dummy(call.ln_cell_b, dummy_acc),
+        _or_dummy(saved["hh_hat"], dummy_acc), _or_dummy(saved["ln_rows"], dummy_acc), _ln_stats(call, x),
+        _or_dummy(da, dummy_acc), _or_dummy(dln, dummy_acc), dgates, dpeep, counters, error, T, B,
     )
     o = call.options
     _launch(_backward_kernel, call, grid, args, (o.zoneout_h, o.zoneout_c), {}, error, backward=True)
@@ -1250,15 +1398,24 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     h_in = h_in.reshape(n, D, H)
     per_direction = rows.view(n, D, G).transpose(0, 1)  # [D, n, 4H]
     d_w_hh = torch.bmm(per_direction.transpose(1, 2), h_in.transpose(0, 1))  # [D, 4H, H]
-    return {
-        "x": (rows @ call.w_ih).view(x.shape),
-        "h0": dh_state.to(dtype),
-        "c0": dc_state.to(dtype),
-        "weight_ih": rows.t() @ x_rows,
-        "weight_hh": d_w_hh,
-        "bias": rows.sum(0, dtype=acc).view(D, G),
-        "peephole": dpeep.sum(0) if call.peephole is not None else None,
-    }
+    grads = {"h0": dh_state.to(dtype), "c0": dc_state.to(dtype), "weight_hh": d_w_hh,
+             "peephole": dpeep.sum(0) if call.peephole is not None else None}
+    if layer_norm:  # back through LN(x W_ih^T): recompute x W_ih^T (one GEMM) rather than keep it
+        mean_x, rstd_x = saved["x_moments"]
+        raw = (x_rows @ call.w_ih.t()).view(n, D, G).to(acc)
+        da3 = da.view(n, D, G)
+        d_raw = torch.ops.aten.native_layer_norm_backward(da3 * call.ln_ih, raw, [G], mean_x, rstd_x, None, None,
+                                                          [True, False, False])[0]
+        input_side = d_raw.view(n, D * G).to(dtype)
+        d_ln = dln.sum(0)
+        grads |= {"bias": da.view(n, D * G).sum(0).view(D, G),
+                  "ln_ih": (da3 * ((raw - mean_x) * rstd_x)).sum(0), "ln_hh": d_ln[:, : 4 * H],
+                  "ln_cell_w": d_ln[:, 4 * H : 5 * H], "ln_cell_b": d_ln[:, 5 * H :]}
+    else:
+        input_side = rows
+        grads["bias"] = rows.sum(0, dtype=acc).view(D, G)
+    grads |= {"x": (input_side @ call.w_ih).view(x.shape), "weight_ih": input_side.t() @ x_rows}
+    return grads
 
 
 # -- one layer: the autograd.Function ---------------------------------------------------------------
@@ -1295,6 +1452,10 @@ class _LayerFunction(torch.autograd.Function):
                 "bias_hh": grads["bias"][d],
                 "weight_peephole": None if grads["peephole"] is None else grads["peephole"][d],
             }
+            if "ln_hh" in grads:
+                per_field |= {"layer_norm_ih_weight": grads["ln_ih"][d], "layer_norm_hh_weight": grads["ln_hh"][d],
+                              "layer_norm_cell_weight": grads["ln_cell_w"][d],
+                              "layer_norm_cell_bias": grads["ln_cell_b"][d]}
             flat.extend(per_field.get(name) for name in _FIELDS)
         flat = [g if present else None for g, present in zip(flat, ctx.present)]
         return (None, grads["x"], grads["h0"], grads["c0"], *flat)
@@ -1327,18 +1488,9 @@ def supports(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> 
 
 
 def kernels_cover(weights: Sequence[DirectionWeights], options: LSTMOptions) -> bool:
-    """Whether the kernels run a layer's forward and backward. The projection is not in the kernels
-    yet, nor layer norm's backward: the reference runs those layers."""
-    return not options.layer_norm and weights[0].weight_hr is None
-
-
-def _kernels_run(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights],
-                 options: LSTMOptions) -> bool:
-    """Whether this call runs in the kernels: everything :func:`kernels_cover` covers, and layer
-    norm's forward when no gradient is needed (inference)."""
-    if kernels_cover(weights, options):
-        return True
-    return weights[0].weight_hr is None and not _needs_grad(x, h0, c0, weights)
+    """Whether the kernels run a layer. The projection is not in the kernels yet: the reference runs
+    those layers."""
+    return weights[0].weight_hr is None
 
 
 def _needs_grad(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights]) -> bool:
@@ -1360,7 +1512,7 @@ def lstm_layer(
     """The engine entry point; the signature and semantics of :func:`fastlstm.reference.lstm_layer`.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests)."""
-    if not _kernels_run(x, h0, c0, weights, options):
+    if not kernels_cover(weights, options):
         from .. import reference
 
         return reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
@@ -1408,7 +1560,7 @@ def lstm_layer_packed(
     are: -> ``(y [N, D * H_out], h_n, c_n)``, states in user batch order. The kernels address each
     step's rows through the step's first row, so no padded tensor is built and no padding is
     computed. Masks are padded ``[T, B, .]`` in user order, as everywhere."""
-    if not _kernels_run(data, h0, c0, weights, options):
+    if not kernels_cover(weights, options):
         from .. import packing, reference
 
         layout = packing.layout_of(PackedSequence(data, batch_sizes, sorted_indices, None))
