@@ -28,13 +28,13 @@ start=$(date +%s)
 # Each new configuration compiles its kernels (seconds each): spread the tests over processes when
 # pytest-xdist is there (the GPU image has it); the GPU is shared by them.
 PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-timeout 240 $PY -m pytest gpu_tests -q --maxfail=10 $PARALLEL -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+timeout 210 $PY -m pytest gpu_tests -q --maxfail=10 $PARALLEL -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
   2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "gpu tests: exit $tests_rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu_tests.log"
 
 start=$(date +%s)
-timeout 300 $PY -m fastlstm bench --preset "$PRESET" --json "$OUT/bench_$PRESET.json" --plot "$OUT/bench_$PRESET.png" \
+timeout 250 $PY -m fastlstm bench --preset "$PRESET" --json "$OUT/bench_$PRESET.json" --plot "$OUT/bench_$PRESET.png" \
   2>&1 | tee "$OUT/bench_$PRESET.txt"
 bench_rc=${PIPESTATUS[0]}
 echo "bench: exit $bench_rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/bench_$PRESET.txt"

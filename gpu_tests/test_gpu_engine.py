@@ -31,13 +31,17 @@ def _uniform(size, lo, hi):
     return torch.empty(size, dtype=torch.float64, device=DEV).uniform_(lo, hi)
 
 
-def _layer(cfg, directions, batch, steps, input_size, hidden, bias=True):
-    """Random float64 weights, inputs and (training) masks on the GPU."""
-    options = make_options(**cfg, has_bias=bias)
+def _layer(cfg, directions, batch, steps, input_size, hidden, bias=True, proj=0):
+    """Random float64 weights, inputs and (training) masks on the GPU; ``proj``: the projection's size."""
+    options = make_options(**cfg, has_bias=bias, has_projection=proj > 0,
+                           proj_clip=0.3 if proj and "cell_clip" in cfg else None)
     k = hidden ** -0.5
+    h_size = proj or hidden
     weights = []
     for _ in range(directions):
-        w = dict(weight_ih=torch.empty(4 * hidden, input_size), weight_hh=torch.empty(4 * hidden, hidden))
+        w = dict(weight_ih=torch.empty(4 * hidden, input_size), weight_hh=torch.empty(4 * hidden, h_size))
+        if proj:
+            w["weight_hr"] = torch.empty(proj, hidden)
         if bias:
             w.update(bias_ih=torch.empty(4 * hidden), bias_hh=torch.empty(4 * hidden))
         if options.peephole:
@@ -50,12 +54,12 @@ def _layer(cfg, directions, batch, steps, input_size, hidden, bias=True):
                   "layer_norm_cell_bias": _uniform(hidden, -0.2, 0.2)}
         weights.append(DirectionWeights(**w))
     x = torch.randn(steps, batch, input_size, dtype=torch.float64, device=DEV)
-    h0 = torch.randn(directions, batch, hidden, dtype=torch.float64, device=DEV) * 0.5
+    h0 = torch.randn(directions, batch, h_size, dtype=torch.float64, device=DEV) * 0.5
     c0 = torch.randn(directions, batch, hidden, dtype=torch.float64, device=DEV) * 0.5
     training = any(s in cfg for s in STOCHASTIC)
     masks = None
     if training:
-        masks = [sample_direction_masks(options, steps=steps, batch=batch, hidden_size=hidden, h_out=hidden,
+        masks = [sample_direction_masks(options, steps=steps, batch=batch, hidden_size=hidden, h_out=h_size,
                                         device=DEV, dtype=torch.float64) for _ in range(directions)]
     return options, weights, x, h0, c0, masks, training
 
@@ -91,13 +95,14 @@ def _check(ours, baseline, truth, dtype, names):
         assert err_ours <= 2 * err_base + atol, f"{name}: ours {err_ours:.3g} vs baseline {err_base:.3g}"
 
 
-def _compare(cfg, dtype, *, directions, batch, steps, hidden, input_size=None, lengths=None, ours_fn=None):
+def _compare(cfg, dtype, *, directions, batch, steps, hidden, input_size=None, lengths=None, ours_fn=None, proj=0):
     options, weights, x, h0, c0, masks, training = _layer(cfg, directions, batch, steps, input_size or hidden,
-                                                          hidden)
+                                                          hidden, proj=proj)
     if lengths is not None:
         lengths = lengths.to(DEV)
+    h_size = proj or hidden
     cot = [torch.randn(s, dtype=torch.float64, device=DEV) for s in
-           ((steps, batch, directions * hidden), (directions, batch, hidden), (directions, batch, hidden))]
+           ((steps, batch, directions * h_size), (directions, batch, h_size), (directions, batch, hidden))]
     args = (options, weights, x, lengths, h0, c0, masks, training, cot)
     truth = _run(reference.lstm_layer, torch.float64, *args)
     ours = _run(ours_fn or triton_lstm.lstm_layer, dtype, *args)
@@ -232,8 +237,27 @@ def test_fp32_products_are_ieee_unless_tf32_is_enabled():
     assert (ours.double() - truth).abs().max().item() < 1e-4
 
 
-def test_projection_falls_back_on_cuda():
-    for kw in (dict(), dict(layer_norm=True)):
-        m = fastlstm.LSTM(8, 32, proj_size=16, device=DEV, **kw)
-        y, _ = m(torch.randn(5, 3, 8, device=DEV))
-        assert y.isfinite().all()
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_projection(dtype, cfg):
+    """proj_size in the kernels: m_t and d(m_t W_hr^T) exchanged between the programs each step."""
+    _compare(KERNEL_OPTIONS[cfg], dtype, directions=2, batch=64, steps=32, hidden=512, proj=128,
+             lengths=torch.randint(1, 33, (64,)))
+
+
+def test_module_with_projection_matches_torch():
+    """fastlstm.LSTM with proj_size on CUDA (the kernels) against torch.nn.LSTM's own proj_size in
+    float64: 2 layers, bidirectional, packed input."""
+    ours = fastlstm.LSTM(24, 64, num_layers=2, bidirectional=True, proj_size=20, device=DEV)
+    theirs = torch.nn.LSTM(24, 64, num_layers=2, bidirectional=True, proj_size=20, device=DEV, dtype=torch.float64)
+    theirs.load_state_dict({k: v.double() for k, v in ours.state_dict().items()})
+    x = torch.randn(30, 6, 24, device=DEV, dtype=torch.float64)
+    lengths = [30, 7, 19, 1, 30, 12]
+    results = []
+    for model, dtype in ((ours, torch.float32), (theirs, torch.float64)):
+        xx = x.to(dtype).requires_grad_()
+        out, (h, c) = model(pack_padded_sequence(xx, lengths, enforce_sorted=False))
+        (out.data.sum() + 2 * h.sum() + 3 * c.sum()).backward()
+        results.append([out.data, h, c, xx.grad] + [p.grad for p in model.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)

@@ -16,8 +16,8 @@ import sys
 import pytest
 
 CASES = {
-    # name: (kind, dtype, batch, hidden, directions, options ("", "everything", "layer_norm"), lengths
-    # ("", "lengths", "packed"))
+    # name: (kind, dtype, batch, hidden, directions, options ("", "everything", "layer_norm", "proj",
+    # "layer_norm+proj"), lengths ("", "lengths", "packed"))
     "fwd-bf16-B16-H1024": ("forward", "bfloat16", 16, 1024, 1, "", ""),
     "bwd-bf16-B16-H1024": ("backward", "bfloat16", 16, 1024, 1, "", ""),
     "fwd-bf16-B256-H256-bi": ("forward", "bfloat16", 256, 256, 2, "", ""),
@@ -29,6 +29,10 @@ CASES = {
     "fwd-bf16-B64-H1024-layer_norm": ("forward", "bfloat16", 64, 1024, 1, "layer_norm", "packed"),
     "bwd-bf16-B64-H1024-layer_norm": ("backward", "bfloat16", 64, 1024, 1, "layer_norm", "packed"),
     "bwd-fp32-B16-H256-layer_norm-bi": ("backward", "float32", 16, 256, 2, "layer_norm", "lengths"),
+    "fwd-bf16-B64-H512-proj": ("forward", "bfloat16", 64, 512, 1, "proj", "packed"),
+    "bwd-bf16-B64-H512-proj": ("backward", "bfloat16", 64, 512, 1, "proj", "packed"),
+    "fwd-fp16-B16-H1024-layer_norm+proj-bi": ("forward", "float16", 16, 1024, 2, "layer_norm+proj", "lengths"),
+    "bwd-fp16-B16-H1024-layer_norm+proj-bi": ("backward", "float16", 16, 1024, 2, "layer_norm+proj", "lengths"),
 }
 
 _BUILD = """
@@ -40,13 +44,16 @@ OPTIONS = {
     "everything": make_options(activations=("hard_sigmoid", "softsign", "relu"), peephole=True, clip=1.5,
                                zoneout=(0.2, 0.3), cell_clip=0.8),
     "layer_norm": make_options(layer_norm=True),
+    "proj": make_options(has_projection=True, proj_clip=0.5),
+    "layer_norm+proj": make_options(layer_norm=True, has_projection=True),
 }
 out = {}
 for name, (kind, dtype, batch, hidden, directions, options, lengths) in json.loads(sys.argv[1]).items():
     dtype = getattr(torch, dtype)
     grid = triton_lstm.plan_grid(kind, batch, hidden, directions, dtype, triton_build.H100_SMS)
     built = triton_build.build(kind, dtype, hidden, grid, OPTIONS[options], directions=directions,
-                               lengths=lengths == "lengths", packed=lengths == "packed")
+                               lengths=lengths == "lengths", packed=lengths == "packed",
+                               proj=hidden // 4 if "proj" in options else 0)
     out[name] = dict(persistent=grid.persistent, shared=built.shared_bytes, stack=built.stack_bytes,
                      registers=built.registers, fits=built.fits)
 print(json.dumps(out))

@@ -16,8 +16,7 @@ from fastlstm.engines.triton_lstm import Grid, hidden_pad
 from fastlstm.masks import sample_direction_masks
 from fastlstm.weights import DirectionWeights
 
-from engine_cases import (ARCHS, LENGTHS, OPTIONS, _cast, compare, compare_float32, compare_packed, inputs_and_masks,
-                          make_layer, run)
+from engine_cases import ARCHS, LENGTHS, OPTIONS, _cast, compare, compare_float32, compare_packed, inputs_and_masks, run
 
 
 @pytest.fixture(autouse=True)
@@ -50,12 +49,12 @@ def _per_step(kind, batch, hidden, directions, dtype, device, *, w_as_a=False):
                 w_as_a=w_as_a)
 
 
-# Both operand orientations of the recurrent product, in both launch modes.
+# Both operand orientations of the recurrent product in the persistent mode, and the per-step mode
+# (several programs per group; its other orientation runs in test_several_programs_per_group_...).
 GRIDS = {
     "persistent-w-as-a": _one_program,
     "persistent-w-as-b": lambda *a: _one_program(*a, w_as_a=False),
     "per-step-w-as-b": _per_step,
-    "per-step-w-as-a": lambda *a: _per_step(*a, w_as_a=True),
 }
 
 
@@ -65,9 +64,11 @@ def grid(request, monkeypatch):
     return request.param
 
 
-# Every option runs in the kernels; the projection does not yet (the reference runs it).
-KERNEL_OPTIONS = dict(OPTIONS)
-KERNEL_ARCHS = {"uni": ARCHS["uni"], "bi-nobias": ARCHS["bi-nobias"], "bi": dict(directions=2, proj=0, bias=True)}
+KERNEL_OPTIONS = dict(OPTIONS)  # every option runs in the kernels, and the projection
+# for the slow several-programs tests, where layer norm's exchanges have their own
+KERNEL_OPTIONS["everything-but-layer-norm"] = {k: v for k, v in OPTIONS["everything"].items() if k != "layer_norm"}
+KERNEL_ARCHS = dict(ARCHS, bi=dict(directions=2, proj=0, bias=True))
+FLOAT64_ARCHS = dict(ARCHS)  # uni, bi-proj, bi-nobias, uni-proj-nobias
 STOCHASTIC = ("zoneout", "recurrent_dropout", "weight_drop")
 
 
@@ -76,8 +77,8 @@ def _training(cfg):
 
 
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
-@pytest.mark.parametrize("arch", KERNEL_ARCHS.values(), ids=KERNEL_ARCHS.keys())
-@pytest.mark.parametrize("cfg", KERNEL_OPTIONS.values(), ids=KERNEL_OPTIONS.keys())
+@pytest.mark.parametrize("arch", FLOAT64_ARCHS.values(), ids=FLOAT64_ARCHS.keys())
+@pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
 def test_kernels_match_reference_float64(cfg, arch, lengths, monkeypatch):
     monkeypatch.setattr(triton_lstm, "choose_grid", _one_program)
     compare(triton_lstm.lstm_layer, arch, cfg, lengths=lengths, training=_training(cfg), dtype=torch.float64,
@@ -86,7 +87,7 @@ def test_kernels_match_reference_float64(cfg, arch, lengths, monkeypatch):
 
 @pytest.mark.parametrize("w_as_a", [False, True], ids=["w-as-b", "w-as-a"])
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
-@pytest.mark.parametrize("cfg", ["plain", "peephole", "coupled", "everything"])
+@pytest.mark.parametrize("cfg", ["plain", "coupled", "everything-but-layer-norm"])
 def test_several_programs_per_group_match_reference(cfg, lengths, w_as_a, monkeypatch):
     """Per-step mode with H = 20, B = 18: 5 programs of 4 units in the forward, 2 of 16 in the
     backward, 2 batch blocks, both directions: every exchange between programs goes through memory;
@@ -179,16 +180,18 @@ def test_inference_path_matches_reference(cfg, grid):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("cfg", ["plain", "layer_norm"])
-def test_projection_falls_back_to_the_reference(cfg, monkeypatch):
-    """Not yet in the kernels: layers with proj_size run on the reference, never a wrong answer."""
-    options, weights = make_layer(ARCHS["bi-proj"], OPTIONS[cfg])
-    assert not triton_lstm.kernels_cover(weights, options)
-    launched = []
-    monkeypatch.setattr(triton_lstm, "_launch", lambda *a, **k: launched.append(a))
-    compare(triton_lstm.lstm_layer, ARCHS["bi-proj"], OPTIONS[cfg], lengths=LENGTHS["unequal"], training=False,
-            dtype=torch.float64, tol=1e-12)
-    assert not launched
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+def test_projection_across_programs(cfg, monkeypatch):
+    """Per-step mode, H = 20, proj_size = 18, B = 17 (2 batch blocks, the second stops early): 5
+    forward programs of 4 cell units, of which 2 own 16 units of h (the second 2 of them); 2 backward
+    programs of 16 cell units and 16 units of h. m_t and d(m_t W_hr^T) are exchanged between the
+    programs every step; with layer norm ("everything") a step is four launches."""
+    monkeypatch.setattr(triton_lstm, "choose_grid", _per_step)
+    arch = dict(directions=2, proj=18, bias=True)
+    lengths = torch.tensor([3, 4, 1, 4, 4, 2, 4, 3, 1, 2, 4, 4, 4, 1, 3, 2, 1])
+    cfg = KERNEL_OPTIONS[cfg]
+    compare(triton_lstm.lstm_layer, arch, cfg, lengths=lengths, training=_training(cfg), dtype=torch.float64,
+            tol=1e-10, steps=4, batch=17, hidden=20)
 
 
 def test_a_barrier_that_times_out_raises_instead_of_hanging(monkeypatch):
@@ -278,7 +281,7 @@ def test_packed_rows_match_the_padded_reference(cfg, order, grid, monkeypatch):
     assert per_token and all(rows == n for rows in per_token), (n, token_rows)
 
 
-@pytest.mark.parametrize("cfg", ["plain", "everything"])
+@pytest.mark.parametrize("cfg", ["plain", "everything-but-layer-norm"])
 def test_packed_rows_with_several_programs_per_group(cfg, monkeypatch):
     """Per-step mode, H = 20, B = 18 (2 batch blocks, 5 forward / 2 backward programs per group): each
     step's rows start at their own offset, and rows past a sequence's end do not exist."""
@@ -288,10 +291,10 @@ def test_packed_rows_with_several_programs_per_group(cfg, monkeypatch):
                    sorted_input=False, tol=1e-10, steps=5, batch=18, hidden=20)
 
 
-@pytest.mark.parametrize("cfg", ["plain", "layer_norm"])
-def test_packed_projection_falls_back_to_the_reference(cfg):
-    compare_packed(triton_lstm.lstm_layer_packed, ARCHS["bi-proj"], OPTIONS[cfg], lengths=torch.tensor([3, 6, 1, 4]),
-                   sorted_input=False, tol=1e-10)
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+def test_packed_rows_with_projection(cfg, grid):
+    compare_packed(triton_lstm.lstm_layer_packed, ARCHS["bi-proj"], KERNEL_OPTIONS[cfg],
+                   lengths=torch.tensor([3, 6, 1, 4]), sorted_input=False, tol=1e-10)
 
 
 @pytest.mark.parametrize("form", ["full", "unequal", "packed"])
@@ -309,7 +312,7 @@ def test_layer_norm_in_the_kernels(cfg, form, grid):
                 dtype=torch.float64, tol=1e-10)
 
 
-@pytest.mark.parametrize("cfg", ["layer_norm", "everything"])
+@pytest.mark.parametrize("cfg", ["everything"])
 def test_layer_norm_statistics_combine_across_programs(cfg, monkeypatch):
     """Per-step mode, H = 21: 6 forward programs of 4 units (the last holds 1) and 2 backward ones
     of 16, 2 batch blocks, each step three launches (the phases): a row's statistics combine every

@@ -54,8 +54,7 @@ ENGINES: dict[str, Engine] = {
     "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell, cpu.lstm_layer_packed,
                   gradients=cpu.layer_gradients),
     "triton": Engine("triton", triton_lstm.lstm_layer, triton_lstm.supports,
-                     packed_layer=triton_lstm.lstm_layer_packed, gradients=triton_lstm.layer_gradients,
-                     covers=triton_lstm.kernels_cover),
+                     packed_layer=triton_lstm.lstm_layer_packed, gradients=triton_lstm.layer_gradients),
     "reference": Engine("reference", reference.lstm_layer, _always),
 }
 

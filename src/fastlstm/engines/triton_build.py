@@ -27,10 +27,11 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # per block, sm_90
 
 _TRITON_TYPES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32", torch.float64: "fp64"}
 # pointer arguments by role: the input's dtype, the accumulation dtype, or a fixed one
-_STORAGE = {"xg", "w_hh", "h_buf", "y", "gates_out", "dy", "gates", "dgates"}
-_FIXED = {"lengths": "*i64", "offsets": "*i64", "counters": "*i32", "error": "*i32", "clip_out": "*i8", "cell_clip_out": "*i8",
-          "clip_in": "*i8", "cell_clip_in": "*i8"}
-_SCALARS_FP = {"clip", "cell_clip", "z_h", "z_c", "ln_eps"}
+_STORAGE = {"xg", "w_hh", "h_buf", "y", "gates_out", "dy", "gates", "dgates", "w_hr", "m_buf", "m_out", "dhp_out"}
+_FIXED = {"lengths": "*i64", "offsets": "*i64", "counters": "*i32", "error": "*i32", "clip_out": "*i8",
+          "cell_clip_out": "*i8", "clip_in": "*i8", "cell_clip_in": "*i8", "proj_clip_out": "*i8",
+          "proj_clip_in": "*i8"}
+_SCALARS_FP = {"clip", "cell_clip", "z_h", "z_c", "ln_eps", "proj_clip"}
 _SCALARS_INT = {"T", "B", "step_begin", "step_end", "finish", "phase"}
 
 
@@ -65,10 +66,10 @@ def _signature(kernel, dtype: torch.dtype, constants: dict) -> dict[str, str]:
 
 
 def build(kind: str, dtype: torch.dtype, hidden: int, grid: Grid, options: LSTMOptions | None = None, *,
-          directions: int = 1, bias: bool = True, lengths: bool = False, packed: bool = False,
+          directions: int = 1, bias: bool = True, lengths: bool = False, packed: bool = False, proj: int = 0,
           arch: int = 90) -> Build:
     """Compile the ``kind`` kernel ("forward" or "backward") for ``sm_<arch>`` and read its resources.
-    ``packed``: for a PackedSequence's rows (implies ``lengths``)."""
+    ``packed``: for a PackedSequence's rows (implies ``lengths``); ``proj``: the projection's size."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -82,8 +83,10 @@ def build(kind: str, dtype: torch.dtype, hidden: int, grid: Grid, options: LSTMO
         w_ih=None, w_hh=None, weight_masks=[], bias=None, peephole=torch.empty(0) if options.peephole else None,
         rec_mask=None, zh_mask=None, zc_mask=None, zoneout_h=2 if options.zoneout_h else 0,
         zoneout_c=2 if options.zoneout_c else 0, options=options, ln_ih=ln, ln_hh=ln, ln_cell_w=ln, ln_cell_b=ln,
+        h_size=proj or hidden, w_hr=torch.empty(0) if proj else None,
         batch_sizes=torch.ones(1, dtype=torch.int64) if packed else None, offsets=torch.empty(0) if packed else None,
     )
+    grid = call.fitted(kind, grid)
     constants = call.constants(grid) | call.layer_norm_constants(grid) | {"USE_BARRIER": grid.barrier}
     constants["DOT_IN_FP32"] = False
     if kind == "forward":

@@ -20,6 +20,8 @@ Design (see docs/equations.md for the math):
 * Then cuBLAS computes ``dx``, ``dW_ih`` and ``dW_hh`` (``K = T B``) and a reduction the biases.
 * A PackedSequence's rows ``[N, F]`` are used as they are: the kernels address step ``t``'s rows as
   ``offsets[t] + b`` (``PACKED``) instead of ``t B + b``, so nothing is padded.
+* The projection (``proj_size``): each program publishes its units of ``m_t`` and, after the barrier,
+  computes its units of ``h_t = m_t W_hr^T`` (the backward exchanges ``d(m_t W_hr^T)`` the same way).
 * Layer norm: ``LN(x W_ih^T)`` is computed with the input GEMM; ``LN(h W_hh^T)`` and ``LN(c_t)``
   combine every program's moments of its share of the row (forward) or its two gradient sums
   (backward), exchanged at two more barriers per step (docs/equations.md, section 10.5).
@@ -37,13 +39,14 @@ there must be one program per group (the "one-program mode"); the per-step mode 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+from functools import partial
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.nn.utils.rnn import PackedSequence
 
 from ..masks import DirectionMasks
 from .ops import PlainContext
@@ -222,12 +225,20 @@ if triton is not None:
         else:
             tl.debug_barrier()
 
+    # The `phase` argument that runs every phase of a step (one launch for all steps).
+    _ALL_PHASES_C = tl.constexpr(7)
+
     @triton.jit
-    def _finishes(phase, LAYER_NORM: tl.constexpr):
-        """Whether a launch that runs ``phase`` finishes its steps. Only layer norm splits a step into
-        phases; without it the answer is a constant, which costs no registers."""
-        if LAYER_NORM:
-            done = (phase == 2) | (phase == 3)
+    def _runs(phase, k):
+        """Whether a launch given ``phase`` runs phase ``k`` of its steps (publishes its results)."""
+        return (phase == k) | (phase == _ALL_PHASES_C)
+
+    @triton.jit
+    def _finishes(phase, BARRIERS: tl.constexpr):
+        """Whether a launch given ``phase`` finishes its steps. Only layer norm and the projection split
+        a step into phases; without them the answer is a constant, which costs no registers."""
+        if BARRIERS > 1:
+            done = _runs(phase, BARRIERS - 1)
         else:
             done = True
         return done
@@ -305,6 +316,10 @@ if triton is not None:
         ln_stats,  # [2, D, B, LN_SLOTS, 2]  each program's (mean, M2) of its rows: gates, then cell
         hh_hat_out,  # [T, B, D*4H]  saved (h_{t-1} W_hh^T - mean) * rstd, accumulation dtype
         ln_rows_out,  # [T, B, D*3]  saved per row: rstd of h_{t-1} W_hh^T, mean and rstd of c_t
+        w_hr,  # [D, P, H]  the projection (PROJ)
+        m_buf,  # [D, B, H]  m_t = o_t * act(c_t), exchanged between the programs (PROJ)
+        m_out,  # [T, B, D*H]  saved m_t (PROJ)
+        proj_clip_out,  # [T, B, D*P] int8: 1 where m_t W_hr^T was inside the projection clip
         counters,  # [D, NB] int32 barrier arrivals
         error,  # [1] int32
         T,
@@ -317,6 +332,7 @@ if triton is not None:
         z_h,
         z_c,
         ln_eps,
+        proj_clip,
         H: tl.constexpr,
         D: tl.constexpr,
         H_PAD: tl.constexpr,
@@ -345,38 +361,49 @@ if triton is not None:
         LAYER_NORM: tl.constexpr,
         NP_PAD: tl.constexpr,
         LN_SLOTS: tl.constexpr,
+        PROJ: tl.constexpr,
+        P: tl.constexpr,
+        P_PAD: tl.constexpr,
+        PB: tl.constexpr,
+        PROJ_K: tl.constexpr,
+        HAS_PROJ_CLIP: tl.constexpr,
         USE_BARRIER: tl.constexpr,
     ):
         """Steps ``[step_begin, step_end)`` of the recurrence (docs/equations.md, sections 1-7):
         ``a_t = x_t W_ih^T + b + h_{t-1} W_hh^T``, the gates, ``c_t``, ``h_t``, per program slice.
+        ``h`` has ``P`` units (the projection's size, else ``P = H``); a program owns ``PB`` of them
+        (``PB = HB`` without projection).
 
-        With ``LAYER_NORM`` (``xg`` then holds ``LN(x_t W_ih^T)``), a step has three phases, each
-        ended by the group's barrier: 0 publishes each program's moments of its share of
-        ``h_{t-1} W_hh^T``; 1 normalises it with the combined ones, runs the gates and publishes the
-        moments of its share of ``c_t``; 2 normalises ``c_t`` and finishes the step. ``phase`` 3 runs
-        them all (persistent); one launch per step runs phases 0, 1, 2 as three launches, each
-        recomputing the step up to its phase and storing only that phase's results."""
+        A step is a sequence of phases, each ended by the group's barrier: with ``LAYER_NORM``
+        (``xg`` then holds ``LN(x_t W_ih^T)``) one publishes each program's moments of its share of
+        ``h_{t-1} W_hh^T``, the next the moments of its share of ``c_t``; with ``PROJ`` one publishes
+        the program's ``m_t`` for every program's slice of ``h_t = m_t W_hr^T``; the last publishes
+        ``h_t``. ``phase`` ``_ALL_PHASES`` runs them all (persistent); one launch per step runs each
+        phase as a launch that recomputes the step up to its phase and stores only that phase's
+        results."""
         i_h, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         G: tl.constexpr = 4 * H
-        o_j = i_h * HB + tl.arange(0, HB)  # hidden units owned
+        o_j = i_h * HB + tl.arange(0, HB)  # hidden (cell) units owned
+        o_q = i_h * PB + tl.arange(0, PB)  # units of h owned (the same without projection)
         o_b = i_b * BB + tl.arange(0, BB)  # batch rows owned
-        m_j, m_b = o_j < H, o_b < B
+        m_j, m_q, m_b = o_j < H, o_q < P, o_b < B
         m_bj = m_b[:, None] & m_j[None, :]
+        m_bq = m_b[:, None] & m_q[None, :]
         o_b64 = o_b.to(tl.int64)
         d64 = i_d.to(tl.int64)
 
         # weight_hh rows of the owned units, gate-interleaved (entry 4 u + gate), as the product's
-        # A operand [4 HB, H] (it can stay in registers) or its B operand [H, 4 HB]. With one K chunk
+        # A operand [4 HB, P] (it can stay in registers) or its B operand [P, 4 HB]. With one K chunk
         # the slice is loaded once, before the time loop; with several it is streamed from L2 each step.
         o_col = tl.arange(0, 4 * HB)
         col_unit, col_gate = i_h * HB + o_col // 4, o_col % 4
         w_row = (col_gate * H + col_unit).to(tl.int64)
         m_col = col_unit < H
-        w_dir = w_hh + d64 * G * H
-        rec_dir = rec_mask + d64 * B * H
-        RESIDENT: tl.constexpr = K_CHUNK == H_PAD
+        w_dir = w_hh + d64 * G * P
+        rec_dir = rec_mask + d64 * B * P
+        RESIDENT: tl.constexpr = K_CHUNK == P_PAD
         if RESIDENT:
-            b_w = _weight_row_chunk(w_dir, w_row, m_col, 0, H, K_CHUNK, W_AS_A)
+            b_w = _weight_row_chunk(w_dir, w_row, m_col, 0, P, K_CHUNK, W_AS_A)
 
         if HAS_BIAS:
             p_bias = bias + i_d * G + o_j
@@ -390,14 +417,16 @@ if triton is not None:
             b_pf = tl.load(p_peep + H, mask=m_j, other=0.0)[None, :]
             b_po = tl.load(p_peep + 2 * H, mask=m_j, other=0.0)[None, :]
         if HAS_REC_MASK and RESIDENT:
-            b_rec = _row_chunk(rec_dir, o_b64, m_b, 0, H, K_CHUNK, W_AS_A)
+            b_rec = _row_chunk(rec_dir, o_b64, m_b, 0, P, K_CHUNK, W_AS_A)
         b_len = _lengths_of(lengths, o_b, m_b, BB, HAS_LENGTHS)
 
         p_state = (d64 * B + o_b64[:, None]) * H + o_j[None, :]  # [BB, HB] in a [D, B, H] tensor
         b_c = tl.load(c_state + p_state, mask=m_bj, other=0.0)
         p_counter = counters + i_d * tl.num_programs(1) + i_b
         n_group = tl.num_programs(0)
-        BARRIERS: tl.constexpr = 3 if LAYER_NORM else 1  # per step
+        # barriers (phases) per step: layer norm's two exchanges, the projection's, then h_t's
+        BARRIERS: tl.constexpr = 1 + (2 if LAYER_NORM else 0) + (1 if PROJ else 0)
+        PH_PROJ: tl.constexpr = 2 if LAYER_NORM else 0
         if LAYER_NORM:
             b_ln_hh = tl.load(ln_hh + d64 * G + col_gate * H + col_unit, mask=m_col, other=0.0)[None, :]  # [1, 4 HB]
             b_ln_cw = tl.load(ln_cell_w + d64 * H + o_j, mask=m_j, other=0.0)[None, :]
@@ -412,11 +441,13 @@ if triton is not None:
             t = _time_index(s, T, i_d)
             t64 = t.to(tl.int64)
             r64 = _rows_at(offsets, t, B, o_b64, PACKED)
-            m_rj = _live(m_b, t, b_len, PACKED)[:, None] & m_j[None, :]  # the [BB, HB] entries that have a row
-            p_h_prev = h_buf + ((s % 2) * D + d64) * B * H
-            # h_{t-1} [BB, H] (or its transpose [H, BB] against W as A) times the weight slice
+            m_live = _live(m_b, t, b_len, PACKED)
+            m_rj = m_live[:, None] & m_j[None, :]  # the [BB, HB] entries that have a row
+            m_rq = m_live[:, None] & m_q[None, :]  # the same for the [BB, PB] units of h
+            p_h_prev = h_buf + ((s % 2) * D + d64) * B * P
+            # h_{t-1} [BB, P] (or its transpose [P, BB] against W as A) times the weight slice
             if RESIDENT:
-                b_h = _row_chunk(p_h_prev, o_b64, m_b, 0, H, K_CHUNK, W_AS_A)
+                b_h = _row_chunk(p_h_prev, o_b64, m_b, 0, P, K_CHUNK, W_AS_A)
                 if HAS_REC_MASK:
                     b_h = (b_h.to(ACC) * b_rec).to(b_h.dtype)
                 if W_AS_A:
@@ -428,11 +459,11 @@ if triton is not None:
                     acc = tl.zeros((4 * HB, BB), dtype=ACC)
                 else:
                     acc = tl.zeros((BB, 4 * HB), dtype=ACC)
-                for k0 in range(0, H_PAD, K_CHUNK):
-                    b_h = _row_chunk(p_h_prev, o_b64, m_b, k0, H, K_CHUNK, W_AS_A)
+                for k0 in range(0, P_PAD, K_CHUNK):
+                    b_h = _row_chunk(p_h_prev, o_b64, m_b, k0, P, K_CHUNK, W_AS_A)
                     if HAS_REC_MASK:
-                        b_h = (b_h.to(ACC) * _row_chunk(rec_dir, o_b64, m_b, k0, H, K_CHUNK, W_AS_A)).to(b_h.dtype)
-                    w_chunk = _weight_row_chunk(w_dir, w_row, m_col, k0, H, K_CHUNK, W_AS_A)
+                        b_h = (b_h.to(ACC) * _row_chunk(rec_dir, o_b64, m_b, k0, P, K_CHUNK, W_AS_A)).to(b_h.dtype)
+                    w_chunk = _weight_row_chunk(w_dir, w_row, m_col, k0, P, K_CHUNK, W_AS_A)
                     if W_AS_A:
                         acc += _product(w_chunk, b_h, PRECISION, ACC, DOT_IN_FP32)
                     else:
@@ -441,8 +472,8 @@ if triton is not None:
                 acc = tl.trans(acc)  # [BB, 4 HB]
             if LAYER_NORM:  # LN(h_{t-1} W_hh^T) over all 4H gates of a row: every program's share
                 mean_p, m2_p = _partial_moments(acc, m_col[None, :], 4 * tl.minimum(HB, H - i_h * HB))
-                _publish_moments(p_ln_gates, i_h, mean_p, m2_p, m_b, (phase == 0) | (phase == 3))
-                _sync(p_counter, ((s - s_lo) * 3 + 1) * n_group, error, USE_BARRIER)
+                _publish_moments(p_ln_gates, i_h, mean_p, m2_p, m_b, _runs(phase, 0))
+                _sync(p_counter, ((s - s_lo) * BARRIERS + 1) * n_group, error, USE_BARRIER)
                 mean_h, rstd_h = _combined_moments(p_ln_gates, m_b, n_group, H, HB, 4, NP_PAD, ln_eps)
                 hh_hat = (acc - mean_h[:, None]) * rstd_h[:, None]
                 acc = hh_hat * b_ln_hh
@@ -479,20 +510,37 @@ if triton is not None:
             gate_o = _activate(_clipped(a_o, clip, HAS_CLIP), ACT_GATE)
             if LAYER_NORM:  # LN(c_t) over the H units of a row
                 mean_p, m2_p = _partial_moments(c_fresh, m_j[None, :], tl.minimum(HB, H - i_h * HB))
-                _publish_moments(p_ln_cell, i_h, mean_p, m2_p, m_b, (phase == 1) | (phase == 3))
-                _sync(p_counter, ((s - s_lo) * 3 + 2) * n_group, error, USE_BARRIER)
+                _publish_moments(p_ln_cell, i_h, mean_p, m2_p, m_b, _runs(phase, 1))
+                _sync(p_counter, ((s - s_lo) * BARRIERS + 2) * n_group, error, USE_BARRIER)
                 mean_c, rstd_c = _combined_moments(p_ln_cell, m_b, n_group, H, HB, 1, NP_PAD, ln_eps)
                 h_fresh = gate_o * _activate((c_fresh - mean_c[:, None]) * rstd_c[:, None] * b_ln_cw + b_ln_cb,
                                              ACT_OUT)
             else:
                 h_fresh = gate_o * _activate(c_fresh, ACT_OUT)
+            if PROJ:  # h_t = m_t W_hr^T: m_t spans every program; each takes its PB units of h
+                m_t = h_fresh
+                p_m = m_buf + d64 * B * H
+                tl.store(p_m + o_b64[:, None] * H + o_j[None, :], m_t.to(m_buf.dtype.element_ty),
+                         mask=tl.where(_runs(phase, PH_PROJ), m_bj, False))
+                _sync(p_counter, ((s - s_lo) * BARRIERS + PH_PROJ + 1) * n_group, error, USE_BARRIER)
+                h_fresh = tl.zeros((BB, PB), dtype=ACC)
+                for k0 in range(0, H_PAD, PROJ_K):
+                    m_chunk = _row_chunk(p_m, o_b64, m_b, k0, H, PROJ_K, False)  # [BB, PROJ_K]
+                    o_k = k0 + tl.arange(0, PROJ_K)
+                    w_chunk = tl.load(w_hr + d64 * P * H + o_q[None, :].to(tl.int64) * H + o_k[:, None],
+                                      mask=(o_k < H)[:, None] & m_q[None, :], other=0.0)  # [PROJ_K, PB]
+                    h_fresh += _product(m_chunk, w_chunk, PRECISION, ACC, DOT_IN_FP32)
+                if HAS_PROJ_CLIP:
+                    inside_proj = (h_fresh >= -proj_clip) & (h_fresh <= proj_clip)
+                    h_fresh = _clipped(h_fresh, proj_clip, True)
 
             p_state_t = r64[:, None] * (D * H) + d64 * H + o_j[None, :]  # [T, B, D*H]
+            p_out_t = r64[:, None] * (D * P) + d64 * P + o_q[None, :]  # [T, B, D*P]
             if NEEDS_H_PREV:
-                p_h_own = p_h_prev + o_b64[:, None] * H + o_j[None, :]
-                h_prev_own = tl.load(p_h_own, mask=m_bj, other=0.0, cache_modifier=".cg").to(ACC)
+                p_h_own = p_h_prev + o_b64[:, None] * P + o_q[None, :]
+                h_prev_own = tl.load(p_h_own, mask=m_bq, other=0.0, cache_modifier=".cg").to(ACC)
             if ZONEOUT_H == 1:
-                keep_h = tl.load(zh_mask + ((d64 * T + t64) * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj,
+                keep_h = tl.load(zh_mask + ((d64 * T + t64) * B + o_b64[:, None]) * P + o_q[None, :], mask=m_bq,
                                  other=0.0).to(ACC)
                 h_new = keep_h * h_prev_own + (1.0 - keep_h) * h_fresh
             elif ZONEOUT_H == 2:
@@ -516,14 +564,19 @@ if triton is not None:
                 h_out = h_new
             # a launch that runs an earlier phase of the step only (layer norm, one launch per step)
             # stores nothing of the step's results
-            finishes = _finishes(phase, LAYER_NORM)
+            finishes = _finishes(phase, BARRIERS)
             b_c = tl.where(finishes, c_new, b_c)
             m_rj = tl.where(finishes, m_rj, False)
-            m_out = tl.where(finishes, m_bj, False)
+            m_rq = tl.where(finishes, m_rq, False)
+            m_next = tl.where(finishes, m_bq, False)
 
-            tl.store(y + p_state_t, h_out.to(y.dtype.element_ty), mask=m_rj)
-            p_h_next = h_buf + (((s + 1) % 2) * D + d64) * B * H + o_b64[:, None] * H + o_j[None, :]
-            tl.store(p_h_next, h_new.to(h_buf.dtype.element_ty), mask=m_out)
+            tl.store(y + p_out_t, h_out.to(y.dtype.element_ty), mask=m_rq)
+            p_h_next = h_buf + (((s + 1) % 2) * D + d64) * B * P + o_b64[:, None] * P + o_q[None, :]
+            tl.store(p_h_next, h_new.to(h_buf.dtype.element_ty), mask=m_next)
+            if SAVE and PROJ:
+                tl.store(m_out + p_state_t, m_t.to(m_out.dtype.element_ty), mask=m_rj)
+                if HAS_PROJ_CLIP:
+                    tl.store(proj_clip_out + p_out_t, inside_proj.to(tl.int8), mask=m_rq)
             if SAVE and LAYER_NORM:
                 # the normalised h_{t-1} W_hh^T of the owned gates, and (once per row) the statistics
                 hat_even, hat_odd = tl.split(tl.reshape(hh_hat, (BB, HB, 2, 2)))
@@ -568,39 +621,39 @@ if triton is not None:
         return ((o_r // H_PAD) * H + r_unit).to(tl.int64), r_unit < H
 
     @triton.jit
-    def _weight_column_chunk(w, o_j, m_j, k0, H, H_PAD: tl.constexpr, K_CHUNK: tl.constexpr, AS_A: tl.constexpr):
-        """Rows (gate axis) ``[k0, k0 + K_CHUNK)`` of the owned columns ``o_j`` of ``weight_hh [4H, H]``:
-        the product's B operand ``[K, HB]``, or transposed, its A operand ``[HB, K]``."""
+    def _weight_column_chunk(w, o_q, m_q, k0, H, P, H_PAD: tl.constexpr, K_CHUNK: tl.constexpr, AS_A: tl.constexpr):
+        """Rows (gate axis) ``[k0, k0 + K_CHUNK)`` of the owned columns ``o_q`` of ``weight_hh [4H, P]``:
+        the product's B operand ``[K, PB]``, or transposed, its A operand ``[PB, K]``."""
         rows, m_r = _gate_rows(k0, H, H_PAD, K_CHUNK)
         if AS_A:
-            chunk = tl.load(w + rows[None, :] * H + o_j[:, None], mask=m_j[:, None] & m_r[None, :], other=0.0)
+            chunk = tl.load(w + rows[None, :] * P + o_q[:, None], mask=m_q[:, None] & m_r[None, :], other=0.0)
         else:
-            chunk = tl.load(w + rows[:, None] * H + o_j[None, :], mask=m_r[:, None] & m_j[None, :], other=0.0)
+            chunk = tl.load(w + rows[:, None] * P + o_q[None, :], mask=m_r[:, None] & m_q[None, :], other=0.0)
         return chunk
 
     @triton.jit
-    def _dh_from_dgates(dgates, w_dir, b_w, s, T, B, i_d, offsets, b_len, o_b64, m_b, o_j, m_j, H, D: tl.constexpr,
-                        G: tl.constexpr, H_PAD: tl.constexpr, HB: tl.constexpr, BB: tl.constexpr,
+    def _dh_from_dgates(dgates, w_dir, b_w, s, T, B, i_d, offsets, b_len, o_b64, m_b, o_q, m_q, H, P,
+                        D: tl.constexpr, G: tl.constexpr, H_PAD: tl.constexpr, PB: tl.constexpr, BB: tl.constexpr,
                         K_CHUNK: tl.constexpr, PRECISION: tl.constexpr, ACC: tl.constexpr, W_AS_A: tl.constexpr,
                         DOT_IN_FP32: tl.constexpr, PACKED: tl.constexpr):
-        """``dgates_t W_hh`` for the owned rows and units, ``t`` the backward's ``s``-th step:
-        ``[BB, 4H] x [4H, HB]`` (or its transpose, ``W_hh^T`` as the A operand), over K chunks of the
+        """``dgates_t W_hh`` for the owned rows and units of h, ``t`` the backward's ``s``-th step:
+        ``[BB, 4H] x [4H, PB]`` (or its transpose, ``W_hh^T`` as the A operand), over K chunks of the
         gate axis; with one chunk the weight slice ``b_w`` is the one loaded before the time loop.
         Padded rows of steps past a sequence's end hold zeros, so they add nothing (packed input has no
-        such rows: they are masked). Returns ``[BB, HB]``."""
+        such rows: they are masked). Returns ``[BB, PB]``."""
         t = _time_index(T - 1 - s, T, i_d)
         base = dgates + i_d.to(tl.int64) * G + _rows_at(offsets, t, B, o_b64, PACKED) * (D * G)
         m_b = _live(m_b, t, b_len, PACKED)
         if W_AS_A:
-            acc = tl.zeros((HB, BB), dtype=ACC)
+            acc = tl.zeros((PB, BB), dtype=ACC)
         else:
-            acc = tl.zeros((BB, HB), dtype=ACC)
+            acc = tl.zeros((BB, PB), dtype=ACC)
         for k0 in range(0, 4 * H_PAD, K_CHUNK):
             rows, m_r = _gate_rows(k0, H, H_PAD, K_CHUNK)
             if K_CHUNK == 4 * H_PAD:
                 w_chunk = b_w
             else:
-                w_chunk = _weight_column_chunk(w_dir, o_j, m_j, k0, H, H_PAD, K_CHUNK, W_AS_A)
+                w_chunk = _weight_column_chunk(w_dir, o_q, m_q, k0, H, P, H_PAD, K_CHUNK, W_AS_A)
             if W_AS_A:
                 b_dg = tl.load(base[None, :] + rows[:, None], mask=m_r[:, None] & m_b[None, :], other=0.0,
                                cache_modifier=".cg")
@@ -641,6 +694,9 @@ if triton is not None:
         dln,  # [NB, D, 6H]  out: the weights' gradients of LN(h W_hh^T) (4H) and LN(c_t) (weight H, bias H)
         dgates,  # [T, B, D*4H]  out: d loss / d (h_{t-1} W_hh^T), which is d loss / d a_t without layer norm
         dpeep,  # [NB, D, 3H]  out: peephole gradient summed over this batch block's rows
+        w_hr,  # [D, P, H]  the projection (PROJ)
+        proj_clip_in,  # [T, B, D*P] int8
+        dhp_out,  # [T, B, D*P]  out: d loss / d (m_t W_hr^T), exchanged between the programs (PROJ)
         counters,  # [D, NB] int32
         error,  # [1] int32
         T,
@@ -676,6 +732,12 @@ if triton is not None:
         LAYER_NORM: tl.constexpr,
         NP_PAD: tl.constexpr,
         LN_SLOTS: tl.constexpr,
+        PROJ: tl.constexpr,
+        P: tl.constexpr,
+        P_PAD: tl.constexpr,
+        PB: tl.constexpr,
+        PROJ_K: tl.constexpr,
+        HAS_PROJ_CLIP: tl.constexpr,
         USE_BARRIER: tl.constexpr,
     ):
         """Backward steps ``[step_begin, step_end)``, counted from the last processed step
@@ -686,25 +748,27 @@ if triton is not None:
         extra, empty launch, so that a launch boundary separates the parts. Steps past the end of
         every sequence of the batch block are skipped (their dgates rows stay zero).
 
-        With ``LAYER_NORM`` the backward of ``LN(c_t)`` and of ``LN(h_{t-1} W_hh^T)`` each need two
-        sums over a whole row: each is a phase that publishes the program's share and ends at the
-        group's barrier (``phase`` as in the forward kernel: 3 runs every phase; one launch per step
-        runs phases 0, 1, 2 as three launches that store only their own phase's results)."""
+        With ``PROJ``, ``dm_t = d(m_t W_hr^T) W_hr`` needs every program's units of h: a phase
+        publishes them. With ``LAYER_NORM`` the backward of ``LN(c_t)`` and of ``LN(h_{t-1} W_hh^T)``
+        each need two sums over a whole row: each is a phase that publishes the program's share.
+        Every phase ends at the group's barrier (``phase`` as in the forward kernel)."""
         i_h, i_b, i_d = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         G: tl.constexpr = 4 * H
-        o_j = i_h * HB + tl.arange(0, HB)
+        o_j = i_h * HB + tl.arange(0, HB)  # hidden (cell) units owned
+        o_q = i_h * PB + tl.arange(0, PB)  # units of h owned (the same without projection)
         o_b = i_b * BB + tl.arange(0, BB)
-        m_j, m_b = o_j < H, o_b < B
+        m_j, m_q, m_b = o_j < H, o_q < P, o_b < B
         m_bj = m_b[:, None] & m_j[None, :]
+        m_bq = m_b[:, None] & m_q[None, :]
         o_b64 = o_b.to(tl.int64)
         d64 = i_d.to(tl.int64)
 
-        # weight_hh columns of the owned units (the gate axis padded per gate to H_PAD): the product's B
-        # operand [4H, HB], or transposed, its A operand [HB, 4H]; loaded once when it is one K chunk,
-        # else streamed from L2 each step
-        w_dir = w_hh + d64 * G * H
+        # weight_hh columns of the owned units of h (the gate axis padded per gate to H_PAD): the
+        # product's B operand [4H, PB], or transposed, its A operand [PB, 4H]; loaded once when it is
+        # one K chunk, else streamed from L2 each step
+        w_dir = w_hh + d64 * G * P
         if K_CHUNK == 4 * H_PAD:
-            b_w = _weight_column_chunk(w_dir, o_j, m_j, 0, H, H_PAD, K_CHUNK, W_AS_A)
+            b_w = _weight_column_chunk(w_dir, o_q, m_q, 0, H, P, H_PAD, K_CHUNK, W_AS_A)
         else:
             b_w = 0.0  # unused
 
@@ -717,10 +781,13 @@ if triton is not None:
             d_pf = tl.zeros((HB,), dtype=ACC)
             d_po = tl.zeros((HB,), dtype=ACC)
         if HAS_REC_MASK:
-            b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj, other=0.0).to(ACC)
+            b_rec = tl.load(rec_mask + (d64 * B + o_b64[:, None]) * P + o_q[None, :], mask=m_bq, other=0.0).to(ACC)
         b_len = _lengths_of(lengths, o_b, m_b, BB, HAS_LENGTHS)
 
-        BARRIERS: tl.constexpr = 3 if LAYER_NORM else 1  # per step
+        # barriers (phases) per step: the projection's exchange, layer norm's two, then dgates'
+        BARRIERS: tl.constexpr = 1 + (2 if LAYER_NORM else 0) + (1 if PROJ else 0)
+        PH_LN_CELL: tl.constexpr = 1 if PROJ else 0
+        PH_LN_GATES: tl.constexpr = PH_LN_CELL + 1
         if LAYER_NORM:
             p_gate_w = ln_hh + d64 * G + o_j
             b_gi = tl.load(p_gate_w, mask=m_j, other=0.0)[None, :]
@@ -739,7 +806,8 @@ if triton is not None:
             p_ln_cell = ln_stats + ((1 * D + d64) * B + o_b64) * LN_SLOTS * 2
 
         p_state = (d64 * B + o_b64[:, None]) * H + o_j[None, :]
-        b_dh = tl.load(dh_state + p_state, mask=m_bj, other=0.0)
+        p_hstate = (d64 * B + o_b64[:, None]) * P + o_q[None, :]  # [BB, PB] in a [D, B, P] tensor
+        b_dh = tl.load(dh_state + p_hstate, mask=m_bq, other=0.0)
         b_dc = tl.load(dc_state + p_state, mask=m_bj, other=0.0)
         b_c0 = tl.load(c0 + p_state, mask=m_bj, other=0.0)
         p_counter = counters + i_d * tl.num_programs(1) + i_b
@@ -750,11 +818,11 @@ if triton is not None:
         # num_stages=1: a step's loads of dgates must not be prefetched before the step that writes it
         for s in tl.range(s_lo, tl.minimum(step_end, hi), num_stages=1):
             # a launch that runs an earlier phase of the step only stores nothing of its results
-            finishes = _finishes(phase, LAYER_NORM)
+            finishes = _finishes(phase, BARRIERS)
             dh_carried, dc_carried = b_dh, b_dc
             if s > lo:
-                dh_in = _dh_from_dgates(dgates, w_dir, b_w, s - 1, T, B, i_d, offsets, b_len, o_b64, m_b, o_j, m_j, H,
-                                        D, G, H_PAD, HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32, PACKED)
+                dh_in = _dh_from_dgates(dgates, w_dir, b_w, s - 1, T, B, i_d, offsets, b_len, o_b64, m_b, o_q, m_q, H,
+                                        P, D, G, H_PAD, PB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32, PACKED)
                 if HAS_REC_MASK:
                     dh_in = dh_in * b_rec
                 b_dh += dh_in
@@ -766,14 +834,17 @@ if triton is not None:
             r64 = _rows_at(offsets, t, B, o_b64, PACKED)
             # t_prev is -1 or T at a direction's first step, where nothing is read from it
             r_prev = _rows_at(offsets, tl.minimum(tl.maximum(t_prev, 0), T - 1), B, o_b64, PACKED)
-            m_rj = _live(m_b, t, b_len, PACKED)[:, None] & m_j[None, :]
+            m_live = _live(m_b, t, b_len, PACKED)
+            m_rj = m_live[:, None] & m_j[None, :]
+            m_rq = m_live[:, None] & m_q[None, :]
             row = r64[:, None] * (D * G) + d64 * G + o_j[None, :]
             p_state_t = r64[:, None] * (D * H) + d64 * H + o_j[None, :]
             p_state_prev = r_prev[:, None] * (D * H) + d64 * H + o_j[None, :]
+            p_out_t = r64[:, None] * (D * P) + d64 * P + o_q[None, :]
 
-            dh_total = b_dh + tl.load(dy + p_state_t, mask=m_rj, other=0.0).to(ACC)
+            dh_total = b_dh + tl.load(dy + p_out_t, mask=m_rq, other=0.0).to(ACC)
             if ZONEOUT_H == 1:
-                keep_h = tl.load(zh_mask + ((d64 * T + t64) * B + o_b64[:, None]) * H + o_j[None, :], mask=m_bj,
+                keep_h = tl.load(zh_mask + ((d64 * T + t64) * B + o_b64[:, None]) * P + o_q[None, :], mask=m_bq,
                                  other=0.0).to(ACC)
                 dh_fresh, dh_kept = (1.0 - keep_h) * dh_total, keep_h * dh_total
             elif ZONEOUT_H == 2:
@@ -788,6 +859,25 @@ if triton is not None:
                 dc_fresh, dc_kept = (1.0 - z_c) * b_dc, z_c * b_dc
             else:
                 dc_fresh = b_dc
+            if PROJ:  # h_t = clip(m_t W_hr^T): dm_t = d(m_t W_hr^T) W_hr, over every program's units of h
+                d_proj = dh_fresh
+                if HAS_PROJ_CLIP:
+                    d_proj = tl.where(tl.load(proj_clip_in + p_out_t, mask=m_rq, other=0) != 0, d_proj, 0.0)
+                if HAS_LENGTHS:  # past a sequence's end h_t was frozen: no gradient to the projection
+                    d_proj = tl.where((t < b_len)[:, None], d_proj, 0.0)
+                tl.store(dhp_out + p_out_t, d_proj.to(dhp_out.dtype.element_ty),
+                         mask=tl.where(_runs(phase, 0), m_rq, False))
+                _sync(p_counter, ((s - s_lo) * BARRIERS + 1) * n_group, error, USE_BARRIER)
+                p_dproj = dhp_out + r64 * (D * P) + d64 * P  # [BB]
+                dh_fresh = tl.zeros((BB, HB), dtype=ACC)  # now d loss / d m_t
+                for k0 in range(0, P_PAD, PROJ_K):
+                    o_k = k0 + tl.arange(0, PROJ_K)
+                    m_k = o_k < P
+                    d_chunk = tl.load(p_dproj[:, None] + o_k[None, :], mask=m_live[:, None] & m_k[None, :], other=0.0,
+                                      cache_modifier=".cg")  # [BB, PROJ_K]
+                    w_chunk = tl.load(w_hr + d64 * P * H + o_k[:, None].to(tl.int64) * H + o_j[None, :],
+                                      mask=m_k[:, None] & m_j[None, :], other=0.0)  # [PROJ_K, HB]
+                    dh_fresh += _product(d_chunk, w_chunk, PRECISION, ACC, DOT_IN_FP32)
 
             gate_i = tl.load(gates + row, mask=m_rj, other=0.0).to(ACC)
             gate_f = tl.load(gates + row + H, mask=m_rj, other=0.0).to(ACC)
@@ -825,8 +915,8 @@ if triton is not None:
                 d_cb += tl.where(finishes, tl.sum(d_cell, axis=0), 0.0)
                 d_hat = d_cell * b_ln_cw
                 _publish_sums(p_ln_cell, i_h, tl.sum(d_hat, axis=1), tl.sum(d_hat * c_hat, axis=1), m_b,
-                              (phase == 0) | (phase == 3))
-                _sync(p_counter, ((s - s_lo) * 3 + 1) * n_group, error, USE_BARRIER)
+                              _runs(phase, PH_LN_CELL))
+                _sync(p_counter, ((s - s_lo) * BARRIERS + PH_LN_CELL + 1) * n_group, error, USE_BARRIER)
                 sum_d, sum_dc = _combined_sums(p_ln_cell, m_b, n_group, NP_PAD)
                 d_cell = rstd_c * (d_hat - (sum_d[:, None] + c_hat * sum_dc[:, None]) / H)
             dc_fresh += d_cell
@@ -895,8 +985,8 @@ if triton is not None:
                 dhat_i, dhat_f, dhat_g, dhat_o = da_i * b_gi, da_f * b_gf, da_g * b_gg, da_o * b_go
                 sum_d = tl.sum(dhat_i + dhat_f + dhat_g + dhat_o, axis=1)
                 sum_dh = tl.sum(dhat_i * hat_i + dhat_f * hat_f + dhat_g * hat_g + dhat_o * hat_o, axis=1)
-                _publish_sums(p_ln_gates, i_h, sum_d, sum_dh, m_b, (phase == 1) | (phase == 3))
-                _sync(p_counter, ((s - s_lo) * 3 + 2) * n_group, error, USE_BARRIER)
+                _publish_sums(p_ln_gates, i_h, sum_d, sum_dh, m_b, _runs(phase, PH_LN_GATES))
+                _sync(p_counter, ((s - s_lo) * BARRIERS + PH_LN_GATES + 1) * n_group, error, USE_BARRIER)
                 sum_d, sum_dh = _combined_sums(p_ln_gates, m_b, n_group, NP_PAD)
                 mean_d, mean_dh = (sum_d / G)[:, None], (sum_dh / G)[:, None]
                 da_i = rstd_h * (dhat_i - mean_d - hat_i * mean_dh)
@@ -911,12 +1001,12 @@ if triton is not None:
             _sync(p_counter, (s - s_lo + 1) * BARRIERS * n_group, error, USE_BARRIER)
 
         if (finish != 0) & (hi > lo):
-            dh_in = _dh_from_dgates(dgates, w_dir, b_w, hi - 1, T, B, i_d, offsets, b_len, o_b64, m_b, o_j, m_j, H, D,
-                                    G, H_PAD, HB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32, PACKED)
+            dh_in = _dh_from_dgates(dgates, w_dir, b_w, hi - 1, T, B, i_d, offsets, b_len, o_b64, m_b, o_q, m_q, H, P,
+                                    D, G, H_PAD, PB, BB, K_CHUNK, PRECISION, ACC, W_AS_A, DOT_IN_FP32, PACKED)
             if HAS_REC_MASK:
                 dh_in = dh_in * b_rec
             b_dh += dh_in
-        tl.store(dh_state + p_state, b_dh, mask=m_bj)
+        tl.store(dh_state + p_hstate, b_dh, mask=m_bq)
         tl.store(dc_state + p_state, b_dc, mask=m_bj)
         if PEEPHOLE:
             p_dpeep = dpeep + (i_b * D + i_d) * 3 * H + o_j
@@ -1035,7 +1125,7 @@ def choose_grid(kind: str, batch: int, hidden: int, directions: int, dtype: torc
     return plan_grid(kind, batch, hidden, directions, dtype, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-_ALL_PHASES = 3  # the forward kernel's `phase` that runs every phase of a step
+_ALL_PHASES = 7  # the kernels' `phase` that runs every phase of a step (_ALL_PHASES_C)
 
 _VERIFIED: set[tuple] = set()
 _DOES_NOT_FIT: set[tuple] = set()
@@ -1072,8 +1162,9 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
             if grid.persistent:
                 run(0, call.steps, 1, _ALL_PHASES, grid.barrier)
             else:
-                # with layer norm each phase of a step is a launch (the launch boundary is the barrier)
-                phases = range(3) if call.ln_hh is not None else [_ALL_PHASES]
+                # with layer norm or the projection each phase of a step is a launch (the launch
+                # boundary is the barrier)
+                phases = range(call.phases) if call.phases > 1 else [_ALL_PHASES]
                 for s in range(call.steps):
                     for phase in phases:
                         run(s, s + 1, 0, phase, False)
@@ -1132,10 +1223,17 @@ class _Call:
     ln_hh: Tensor | None  # [D, 4H]
     ln_cell_w: Tensor | None  # [D, H]
     ln_cell_b: Tensor | None  # [D, H]
+    h_size: int  # P: the size of h, proj_size or H
+    w_hr: Tensor | None  # [D, P, H]: the projection
     # A PackedSequence's rows instead of a padded batch: its batch_sizes [T] (CPU) and each step's
     # first row [T] (on the device); lengths then holds the sorted sequences' lengths.
     batch_sizes: Tensor | None = None
     offsets: Tensor | None = None
+
+    @property
+    def phases(self) -> int:
+        """Phases (barriers) per step: layer norm adds two exchanges, the projection one."""
+        return 1 + 2 * (self.ln_hh is not None) + (self.w_hr is not None)
 
     @property
     def token_shape(self) -> tuple[int, ...]:
@@ -1156,7 +1254,7 @@ class _Call:
             T, B = batch_sizes.numel(), int(batch_sizes[0])
             lengths = (batch_sizes[:, None] > torch.arange(B)[None, :]).sum(0)  # sorted: longest first
             offsets = (torch.cumsum(batch_sizes, 0) - batch_sizes).to(x.device)
-        H = weights[0].weight_hh.shape[0] // 4
+        H, P = weights[0].weight_hh.shape[0] // 4, weights[0].weight_hh.shape[1]
         w_hh = torch.stack([
             w.weight_hh if m.weight_hh is None else w.weight_hh * m.weight_hh for w, m in zip(weights, masks)
         ]).to(dtype).contiguous()
@@ -1188,6 +1286,8 @@ class _Call:
             ln_hh=stacked([w.layer_norm_hh_weight for w in weights], acc),
             ln_cell_w=stacked([w.layer_norm_cell_weight for w in weights], acc),
             ln_cell_b=stacked([w.layer_norm_cell_bias for w in weights], acc),
+            h_size=P,
+            w_hr=stacked([w.weight_hr for w in weights], dtype),
             batch_sizes=batch_sizes,
             offsets=offsets,
         )
@@ -1203,8 +1303,16 @@ class _Call:
             HAS_CLIP=o.clip is not None, COUPLED=o.coupled_input_forget, HAS_CELL_CLIP=o.cell_clip is not None,
             ZONEOUT_H=self.zoneout_h, ZONEOUT_C=self.zoneout_c, HAS_REC_MASK=self.rec_mask is not None,
             HAS_LENGTHS=self.lengths is not None, PACKED=self.offsets is not None, W_AS_A=grid.w_as_a,
-            K_CHUNK=grid.k_chunk,
+            K_CHUNK=grid.k_chunk, **self.projection_constants(grid),
         )
+
+    def projection_constants(self, grid: Grid) -> dict:
+        """The size ``P`` of h, and ``PB``, the units of h a program owns: ``HB`` without projection;
+        with it, ``P`` spread over the group's programs (``tl.dot`` needs at least 16)."""
+        P, programs = self.h_size, triton.cdiv(self.hidden, grid.hb)
+        proj = self.w_hr is not None
+        return dict(P=P, P_PAD=hidden_pad(P), PB=max(16, _pow2(triton.cdiv(P, programs))) if proj else grid.hb,
+                    PROJ=proj, PROJ_K=32, HAS_PROJ_CLIP=proj and self.options.proj_clip is not None)
 
     def layer_norm_constants(self, grid: Grid) -> dict:
         """Layer norm's flag and its exchange's sizes (programs per group, slots)."""
@@ -1212,7 +1320,14 @@ class _Call:
                     LN_SLOTS=_ln_slots(self.hidden))
 
     def grid(self, kind: str, device: torch.device) -> Grid:
-        return choose_grid(kind, self.batch, self.hidden, self.directions, self.dtype, device)
+        return self.fitted(kind, choose_grid(kind, self.batch, self.hidden, self.directions, self.dtype, device))
+
+    def fitted(self, kind: str, grid: Grid) -> Grid:
+        """``grid`` for this call: with a projection the forward's recurrent product reduces over
+        ``P <= H``, so its whole reduction may fit in one chunk."""
+        if kind == "forward" and self.w_hr is not None:
+            grid = dataclasses.replace(grid, k_chunk=min(grid.k_chunk, hidden_pad(self.h_size)))
+        return grid
 
 
 def _empty(like: Tensor, *shape: int, dtype: torch.dtype | None = None) -> Tensor:
@@ -1230,20 +1345,20 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
     """``x [T, B, I]`` (packed: ``[N, I]``), ``h0``/``c0 [D, B, H]`` -> ``y [T, B, D*H]`` (packed:
     ``[N, D*H]``), ``h_n``, ``c_n [D, B, H]`` and, with ``save``, the tensors :func:`_backward` needs."""
     T, B, H, D, dtype, acc = call.steps, call.batch, call.hidden, call.directions, call.dtype, call.acc
-    G = 4 * H
+    G, P, proj = 4 * H, call.h_size, call.w_hr is not None
     tokens = call.token_shape
     xg = (x.reshape(-1, x.shape[-1]) @ call.w_ih.t()).view(*tokens, D * G)  # every step and direction at once
     layer_norm = call.ln_hh is not None
     if layer_norm:  # LN(x_t W_ih^T) is outside the recurrence too, in the accumulation dtype
         normed, mean_x, rstd_x = torch.native_layer_norm(xg.view(-1, D, G).to(acc), [G], None, None, LAYER_NORM_EPS)
         xg = (normed * call.ln_ih).view(*tokens, D * G)
-    h_buf = _empty(x, 2, D, B, H)
-    h_buf.copy_(h0.unsqueeze(0).expand(2, D, B, H))  # a direction that skips its first steps starts in either slot
+    h_buf = _empty(x, 2, D, B, P)
+    h_buf.copy_(h0.unsqueeze(0).expand(2, D, B, P))  # a direction that skips its first steps starts in either slot
     c_state = c0.to(acc).contiguous().clone()
     # padding rows of steps a batch block skips (past all of its sequences' ends) are never written:
     # zeros there; packed input has no padding rows
     padded_with_lengths = call.lengths is not None and call.offsets is None
-    y = x.new_zeros(*tokens, D * H) if padded_with_lengths else _empty(x, *tokens, D * H)
+    y = x.new_zeros(*tokens, D * P) if padded_with_lengths else _empty(x, *tokens, D * P)
     o = call.options
     saved = {
         "gates": _empty(x, *tokens, D * G) if save else None,
@@ -1254,6 +1369,9 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
         "hh_hat": _empty(x, *tokens, D * G, dtype=acc) if save and layer_norm else None,
         "ln_rows": _empty(x, *tokens, D * 3, dtype=acc) if save and layer_norm else None,
         "x_moments": (mean_x, rstd_x) if save and layer_norm else None,
+        # read by the host for W_hr's gradient: zeros in the padding rows of skipped steps
+        "m": (x.new_zeros if padded_with_lengths else partial(_empty, x))(*tokens, D * H) if save and proj else None,
+        "proj_clip": _empty(x, *tokens, D * P, dtype=torch.int8) if save and proj and o.proj_clip is not None else None,
     }
     grid = call.grid("forward", x.device)
     counters = torch.zeros(D, triton.cdiv(B, grid.bb), dtype=torch.int32, device=x.device)
@@ -1267,9 +1385,10 @@ def _forward(call: _Call, x: Tensor, h0: Tensor, c0: Tensor, *, save: bool):
         _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error),
         _or_dummy(call.ln_hh, dummy_acc), _or_dummy(call.ln_cell_w, dummy_acc), _or_dummy(call.ln_cell_b, dummy_acc),
         _ln_stats(call, x), _or_dummy(saved["hh_hat"], dummy_acc), _or_dummy(saved["ln_rows"], dummy_acc),
-        counters, error, T, B,
+        _or_dummy(call.w_hr, y), x.new_empty(D, B, H) if proj else y, _or_dummy(saved["m"], y),
+        _or_dummy(saved["proj_clip"], error), counters, error, T, B,
     )
-    scalars = (o.clip or 0.0, o.cell_clip or 0.0, o.zoneout_h, o.zoneout_c, LAYER_NORM_EPS)
+    scalars = (o.clip or 0.0, o.cell_clip or 0.0, o.zoneout_h, o.zoneout_c, LAYER_NORM_EPS, o.proj_clip or 0.0)
     extra = dict(HAS_BIAS=call.bias is not None, NEEDS_H_PREV=call.zoneout_h != 0 or call.lengths is not None,
                  SAVE=save)
     _launch(_forward_kernel, call, grid, args, scalars, extra, error, backward=False)
@@ -1350,7 +1469,7 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     ``w_ih [D*4H, I]``, ``w_hh [D, 4H, H]`` (of the stored weight: the DropConnect mask applied),
     the summed biases ``[D, 4H]`` and the peepholes ``[D, 3H]``."""
     T, B, H, D, dtype, acc = call.steps, call.batch, call.hidden, call.directions, call.dtype, call.acc
-    G = 4 * H
+    G, P, proj = 4 * H, call.h_size, call.w_hr is not None
     dh_state = dh_n.to(acc).contiguous().clone()
     dc_state = dc_n.to(acc).contiguous().clone()
     tokens = call.token_shape
@@ -1365,6 +1484,9 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     blocks = triton.cdiv(B, grid.bb)
     dpeep = torch.zeros(blocks, D, 3 * H, dtype=acc, device=x.device)
     dln = torch.zeros(blocks, D, 6 * H, dtype=acc, device=x.device) if layer_norm else None
+    d_proj = None
+    if proj:  # d loss / d (m_t W_hr^T), for dm_t and for W_hr's gradient
+        d_proj = x.new_zeros(*tokens, D * P) if padded_with_lengths else _empty(x, *tokens, D * P)
     counters = torch.zeros(D, blocks, dtype=torch.int32, device=x.device)
     error = torch.zeros(1, dtype=torch.int32, device=x.device)
     dummy_acc = x.new_empty(1, dtype=acc)
@@ -1376,7 +1498,8 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
         c0_acc, _or_dummy(saved["clip"], error), _or_dummy(saved["cell_clip"], error),
         _or_dummy(call.ln_hh, dummy_acc), _or_dummy(call.ln_cell_w, dummy_acc), _or_dummy(call.ln_cell_b, dummy_acc),
         _or_dummy(saved["hh_hat"], dummy_acc), _or_dummy(saved["ln_rows"], dummy_acc), _ln_stats(call, x),
-        _or_dummy(da, dummy_acc), _or_dummy(dln, dummy_acc), dgates, dpeep, counters, error, T, B,
+        _or_dummy(da, dummy_acc), _or_dummy(dln, dummy_acc), dgates, dpeep, _or_dummy(call.w_hr, dgates),
+        _or_dummy(saved["proj_clip"], error), _or_dummy(d_proj, dgates), counters, error, T, B,
     )
     o = call.options
     _launch(_backward_kernel, call, grid, args, (o.zoneout_h, o.zoneout_c), {}, error, backward=True)
@@ -1384,7 +1507,7 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
     rows = dgates.view(-1, D * G)
     n = rows.shape[0]  # T*B, or N packed rows
     x_rows = x.reshape(n, -1)
-    # h_{t-1} as each row's step saw it, the recurrent-dropout mask applied: [n, D, H]
+    # h_{t-1} as each row's step saw it, the recurrent-dropout mask applied: [n, D, P]
     rec = None if call.rec_mask is None else call.rec_mask.transpose(0, 1)  # [B, D, H]
     if call.offsets is None:
         h_in = _previous_states(y, h0, call.lengths)  # [T, B, D, H]
@@ -1395,11 +1518,13 @@ def _backward(call: _Call, saved: dict, x: Tensor, y: Tensor, h0: Tensor, c0: Te
             rec = rec[(torch.arange(n) - torch.repeat_interleave(first, call.batch_sizes)).to(x.device)]
     if rec is not None:
         h_in = (h_in * rec).to(dtype)
-    h_in = h_in.reshape(n, D, H)
+    h_in = h_in.reshape(n, D, P)
     per_direction = rows.view(n, D, G).transpose(0, 1)  # [D, n, 4H]
     d_w_hh = torch.bmm(per_direction.transpose(1, 2), h_in.transpose(0, 1))  # [D, 4H, H]
     grads = {"h0": dh_state.to(dtype), "c0": dc_state.to(dtype), "weight_hh": d_w_hh,
              "peephole": dpeep.sum(0) if call.peephole is not None else None}
+    if proj:  # d W_hr = sum over tokens of d(m_t W_hr^T)^T m_t, per direction: [D, P, H]
+        grads["w_hr"] = torch.bmm(d_proj.view(n, D, P).permute(1, 2, 0), saved["m"].view(n, D, H).transpose(0, 1))
     if layer_norm:  # back through LN(x W_ih^T): recompute x W_ih^T (one GEMM) rather than keep it
         mean_x, rstd_x = saved["x_moments"]
         raw = (x_rows @ call.w_ih.t()).view(n, D, G).to(acc)
@@ -1452,6 +1577,8 @@ class _LayerFunction(torch.autograd.Function):
                 "bias_hh": grads["bias"][d],
                 "weight_peephole": None if grads["peephole"] is None else grads["peephole"][d],
             }
+            if "w_hr" in grads:
+                per_field["weight_hr"] = grads["w_hr"][d]
             if "ln_hh" in grads:
                 per_field |= {"layer_norm_ih_weight": grads["ln_ih"][d], "layer_norm_hh_weight": grads["ln_hh"][d],
                               "layer_norm_cell_weight": grads["ln_cell_w"][d],
@@ -1472,8 +1599,7 @@ def layer_gradients(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor, w
                     options: LSTMOptions, masks: Sequence[DirectionMasks] | None, *, training: bool,
                     cotangents: tuple[Tensor, Tensor, Tensor]) -> list[Tensor | None]:
     """``[dx, dh0, dc0, *each direction's weight gradients]`` of one layer call under the cotangents
-    ``(dy, dh_n, dc_n)``, the autograd.Function run as plain functions (engines/ops.py). Layers the
-    kernels do not cover never get here: under torch.compile they are traced on the reference."""
+    ``(dy, dh_n, dc_n)``, the autograd.Function run as plain functions (engines/ops.py)."""
     masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
     flat = [t for w in weights for t in w]
     ctx = PlainContext([False, True, True, True, *(t is not None for t in flat)])
@@ -1485,12 +1611,6 @@ def layer_gradients(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor, w
 
 def supports(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
     return triton is not None and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16, torch.float32)
-
-
-def kernels_cover(weights: Sequence[DirectionWeights], options: LSTMOptions) -> bool:
-    """Whether the kernels run a layer. The projection is not in the kernels yet: the reference runs
-    those layers."""
-    return weights[0].weight_hr is None
 
 
 def _needs_grad(x: Tensor, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights]) -> bool:
@@ -1512,10 +1632,6 @@ def lstm_layer(
     """The engine entry point; the signature and semantics of :func:`fastlstm.reference.lstm_layer`.
 
     Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (the tests)."""
-    if not kernels_cover(weights, options):
-        from .. import reference
-
-        return reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
     if masks is not None and not training:
         raise ValueError("masks are only used in training mode; eval mode uses their expectations")
     masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
@@ -1560,13 +1676,6 @@ def lstm_layer_packed(
     are: -> ``(y [N, D * H_out], h_n, c_n)``, states in user batch order. The kernels address each
     step's rows through the step's first row, so no padded tensor is built and no padding is
     computed. Masks are padded ``[T, B, .]`` in user order, as everywhere."""
-    if not kernels_cover(weights, options):
-        from .. import packing, reference
-
-        layout = packing.layout_of(PackedSequence(data, batch_sizes, sorted_indices, None))
-        y, h, c = reference.lstm_layer(packing.unpack(data, layout), layout.lengths, h0, c0, weights, options, masks,
-                                       training=training)
-        return packing.pack(y, layout), h, c
     if masks is not None and not training:
         raise ValueError("masks are only used in training mode; eval mode uses their expectations")
     masks = list(masks) if masks is not None else [DirectionMasks() for _ in weights]
