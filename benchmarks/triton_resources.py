@@ -1,7 +1,7 @@
 """Build the Triton kernels for sm_90 (no GPU needed) at the grids fastlstm would launch on an H100,
 and print each build's shared memory, registers and register spills (local-memory stack).
 
-    python benchmarks/triton_resources.py [--dtypes bfloat16,float16,float32] [--options plain,layer_norm]
+    python benchmarks/triton_resources.py [--dtypes bfloat16,float16,float32] [--options plain,layer_norm,proj]
                                           [--json PATH]
 
 The shapes are those of ``fastlstm bench --preset h100`` (B, H pairs of ANCHORS.md) plus the
@@ -24,7 +24,9 @@ import torch  # noqa: E402
 from fastlstm.engines import triton_build, triton_lstm  # noqa: E402
 from fastlstm.options import make_options  # noqa: E402
 
-OPTIONS = {"plain": make_options(), "layer_norm": make_options(layer_norm=True)}
+# name: (options, projection size as a fraction of H)
+OPTIONS = {"plain": (make_options(), 0), "layer_norm": (make_options(layer_norm=True), 0),
+           "proj": (make_options(has_projection=True, proj_clip=0.5), 4)}
 
 SHAPES = [(b, h, 1) for b, h in ((1, 256), (8, 256), (16, 256), (64, 256), (128, 256), (256, 256), (8, 768),
                                  (16, 768), (64, 768), (128, 768), (1, 1024), (8, 1024), (16, 1024), (64, 1024),
@@ -44,7 +46,9 @@ def main(argv=None) -> int:
             for batch, hidden, directions in SHAPES:
                 grid = triton_lstm.plan_grid(kind, batch, hidden, directions, dtype, triton_build.H100_SMS)
                 start = time.perf_counter()
-                built = triton_build.build(kind, dtype, hidden, grid, OPTIONS[option], directions=directions)
+                options, proj_divisor = OPTIONS[option]
+                built = triton_build.build(kind, dtype, hidden, grid, options, directions=directions,
+                                           proj=hidden // proj_divisor if proj_divisor else 0)
                 row = dict(kind=kind, options=option, dtype=str(dtype).removeprefix("torch."), batch=batch,
                            hidden=hidden,
                            directions=directions, grid=vars(grid) if hasattr(grid, "__dict__") else grid.__repr__(),
