@@ -666,7 +666,7 @@ if triton is not None:
             acc = tl.trans(acc)
         return acc
 
-    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "finish"])
+    @triton.jit(do_not_specialize=["T", "B", "step_begin", "step_end", "finish", "phase"])
     def _backward_kernel(
         dy,  # [T, B, D*H]
         dh_state,  # [D, B, H]  dh_n in, dh_0 out, accumulation dtype
@@ -1144,11 +1144,17 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
     per-step grid. The first persistent launch of each configuration is checked for a barrier that
     timed out, which would mean its programs were not all resident at once."""
     kind = "backward" if backward else "forward"
-    key = (kind, error.device, call.batch, call.hidden, call.directions, call.dtype, grid, tuple(sorted(extra.items())))
-    if grid.persistent and key in _DOES_NOT_FIT:
-        grid = per_step_grid(kind, grid, call.hidden, call.dtype)
-    shape = grid.shape(call.batch, call.hidden, call.directions)
     constants = call.constants(grid) | extra | call.layer_norm_constants(grid)
+    # every flag is in the key: a layer-norm or projection kernel (more barriers, more registers) is
+    # checked and falls back on its own, apart from the plain kernel of the same shape
+    key = (kind, error.device, call.batch, call.hidden, call.directions, call.dtype, grid,
+           tuple(sorted((k, str(v)) for k, v in constants.items())))
+    shape = grid.shape(call.batch, call.hidden, call.directions)
+    # the barrier counters are int32: a launch whose arrivals could pass 2^31 runs one launch per step
+    too_long = call.steps * call.phases * shape[0] >= 2**31 - 1
+    if grid.persistent and (key in _DOES_NOT_FIT or too_long):
+        return _launch(kernel, call, call.fitted(kind, per_step_grid(kind, grid, call.hidden, call.dtype)), args,
+                       scalars, extra, error, backward=backward)
 
     def run(begin: int, end: int, finish: int, phase: int, use_barrier: bool) -> None:
         # the backward's `finish` says whether to end with dh_0; `phase` which phases of a step to run
@@ -1173,8 +1179,8 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
     except Exception as exc:
         if grid.persistent and _OutOfResources is not None and isinstance(exc, _OutOfResources):
             _DOES_NOT_FIT.add(key)
-            return _launch(kernel, call, per_step_grid(kind, grid, call.hidden, call.dtype), args, scalars, extra, error,
-                           backward=backward)
+            return _launch(kernel, call, call.fitted(kind, per_step_grid(kind, grid, call.hidden, call.dtype)), args,
+                           scalars, extra, error, backward=backward)
         raise RuntimeError(
             f"fastlstm: the Triton {kind} kernel failed for grid {shape} ({grid}) with {constants}: {exc}"
         ) from exc
