@@ -116,11 +116,12 @@ def test_compiled_cell_matches_eager():
         torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("cfg", [{}, dict(peephole=True, clip=0.5, zoneout=(0.2, 0.3))], ids=["plain", "options"])
+@pytest.mark.parametrize("cfg", [{}, dict(peephole=True, clip=0.5, zoneout=(0.2, 0.3)), dict(layer_norm=True)],
+                         ids=["plain", "options", "layer_norm-proj"])
 def test_triton_engine_through_the_custom_op(cfg):
     """The Triton engine's layer as the custom op (interpreted here), forward and backward, against
     the reference: the op's backward runs the engine's forward and backward as plain functions."""
-    arch = dict(directions=2, proj=0, bias=True)
+    arch = dict(directions=2, proj=3 if "layer_norm" in cfg else 0, bias=True)
     training = "zoneout" in cfg
     options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training)
     lengths = torch.tensor([3, 6, 1, 4])
