@@ -48,3 +48,13 @@ def poisoned_buffers(monkeypatch):
         return t.fill_(float("nan") if t.is_floating_point() else -1)
 
     monkeypatch.setattr(triton_lstm, "_empty", poisoned)
+
+
+@pytest.fixture(autouse=True)
+def ieee_float32():
+    """The suite compares float32 with the reference's IEEE products: the recurrence's TF32 (torch's
+    default for torch.nn.LSTM, which the kernels follow) is off unless a test turns it on."""
+    saved = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = saved

@@ -7,6 +7,7 @@
 # 2. `fastlstm bench` with the given preset (default h100-quick), cuDNN timed in the same run.
 # Everything lands in $OUT (default ./gpu_results): environment, test log and junit XML, bench table,
 # JSON rows (saved after every row, so a run cut short keeps what it measured) and a plot.
+# TESTS_TIMEOUT / BENCH_TIMEOUT (seconds, default 210 / 250) and MAXFAIL bound the two parts.
 # Needs no network: fastlstm runs from src/ (the GPU image's torch, triton, pytest are used).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -28,13 +29,13 @@ start=$(date +%s)
 # Each new configuration compiles its kernels (seconds each): spread the tests over processes when
 # pytest-xdist is there (the GPU image has it); the GPU is shared by them.
 PARALLEL=$($PY -c "import xdist" 2>/dev/null && echo "-n 8" || true)
-timeout 210 $PY -m pytest gpu_tests -q --maxfail=10 $PARALLEL -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
+timeout ${TESTS_TIMEOUT:-210} $PY -m pytest gpu_tests -q --maxfail=${MAXFAIL:-10} -rfE --tb=short $PARALLEL -p no:cacheprovider --junitxml="$OUT/gpu_tests.xml" \
   2>&1 | tee "$OUT/gpu_tests.log"
 tests_rc=${PIPESTATUS[0]}
 echo "gpu tests: exit $tests_rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/gpu_tests.log"
 
 start=$(date +%s)
-timeout 250 $PY -m fastlstm bench --preset "$PRESET" --json "$OUT/bench_$PRESET.json" --plot "$OUT/bench_$PRESET.png" \
+timeout ${BENCH_TIMEOUT:-250} $PY -m fastlstm bench --preset "$PRESET" --json "$OUT/bench_$PRESET.json" --plot "$OUT/bench_$PRESET.png" \
   2>&1 | tee "$OUT/bench_$PRESET.txt"
 bench_rc=${PIPESTATUS[0]}
 echo "bench: exit $bench_rc after $(( $(date +%s) - start )) s" | tee -a "$OUT/bench_$PRESET.txt"

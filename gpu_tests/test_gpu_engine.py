@@ -87,12 +87,15 @@ def _half_precision_reference(x, lengths, h0, c0, weights, options, masks, *, tr
 
 
 def _check(ours, baseline, truth, dtype, names):
-    atol = {torch.float32: 1e-5, torch.bfloat16: 4 * 2 ** -8, torch.float16: 4 * 2 ** -11}[dtype]
+    """Ours within twice the baseline's error of float64, plus a few ulps of ``dtype`` at the tensor's
+    scale (weight gradients sum over every token: float32 ones of magnitude 10-70 carry errors of 1e-5)."""
+    ulps = {torch.float32: 1e-5, torch.bfloat16: 4 * 2 ** -8, torch.float16: 4 * 2 ** -11}[dtype]
     for name, a, b, t in zip(names, ours, baseline, truth):
         assert not a.isnan().any(), f"{name}: NaN (an element never written?)"
         err_ours = (a.double() - t).abs().max().item()
         err_base = (b.double() - t).abs().max().item()
-        assert err_ours <= 2 * err_base + atol, f"{name}: ours {err_ours:.3g} vs baseline {err_base:.3g}"
+        floor = ulps * max(1.0, t.abs().max().item())
+        assert err_ours <= 2 * err_base + floor, f"{name}: ours {err_ours:.3g} vs baseline {err_base:.3g}"
 
 
 def _compare(cfg, dtype, *, directions, batch, steps, hidden, input_size=None, lengths=None, ours_fn=None, proj=0):
@@ -111,6 +114,13 @@ def _compare(cfg, dtype, *, directions, batch, steps, hidden, input_size=None, l
     names = ["output", "h_n", "c_n", "x", "h0", "c0"] + [
         f"dir{d}.{f}" for d, w in enumerate(weights) for f, p in zip(DirectionWeights._fields, w) if p is not None]
     _check(ours, baseline, truth, dtype, names)
+
+
+def _steps(cfg, steps):
+    """A layer-norm LSTM at these initialisations is chaotic: the float32 reference's own error grows
+    from 1e-6 at 8 steps to 3e-5 at 40 ("everything", B=16, H=256), so in half precision every answer
+    is noise by step 40 and comparing errors tests nothing. Those configurations run 12 steps."""
+    return min(steps, 12) if cfg.get("layer_norm") else steps
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -132,13 +142,16 @@ def test_plain_lstm_at_real_shapes(dtype, shape):
 
 @pytest.mark.parametrize("cfg", KERNEL_OPTIONS.values(), ids=KERNEL_OPTIONS.keys())
 def test_every_option_bf16(cfg):
-    _compare(cfg, torch.bfloat16, directions=2, batch=16, steps=40, hidden=256, lengths=torch.randint(1, 41, (16,)))
+    steps = _steps(cfg, 40)
+    _compare(cfg, torch.bfloat16, directions=2, batch=16, steps=steps, hidden=256,
+             lengths=torch.randint(1, steps + 1, (16,)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_every_option_at_once_other_dtypes(dtype):
-    _compare(KERNEL_OPTIONS["everything"], dtype, directions=2, batch=16, steps=40, hidden=256,
-             lengths=torch.randint(1, 41, (16,)))
+    steps = _steps(KERNEL_OPTIONS["everything"], 40)
+    _compare(KERNEL_OPTIONS["everything"], dtype, directions=2, batch=16, steps=steps, hidden=256,
+             lengths=torch.randint(1, steps + 1, (16,)))
 
 
 def _through_packed_rows(x, lengths, h0, c0, weights, options, masks, *, training):
@@ -156,8 +169,9 @@ def _through_packed_rows(x, lengths, h0, c0, weights, options, masks, *, trainin
 def test_packed_rows(dtype, cfg):
     """A PackedSequence's rows straight into the kernels (no padding built), unsorted lengths from 1
     to T, both directions, two batch blocks."""
-    _compare(KERNEL_OPTIONS[cfg], dtype, directions=2, batch=100, steps=48, hidden=256,
-             lengths=torch.randint(1, 49, (100,)), ours_fn=_through_packed_rows)
+    steps = _steps(KERNEL_OPTIONS[cfg], 48)
+    _compare(KERNEL_OPTIONS[cfg], dtype, directions=2, batch=100, steps=steps, hidden=256,
+             lengths=torch.randint(1, steps + 1, (100,)), ours_fn=_through_packed_rows)
 
 
 @pytest.mark.parametrize("cfg", ["layer_norm", "everything"])
@@ -165,11 +179,13 @@ def test_packed_rows(dtype, cfg):
 def test_layer_norm_inference(dtype, cfg):
     """Layer norm without autograd (nothing saved), at a shape whose groups hold several programs
     (their moments exchanged each step): output and final states."""
-    options, weights, x, h0, c0, masks, training = _layer(KERNEL_OPTIONS[cfg], 2, 48, 40, 512, 512)
-    lengths = torch.randint(1, 41, (48,), device=DEV)
+    steps = _steps(KERNEL_OPTIONS[cfg], 40)
+    options, weights, x, h0, c0, masks, training = _layer(KERNEL_OPTIONS[cfg], 2, 48, steps, 512, 512)
+    lengths = torch.randint(1, steps + 1, (48,), device=DEV)
     cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
     ws = [DirectionWeights(*(cast(t) for t in w)) for w in weights]
-    ms = None if masks is None else [DirectionMasks(*(cast(t) for t in m)) for m in masks]
+    ms = None if masks is None else [DirectionMasks(*(cast(t) for t in (
+        m.zoneout_h, m.zoneout_c, m.recurrent, m.weight_hh))) for m in masks]
     with torch.no_grad():
         truth = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
         ours = triton_lstm.lstm_layer(cast(x), lengths, cast(h0), cast(c0), ws, options, ms, training=training)
@@ -225,24 +241,34 @@ def test_module_matches_torch_float32(form):
         torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-4)
 
 
-def test_fp32_products_are_ieee_unless_tf32_is_enabled():
-    """With torch's TF32 flags off (the default), the recurrence's products are IEEE float32:
-    its error stays near float32's, far below TF32's 1e-3."""
-    assert not torch.backends.cuda.matmul.allow_tf32
+@pytest.mark.parametrize("tf32", [False, True], ids=["ieee", "tf32"])
+def test_fp32_products_follow_torchs_cudnn_tf32_flag(tf32):
+    """float32 products are IEEE with ``torch.backends.cudnn.allow_tf32`` off (error near float32's)
+    and TF32 with it on, as torch.nn.LSTM's (error near TF32's 1e-3, and torch's own at that setting)."""
     options, weights, x, h0, c0, _, _ = _layer({}, 1, 16, 64, 512, 512)
+    torch.backends.cudnn.allow_tf32 = tf32
     with torch.no_grad():
         truth = reference.lstm_layer(x, None, h0, c0, weights, options, None, training=False)[0]
         f32 = [DirectionWeights(*(None if t is None else t.float() for t in w)) for w in weights]
         ours = triton_lstm.lstm_layer(x.float(), None, h0.float(), c0.float(), f32, options, None, training=False)[0]
-    assert (ours.double() - truth).abs().max().item() < 1e-4
+        theirs = torch.nn.LSTM(512, 512, device=DEV)
+        theirs.load_state_dict(dict(weight_ih_l0=f32[0].weight_ih, weight_hh_l0=f32[0].weight_hh,
+                                    bias_ih_l0=f32[0].bias_ih, bias_hh_l0=f32[0].bias_hh))
+        torch_err = (theirs(x.float(), (h0.float(), c0.float()))[0].double() - truth).abs().max().item()
+    err = (ours.double() - truth).abs().max().item()
+    if tf32:
+        assert 1e-5 < err < 2 * torch_err + 1e-4, (err, torch_err)
+    else:
+        assert err < 1e-4, err
 
 
 @pytest.mark.parametrize("cfg", ["plain", "everything"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_projection(dtype, cfg):
     """proj_size in the kernels: m_t and d(m_t W_hr^T) exchanged between the programs each step."""
-    _compare(KERNEL_OPTIONS[cfg], dtype, directions=2, batch=64, steps=32, hidden=512, proj=128,
-             lengths=torch.randint(1, 33, (64,)))
+    steps = _steps(KERNEL_OPTIONS[cfg], 32)
+    _compare(KERNEL_OPTIONS[cfg], dtype, directions=2, batch=64, steps=steps, hidden=512, proj=128,
+             lengths=torch.randint(1, steps + 1, (64,)))
 
 
 def test_module_with_projection_matches_torch():

@@ -116,6 +116,8 @@ def _perturbed(layer, where: str):
         ("gradient", []),
         # Every engine wrong alike, the reference (the oracle's twin) included: the eager loop catches it.
         ("output", ["--layer-norm"]),
+        # A layer-norm row longer than the check's horizon: its first steps still catch 0.1 %.
+        ("gradient", ["--layer-norm", "-T", "40"]),
     ],
 )
 def test_wrong_engine_is_caught_before_timing(monkeypatch, capsys, where, flags):
@@ -169,3 +171,17 @@ def test_presets_are_valid(name):
     for config in configs:
         bench._options(config)
         assert config.dtype in bench.DTYPES
+
+
+def test_layer_norm_rows_are_checked_on_their_first_steps(monkeypatch, tmp_path):
+    """A layer-norm row is checked on CHAOTIC_CHECK_STEPS steps, with the timed row's weights, and
+    says so in its JSON; other rows are checked on all of their steps."""
+    assert bench.check_steps(PRESETS["smoke"].configs[0]) == PRESETS["smoke"].configs[0].steps
+    monkeypatch.setattr(bench, "measure", lambda fn, device: 1.0)
+    rc = bench.main(["-B", "3", "-T", "40", "-I", "5", "-H", "6", "--device", "cpu", "--layer-norm",
+                     "--repeats", "1", "--json", str(tmp_path / "rows.json")])
+    assert rc == 0
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    checked = [row for row in rows if row["check"] is not None]
+    assert checked and all(f"first {bench.CHAOTIC_CHECK_STEPS} of 40 steps" in row["check"]["oracle"]
+                           for row in checked)

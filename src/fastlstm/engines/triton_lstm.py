@@ -1193,9 +1193,12 @@ def _launch(kernel, call: _Call, grid: Grid, args: tuple, scalars: tuple, extra:
         _VERIFIED.add(key)
 
 
-def _precision(dtype: torch.dtype) -> str:
-    """IEEE products for float32 unless the user enabled TF32 for matmuls, as torch does."""
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+def _precision(dtype: torch.dtype, device: torch.device) -> str:
+    """float32 products as torch.nn.LSTM's on the GPU: cuDNN's recurrence runs in TF32 while
+    ``torch.backends.cudnn.allow_tf32`` is on (torch's default), IEEE when a user turns it off.
+    (Measured on an H200, B=16 T=512 H=1024: torch's float32 LSTM 7.85 ms forward with the flag on,
+    14.98 ms off.) Triton's interpreter (CPU tensors) always takes IEEE."""
+    if dtype == torch.float32 and device.type == "cuda" and torch.backends.cudnn.allow_tf32:
         return "tf32"
     return "ieee"
 
@@ -1302,7 +1305,7 @@ class _Call:
         o = self.options
         return dict(
             H=self.hidden, D=self.directions, H_PAD=hidden_pad(self.hidden), HB=grid.hb, BB=grid.bb,
-            ACC=getattr(tl, _TL_DTYPES[self.acc]), PRECISION=_precision(self.dtype),
+            ACC=getattr(tl, _TL_DTYPES[self.acc]), PRECISION=_precision(self.dtype, self.w_hh.device),
             DOT_IN_FP32=INTERPRET and self.dtype == torch.bfloat16,
             ACT_GATE=_ACTIVATION_CODES[o.activations[0]], ACT_IN=_ACTIVATION_CODES[o.activations[1]],
             ACT_OUT=_ACTIVATION_CODES[o.activations[2]], PEEPHOLE=self.peephole is not None,
