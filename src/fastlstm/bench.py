@@ -425,7 +425,10 @@ def check_row(impls: list[Impl], inputs: Inputs, generator: torch.Generator) -> 
 
 
 def _float64_twin(impl: Impl) -> Impl:
-    return replace(impl, module=copy.deepcopy(impl.module).double())
+    module = copy.deepcopy(impl.module).double()
+    if isinstance(module, nn.LSTM):
+        module.flatten_parameters()  # cuDNN otherwise re-packs (and warns about) the converted weights
+    return replace(impl, module=module)
 
 
 def _outputs(impl: Impl, inputs: Inputs, cotangents) -> dict[tuple[str, str], Tensor]:
