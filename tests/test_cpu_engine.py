@@ -193,11 +193,15 @@ def test_inference_path_matches_reference(cfg, arch, some_threads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+UNI_NOBIAS = dict(directions=1, proj=0, bias=False)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
-def test_single_step_inference_path_matches_reference(cfg, training):
+def test_single_step_inference_path_matches_reference(cfg, training, bias):
     """LSTMCell and T = 1 calls without autograd take a path of their own (one C++ call)."""
-    options, weights = make_layer(ARCHS["uni"], cfg, dtype=torch.float64)
+    options, weights = make_layer(ARCHS["uni"] if bias else UNI_NOBIAS, cfg, dtype=torch.float64)
     w = weights[0]
     g = torch.Generator().manual_seed(6)
     x = torch.randn(3, 4, generator=g, dtype=torch.float64)
@@ -218,6 +222,68 @@ def test_single_step_inference_path_matches_reference(cfg, training):
         torch.testing.assert_close(ours[0], h_ref[0], rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(ours[1], c_ref[0], rtol=1e-10, atol=1e-10)
     assert y1.data_ptr() != h1.data_ptr()  # output and h_n must not alias
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
+def test_single_step_autograd_path_matches_reference(cfg, training, bias):
+    """LSTMCell and T = 1 calls with autograd take the step's own Function (one C++ call each way):
+    outputs, final states and every gradient against the reference, under random cotangents."""
+    options, weights = make_layer(ARCHS["uni"] if bias else UNI_NOBIAS, cfg, dtype=torch.float64)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    h0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    c0 = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    cot = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    masks = None
+    if training and options.is_stochastic:
+        masks = sample_direction_masks(options, steps=1, batch=3, hidden_size=5, h_out=5, device="cpu",
+                                       dtype=torch.float64)
+    train = training and masks is not None
+
+    def gradients(call):
+        leaves = [t.clone().requires_grad_() for t in (x, h0, c0)]
+        params = [None if p is None else p.detach().clone().requires_grad_() for p in weights[0]]
+        outs = call(*leaves, DirectionWeights(*params))
+        loss = sum((o * u).sum() for o, u in zip(outs, cot))
+        wanted = leaves + [p for p in params if p is not None]
+        return [o.detach() for o in outs] + list(torch.autograd.grad(loss, wanted))
+
+    def layer(engine):
+        def call(x, h0, c0, w):
+            y, h, c = engine.lstm_layer(x[None], None, h0[None], c0[None], [w], options,
+                                        None if masks is None else [masks], training=train)
+            return y[0], h[0], c[0]
+        return call
+
+    def cell(x, h0, c0, w):
+        h, c = cpu.lstm_cell(x, h0, c0, w, options, masks, training=train)
+        return h, h, c  # (as the layer's y, h_n, c_n)
+
+    truth = gradients(layer(reference))
+    for ours in (gradients(cell), gradients(layer(cpu))):
+        assert len(ours) == len(truth)
+        for a, b in zip(ours, truth):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_single_step_autograd_path_gradcheck():
+    """The step's hand-written backward by finite differences (every option that it takes at once)."""
+    cfg = dict(peephole=True, clip=0.9, cell_clip=0.5, zoneout=(0.3, 0.4), recurrent_dropout=0.3, weight_drop=0.3,
+               activations=("hard_sigmoid", "softsign", "relu"))
+    cell = fastlstm.LSTMCell(2, 3, dtype=torch.float64, backend="cpu", **cfg).train()
+    x = torch.randn(2, 2, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    masks = cell.sample_masks(x)
+    names = [n for n, _ in cell.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for p in cell.parameters()]
+
+    def f(x, h0, c0, *flat):
+        return torch.func.functional_call(cell, dict(zip(names, flat)), (x, (h0, c0)), {"masks": masks})
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_cell_module_no_grad_and_grad_agree():

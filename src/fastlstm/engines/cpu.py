@@ -303,11 +303,27 @@ class _Arena:
     request per dtype instead of one per buffer (it matters for single-step calls)."""
 
     def __init__(self, dtype: torch.dtype, sizes: dict[str, int], *, zero: bool = False):
-        self.offsets: dict[str, int | None] = {}
+        self._allocate(dtype, *self.layout(sizes), zero)
+
+    @staticmethod
+    def layout(sizes: dict[str, int]) -> tuple[dict[str, int | None], int]:
+        """Each buffer's offset (None if empty) and the total, in elements."""
+        offsets: dict[str, int | None] = {}
         total = 0
         for name, count in sizes.items():
-            self.offsets[name] = total if count else None
+            offsets[name] = total if count else None
             total += -(-count // 16) * 16  # whole cache lines per buffer
+        return offsets, total
+
+    @classmethod
+    def of_layout(cls, dtype: torch.dtype, offsets: dict[str, int | None], total: int) -> _Arena:
+        """An arena with a layout computed once (:meth:`layout`): one allocation, nothing else."""
+        arena = cls.__new__(cls)
+        arena._allocate(dtype, offsets, total, False)
+        return arena
+
+    def _allocate(self, dtype: torch.dtype, offsets: dict[str, int | None], total: int, zero: bool) -> None:
+        self.offsets = offsets
         self.tensor = (torch.zeros if zero else torch.empty)(max(total, 1), dtype=dtype)
         self._base, self._item = self.tensor.data_ptr(), self.tensor.element_size()
 
@@ -598,55 +614,178 @@ class _LayerFunction(torch.autograd.Function):
         return (None, d_x, d_h0, d_c0, *flat_grads)
 
 
-# -- a single step, nothing saved ------------------------------------------------------------------
+# -- a single step ----------------------------------------------------------------------------------
 #
 # LSTMCell and streaming calls run one step at a time, where Python overhead is most of the cost:
-# this path makes one C++ call (input GEMV, step, states) and three allocations, from a plan
-# template cached per configuration (only pointers change between calls).
+# this path makes one C++ call (input GEMV, step, states) and few allocations, from a plan template
+# cached per configuration (only pointers change between calls). With autograd, the step keeps what
+# its plan wrote (for T = 1 the saved rows are the step's own) and its backward is one more C++ call
+# on the same plan, then the four weight-gradient products: no layer machinery (layout, arenas per
+# direction, thread teams) for a step that has none of it to do.
 
-_STEP_TEMPLATES: dict[tuple, Plan] = {}
+_STEP_TEMPLATES: dict[tuple, _StepTemplate] = {}
 
 
-def _single_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions,
-                 masks: DirectionMasks, training: bool) -> tuple[Tensor, Tensor]:
-    """``x [B, I]``, ``h0 [B, H]``, ``c0 [B, H]`` -> ``(h_1, c_1)``, each ``[B, H]``."""
-    batch, hidden = x.shape[0], w.weight_hh.shape[0] // 4
+@dataclass
+class _Step:
+    """One step's plan and everything its pointers point at (kept alive with it)."""
+
+    plan: Plan
+    arena: _Arena
+    h: Tensor  # [B, H] h_1
+    c: Tensor  # [B, H] c_1
+    w_hh: Tensor  # [4H, H] the effective weight_hh (DropConnect applied)
+    keep: tuple  # the other tensors the plan points at
+
+
+@dataclass
+class _StepTemplate:
+    """What every step of one configuration shares: the plan's constant fields, the layout it
+    points into (held: the plan points at its tensors), and where the arena's buffers lie."""
+
+    plan: Plan
+    layout: Layout
+    arena: tuple[dict[str, int | None], int]  # _Arena.layout
+    pointers: tuple[tuple[str, int], ...]  # (plan field, byte offset into the arena)
+
+
+def _step_template(dtype: torch.dtype, batch: int, w: DirectionWeights, options: LSTMOptions, masks: DirectionMasks,
+                   training: bool, zoneout_c: bool, save: bool) -> _StepTemplate:
+    hidden = w.weight_hh.shape[0] // 4
     G = 4 * hidden
+    layout = _full_layout(1, batch)
+    plan = _Direction(layout, w, masks, options, training=training, reverse=False, dtype=dtype)._base_plan()
+    plan.column_threads = 1  # a step runs on the caller's thread
+    plan.ld_xg, plan.ld_hw, plan.ld_y = G, G, hidden
+    plan.save = int(save)
+    item = torch.empty((), dtype=dtype).element_size()
+    arena = _Arena.layout({
+        "xg": batch * G, "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden, "hw": batch * G,
+        "y": batch * hidden, "c_carried": batch * hidden if save and zoneout_c else 0,  # the saved carried cell
+        "clip_mask": -(-batch * G // item) if options.clip is not None else 0,  # uint8 masks, in elements
+        "cclip_mask": -(-batch * hidden // item) if options.cell_clip is not None else 0,
+    })
+    pointers = tuple((name, offset * item) for name, offset in arena[0].items() if offset is not None)
+    return _StepTemplate(plan, layout, arena, pointers)
+
+
+def _step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions, masks: DirectionMasks,
+          training: bool, *, save: bool) -> _Step:
+    """Run one step: ``x [B, I]``, ``h0 [B, H]``, ``c0 [B, H]``. With ``save`` the plan's buffers hold
+    what :func:`_step_backward` reads."""
+    batch, hidden = x.shape[0], w.weight_hh.shape[0] // 4
     if training:
         zoneout_mode = 1 if (masks.zoneout_h is not None or masks.zoneout_c is not None) else 0
     else:
         zoneout_mode = 2 if options.has_zoneout else 0
-    key = (x.dtype, batch, hidden, options, zoneout_mode)
-    template = _STEP_TEMPLATES.get(key)
-    if template is None:
-        direction = _Direction(_full_layout(1, batch), w, masks, options, training=training, reverse=False,
-                               dtype=x.dtype)
-        template = direction._base_plan()
-        template.column_threads = 1  # single_step runs on the caller's thread
-        template = _STEP_TEMPLATES.setdefault(key, template)
-    p = Plan.from_buffer_copy(template)
-    item = x.element_size()
-    clip_words = -(-batch * G // item) if options.clip is not None else 0  # uint8 masks, in elements
-    cell_clip_words = -(-batch * hidden // item) if options.cell_clip is not None else 0
-    arena = _Arena(x.dtype, {"xg": batch * G, "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden,
-                             "hw": batch * G, "y": batch * hidden, "clip_mask": clip_words,
-                             "cclip_mask": cell_clip_words})
+    zoneout_c = (zoneout_mode == 1 and masks.zoneout_c is not None) or (zoneout_mode == 2 and options.zoneout_c > 0)
+    key = (x.dtype, batch, hidden, options, zoneout_mode, zoneout_c, save)
+    entry = _STEP_TEMPLATES.get(key)
+    if entry is None:
+        entry = _STEP_TEMPLATES.setdefault(key, _step_template(x.dtype, batch, w, options, masks, training, zoneout_c,
+                                                                save))
+    p = Plan.from_buffer_copy(entry.plan)
+    arena = _Arena.of_layout(x.dtype, *entry.arena)
     h, c = x.new_empty(batch, hidden), x.new_empty(batch, hidden)
-    for name in ("xg", "gates", "c_fresh", "h_in", "hw", "y", "clip_mask", "cclip_mask"):
-        setattr(p, name, arena.ptr(name))
-    p.ld_xg, p.ld_hw, p.ld_y = G, G, hidden
+    base = arena.tensor.data_ptr()
+    for name, offset in entry.pointers:
+        setattr(p, name, base + offset)
     p.h_state, p.c_state = h.data_ptr(), c.data_ptr()
     w_hh = (w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh).contiguous()
-    p.w_hh, p.peep = w_hh.data_ptr(), _ptr(_contiguous(w.weight_peephole))
-    p.rec_mask, p.zh_mask, p.zc_mask = (_ptr(_contiguous(m)) for m in (masks.recurrent, masks.zoneout_h, masks.zoneout_c))
+    peep = _contiguous(w.weight_peephole)
+    step_masks = tuple(_contiguous(m) for m in (masks.recurrent, masks.zoneout_h, masks.zoneout_c))
+    p.w_hh, p.peep = w_hh.data_ptr(), _ptr(peep)
+    p.rec_mask, p.zh_mask, p.zc_mask = (_ptr(m) for m in step_masks)
     x, h0, c0, w_ih = x.contiguous(), h0.contiguous(), c0.contiguous(), w.weight_ih.contiguous()
-    kernels.single_step(ctypes.addressof(p), x.data_ptr(), x.shape[1], w_ih.data_ptr(), _ptr(_contiguous(w.bias_ih)),
-                        _ptr(_contiguous(w.bias_hh)), h0.data_ptr(), c0.data_ptr())
-    return h, c
+    p.c0 = c0.data_ptr()
+    b_ih, b_hh = _contiguous(w.bias_ih), _contiguous(w.bias_hh)
+    kernels.single_step(ctypes.addressof(p), x.data_ptr(), x.shape[1], w_ih.data_ptr(), _ptr(b_ih) or 0,
+                        _ptr(b_hh) or 0, h0.data_ptr(), c0.data_ptr())  # 0: no bias
+    return _Step(p, arena, h, c, w_hh, (x, peep, *step_masks, c0))
+
+
+def _single_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions,
+                 masks: DirectionMasks, training: bool) -> tuple[Tensor, Tensor]:
+    """``x [B, I]``, ``h0 [B, H]``, ``c0 [B, H]`` -> ``(h_1, c_1)``, each ``[B, H]``, nothing saved."""
+    step = _step(x, h0, c0, w, options, masks, training, save=False)
+    return step.h, step.c
+
+
+def _step_backward(step: _Step, x: Tensor, dh: Tensor, dc: Tensor, w: DirectionWeights, masks: DirectionMasks,
+                   needs_x: bool) -> dict[str, Tensor | None]:
+    """The gradients of one step from ``dh``/``dc [B, H]`` (of ``h_1``, ``c_1``): the C++ step
+    backward on the forward's plan, then ``dx = da W_ih``, ``dW_ih = da^T x``,
+    ``dW_hh = da^T h_0`` and the bias sum, ``da [B, 4H]`` the pre-activations' gradient."""
+    p, H = step.plan, step.plan.hidden
+    B, G = x.shape[0], 4 * H
+    # one zeroed allocation: the states' gradients, dgates, scratch and the peephole sums (dy is
+    # zero: h_1's gradient arrives as the final state's)
+    work = _Arena(x.dtype, {"dh_state": B * H, "dc_state": B * H, "dgates": B * G, "dy": B * H, "dm": B * H,
+                            "dh_in": B * H, "work": 2 * H, "dpeep": 3 * H if p.peephole else 0}, zero=True)
+    dh_state, dc_state = work.view("dh_state", B, H), work.view("dc_state", B, H)
+    dh_state.copy_(dh)
+    dc_state.copy_(dc)
+    da = work.view("dgates", B, G)
+    p.dy, p.ld_dy = work.ptr("dy"), H
+    p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
+    p.dgates, p.ld_dgates = da.data_ptr(), G
+    p.dhw, p.ld_dhw = da.data_ptr(), G
+    p.dproj, p.dm, p.dh_in = None, work.ptr("dm"), work.ptr("dh_in")
+    p.w_hh_packed_t, p.w_hr_packed_t = None, None
+    p.work, p.dpeep = work.ptr("work"), work.ptr("dpeep")
+    kernels.backward_all((ctypes.addressof(p),))
+    h_in = step.arena.view("h_in", B, H)  # h_0 as the product saw it (recurrent dropout applied)
+    d_w_hh = da.t().mm(h_in)
+    d_bias = da.sum(0) if w.bias_ih is not None else None
+    return {
+        "x": da.mm(w.weight_ih) if needs_x else None, "h0": dh_state, "c0": dc_state,
+        "weight_ih": da.t().mm(x),
+        "weight_hh": d_w_hh if masks.weight_hh is None else d_w_hh * masks.weight_hh,
+        "bias_ih": d_bias, "bias_hh": d_bias,
+        "weight_peephole": work.view("dpeep", 3 * H) if p.peephole else None,
+    }
+
+
+class _StepFunction(torch.autograd.Function):
+    """One step with autograd: ``x [B, I]``, ``h0``/``c0 [B, H]``, then the ``DirectionWeights``
+    fields -> ``(h_1, c_1)``. For layers without projection or layer norm (see
+    :func:`_steps_alone`)."""
+
+    @staticmethod
+    def forward(ctx, setup, x, h0, c0, *flat_weights):
+        options, masks, training = setup
+        ctx.step = _step(x, h0, c0, DirectionWeights(*flat_weights), options, masks, training, save=True)
+        ctx.masks = masks
+        ctx.save_for_backward(x, *flat_weights)  # (autograd's check that nothing changed them in place)
+        return ctx.step.h, ctx.step.c
+
+    @staticmethod
+    def backward(ctx, dh, dc):
+        # (the step's buffers live as long as the graph: a retained graph runs backward again)
+        x, *flat_weights = ctx.saved_tensors
+        w = DirectionWeights(*flat_weights)
+        g = _step_backward(ctx.step, x, dh, dc, w, ctx.masks, ctx.needs_input_grad[1])
+        return (None, g["x"], g["h0"], g["c0"], *(None if p is None else g[f] for f, p in zip(_FIELDS, w)))
+
+
+def _steps_alone(weights: Sequence[DirectionWeights], options: LSTMOptions) -> bool:
+    """Whether a step runs on the single-step path: one direction, no projection, no layer norm."""
+    return len(weights) == 1 and weights[0].weight_hr is None and not options.layer_norm
 
 
 def _is_single_step(x: Tensor, lengths: Tensor | None, weights: Sequence[DirectionWeights], options: LSTMOptions) -> bool:
-    return x.shape[0] == 1 and lengths is None and len(weights) == 1 and weights[0].weight_hr is None and not options.layer_norm
+    return x.shape[0] == 1 and lengths is None and _steps_alone(weights, options)
+
+
+def _one_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions,
+              masks: DirectionMasks | None, training: bool) -> tuple[Tensor, Tensor]:
+    """``(h_1, c_1)`` of one step on the single-step path, through :class:`_StepFunction` when a
+    gradient is needed."""
+    masks = masks if masks is not None else DirectionMasks()
+    if not _needs_grad(x, h0, c0, [w]):
+        with torch.no_grad():
+            return _single_step(x, h0, c0, w, options, masks, training)
+    return _StepFunction.apply((options, masks, training), x, h0, c0, *w)
 
 
 # -- the public op ----------------------------------------------------------------------------------
@@ -671,10 +810,8 @@ def lstm_layer(
     if masks is not None and not training:
         raise ValueError("masks are only used in training mode; eval mode uses their expectations")
     layout = Layout.of(x.shape[0], x.shape[1], lengths)
-    if _is_single_step(x, lengths, weights, options) and not _needs_grad(x, h0, c0, weights):
-        with torch.no_grad():
-            h, c = _single_step(x[0], h0[0], c0[0], weights[0], options,
-                                masks[0] if masks is not None else DirectionMasks(), training)
+    if _is_single_step(x, lengths, weights, options):
+        h, c = _one_step(x[0], h0[0], c0[0], weights[0], options, None if masks is None else masks[0], training)
         return h.unsqueeze(0).clone(), h.unsqueeze(0), c.unsqueeze(0)
     return _run_layer(layout, x, h0, c0, weights, options, masks, training)
 
@@ -740,13 +877,12 @@ def lstm_cell(
     *,
     training: bool,
 ) -> tuple[Tensor, Tensor]:
-    """One step, ``x [B, I]``, ``h0``/``c0 [B, H]`` -> ``(h_1, c_1)``: the single-step path when
-    nothing needs a gradient, else :func:`lstm_layer` with ``T = 1``."""
+    """One step, ``x [B, I]``, ``h0``/``c0 [B, H]`` -> ``(h_1, c_1)``: the single-step path (with or
+    without autograd), or with layer norm :func:`lstm_layer` with ``T = 1``."""
     if masks is not None and not training:
         raise ValueError("masks are only used in training mode; eval mode uses their expectations")
-    if not _needs_grad(x, h0, c0, [w]) and not options.layer_norm:
-        with torch.no_grad():
-            return _single_step(x, h0, c0, w, options, masks if masks is not None else DirectionMasks(), training)
+    if _steps_alone([w], options):
+        return _one_step(x, h0, c0, w, options, masks, training)
     _, h, c = lstm_layer(x.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), [w], options,
                          None if masks is None else [masks], training=training)
     return h[0], c[0]
