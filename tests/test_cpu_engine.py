@@ -56,9 +56,11 @@ def gradcheck_threads(request, monkeypatch):
 
 
 def _force_threading(mode, monkeypatch):
+    """Forces one threading mode at any shape (the engine picks by weight size and batch)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1 if mode.startswith("rows") else 1 << 30)
-    monkeypatch.setattr(cpu, "_MIN_COLUMN_WEIGHT_BYTES", 0 if mode.startswith("columns") else 1 << 62)
+    for least in ("_MIN_COLUMN_WEIGHT_BYTES", "_MIN_COLUMN_WEIGHT_BYTES_UNSPLIT"):
+        monkeypatch.setattr(cpu, least, 0 if mode.startswith("columns") else 1 << 62)
     natural = mode.endswith("natural")
     monkeypatch.setattr(cpu, "_MIN_ROWS_TO_PACK", 1 << 30 if natural else 1)
     monkeypatch.setattr(cpu, "_MIN_STEPS_TO_PACK", 1 << 30 if natural else 1)
@@ -303,3 +305,20 @@ def test_packed_entry_point_takes_rows_as_they_are(cfg, sorted_input, some_threa
     """lstm_layer_packed on a PackedSequence's rows against the reference on the padded batch."""
     lengths = torch.tensor([6, 5, 3, 1]) if sorted_input else LENGTHS["unequal"]
     compare_packed(cpu.lstm_layer_packed, ARCHS["bi-proj"], cfg, lengths=lengths, sorted_input=sorted_input, tol=1e-10)
+
+
+@pytest.mark.parametrize("batch, hidden, threads, expected", [
+    (1, 128, 2, 2),  # a batch too small to split into rows: columns from 64 KB of W_hh
+    (1, 32, 2, 1),  # 16 KB: the barriers would cost more than they save
+    (16, 256, 2, 1),  # rows (8 per thread) below 4 MB
+    (16, 512, 2, 2),  # 4 MB: columns even where rows split
+    (1, 1024, 1, 1),  # one thread: nobody to split with
+])
+def test_threading_choice(batch, hidden, threads, expected, monkeypatch):
+    """Which team a layer's step gets: the measured rule of cpu._column_threads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    options, weights = make_layer(ARCHS["uni"], {}, input_size=4, hidden=hidden, dtype=torch.float32)
+    direction = cpu._Direction(cpu._full_layout(3, batch), weights[0], cpu.DirectionMasks(), options,
+                               training=False, reverse=False, dtype=torch.float32)
+    assert direction.column_threads == expected
+    assert direction.threads == (1 if expected > 1 else min(threads, max(1, batch // 8)))

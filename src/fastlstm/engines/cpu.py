@@ -278,13 +278,19 @@ def _thread_count(layout: Layout) -> int:
 # make every thread stream all of them: the threads split each step's GEMM columns (so each streams
 # its share) and meet at a barrier a few times per step. Measured on the development machine
 # (fp32, 2 threads): from 4 MB of W_hh (H = 512) columns beat rows at every batch size, by up to
-# 3x at B = 1, H = 1024; below it they lose to one thread or to rows.
+# 3x at B = 1, H = 1024. Below it, where the batch splits into rows (8 or more per thread), rows win
+# forward+backward. Where it does not (B < 16 on 2 threads), columns win from 64 KB of W_hh
+# (H = 64): B = 1, T = 256, forward 4.21 -> 2.66 ms at H = 128 and 11.8 -> 7.4 ms at H = 256,
+# forward+backward 10.5 -> 8.3 and 26.8 -> 19.8 ms; at H = 32 the barriers cost more than they save.
 _MIN_COLUMN_WEIGHT_BYTES = 4 << 20
+_MIN_COLUMN_WEIGHT_BYTES_UNSPLIT = 64 << 10
 
 
-def _column_threads(hidden: int, h_out: int, dtype: torch.dtype) -> int:
+def _column_threads(hidden: int, h_out: int, dtype: torch.dtype, rows_split: bool) -> int:
+    """Threads that split each step's columns (1: none); ``rows_split``: the batch splits into rows."""
     weight_bytes = 4 * hidden * h_out * (4 if dtype == torch.float32 else 8)
-    return torch.get_num_threads() if weight_bytes >= _MIN_COLUMN_WEIGHT_BYTES else 1
+    least = _MIN_COLUMN_WEIGHT_BYTES if rows_split else _MIN_COLUMN_WEIGHT_BYTES_UNSPLIT
+    return torch.get_num_threads() if weight_bytes >= least else 1
 
 
 # Packing the recurrent weights costs about one step's worth of memory traffic, and the packed
@@ -353,8 +359,9 @@ class _Direction:
         self.hidden = w.weight_hh.shape[0] // 4
         self.proj = 0 if w.weight_hr is None else w.weight_hr.shape[0]
         self.h_out = self.proj or self.hidden
-        self.column_threads = _column_threads(self.hidden, self.h_out, dtype)
-        self.threads = 1 if self.column_threads > 1 else _thread_count(layout)
+        row_threads = _thread_count(layout)
+        self.column_threads = _column_threads(self.hidden, self.h_out, dtype, rows_split=row_threads > 1)
+        self.threads = 1 if self.column_threads > 1 else row_threads
         self.w_hh_eff = (w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh).contiguous()
         if not training:
             self.zoneout_mode = 2 if options.has_zoneout else 0
