@@ -652,8 +652,11 @@ class _StepTemplate:
 
     plan: Plan
     layout: Layout
-    arena: tuple[dict[str, int | None], int]  # _Arena.layout
-    pointers: tuple[tuple[str, int], ...]  # (plan field, byte offset into the arena)
+    # _Arena.layout of what the step keeps (its backward reads it), and of its scratch (the input
+    # and recurrent products, the output row), which goes when the step returns; one arena of both
+    # when nothing is saved
+    arenas: tuple[tuple[dict[str, int | None], int], ...]
+    pointers: tuple[tuple[int, str, int], ...]  # (arena, plan field, byte offset into it)
 
 
 def _step_template(dtype: torch.dtype, batch: int, w: DirectionWeights, options: LSTMOptions, masks: DirectionMasks,
@@ -666,14 +669,17 @@ def _step_template(dtype: torch.dtype, batch: int, w: DirectionWeights, options:
     plan.ld_xg, plan.ld_hw, plan.ld_y = G, G, hidden
     plan.save = int(save)
     item = torch.empty((), dtype=dtype).element_size()
-    arena = _Arena.layout({
-        "xg": batch * G, "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden, "hw": batch * G,
-        "y": batch * hidden, "c_carried": batch * hidden if save and zoneout_c else 0,  # the saved carried cell
+    kept = {
+        "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden,
+        "c_carried": batch * hidden if save and zoneout_c else 0,  # the saved step's carried cell
         "clip_mask": -(-batch * G // item) if options.clip is not None else 0,  # uint8 masks, in elements
         "cclip_mask": -(-batch * hidden // item) if options.cell_clip is not None else 0,
-    })
-    pointers = tuple((name, offset * item) for name, offset in arena[0].items() if offset is not None)
-    return _StepTemplate(plan, layout, arena, pointers)
+    }
+    scratch = {"xg": batch * G, "hw": batch * G, "y": batch * hidden}
+    arenas = (_Arena.layout(kept), _Arena.layout(scratch)) if save else (_Arena.layout(kept | scratch),)
+    pointers = tuple((k, name, offset * item) for k, (offsets, _) in enumerate(arenas)
+                     for name, offset in offsets.items() if offset is not None)
+    return _StepTemplate(plan, layout, arenas, pointers)
 
 
 def _step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions, masks: DirectionMasks,
@@ -692,11 +698,11 @@ def _step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMO
         entry = _STEP_TEMPLATES.setdefault(key, _step_template(x.dtype, batch, w, options, masks, training, zoneout_c,
                                                                 save))
     p = Plan.from_buffer_copy(entry.plan)
-    arena = _Arena.of_layout(x.dtype, *entry.arena)
+    arenas = [_Arena.of_layout(x.dtype, *layout) for layout in entry.arenas]
     h, c = x.new_empty(batch, hidden), x.new_empty(batch, hidden)
-    base = arena.tensor.data_ptr()
-    for name, offset in entry.pointers:
-        setattr(p, name, base + offset)
+    bases = [arena.tensor.data_ptr() for arena in arenas]
+    for k, name, offset in entry.pointers:
+        setattr(p, name, bases[k] + offset)
     p.h_state, p.c_state = h.data_ptr(), c.data_ptr()
     w_hh = (w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh).contiguous()
     peep = _contiguous(w.weight_peephole)
@@ -708,7 +714,8 @@ def _step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMO
     b_ih, b_hh = _contiguous(w.bias_ih), _contiguous(w.bias_hh)
     kernels.single_step(ctypes.addressof(p), x.data_ptr(), x.shape[1], w_ih.data_ptr(), _ptr(b_ih) or 0,
                         _ptr(b_hh) or 0, h0.data_ptr(), c0.data_ptr())  # 0: no bias
-    return _Step(p, arena, h, c, w_hh, (x, peep, *step_masks, c0))
+    p.xg = p.hw = p.y = None  # the scratch is gone (the backward reads none of it)
+    return _Step(p, arenas[0], h, c, w_hh, (x, peep, *step_masks, c0))
 
 
 def _single_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions,
