@@ -532,7 +532,7 @@ def _layer_forward(layout: Layout, options: LSTMOptions, masks, training: bool, 
     if options.layer_norm:
         xw = matmul_nt(x_rows, w_ih).view(-1, num_directions, G)
         x_hat, x_mean, x_rstd = torch.native_layer_norm(xw, [G], None, None, LAYER_NORM_EPS)
-        x_norm = (xw, x_hat, x_mean, x_rstd)
+        x_norm = (xw, x_mean, x_rstd)  # x_hat is recomputed in backward: [N, D*4H] less to keep
         gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
         xg = (x_hat * gains).view(-1, num_directions * G)
         if bias is not None:
@@ -588,8 +588,8 @@ class _LayerFunction(torch.autograd.Function):
         if options.layer_norm:
             gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
             dg = dgates.view(-1, D, G)
-            xw, x_hat, x_mean, x_rstd = ctx.x_norm
-            d_gain = (dg * x_hat).sum(0)  # [D, 4H]
+            xw, x_mean, x_rstd = ctx.x_norm
+            d_gain = (dg * ((xw - x_mean) * x_rstd)).sum(0)  # [D, 4H], dg * x_hat
             # torch's own layer-norm backward: the reference's numerics, to the rounding
             dxw, _, _ = torch.ops.aten.native_layer_norm_backward(
                 dg * gains, xw, [G], x_mean, x_rstd, None, None, [True, False, False])
