@@ -94,6 +94,11 @@ def _contiguous(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.detach().contiguous()
 
 
+def _dense(t: Tensor | None) -> Tensor | None:
+    """``t`` contiguous, where no autograd graph is being recorded (no detach needed)."""
+    return t if t is None or t.is_contiguous() else t.contiguous()
+
+
 # -- the GEMMs outside the loop ---------------------------------------------------------------------
 #
 # torch's CPU matmul is BLAS (MKL on x86), whose speed depends strongly on the CPU; on some,
@@ -685,7 +690,8 @@ def _step_template(dtype: torch.dtype, batch: int, w: DirectionWeights, options:
 def _step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions, masks: DirectionMasks,
           training: bool, *, save: bool) -> _Step:
     """Run one step: ``x [B, I]``, ``h0 [B, H]``, ``c0 [B, H]``. With ``save`` the plan's buffers hold
-    what :func:`_step_backward` reads."""
+    what :func:`_step_backward` reads. Runs where no graph is recorded (nothing requires grad, or
+    inside :class:`_StepFunction`), so tensors are read as they are, without ``detach``."""
     batch, hidden = x.shape[0], w.weight_hh.shape[0] // 4
     if training:
         zoneout_mode = 1 if (masks.zoneout_h is not None or masks.zoneout_c is not None) else 0
@@ -705,13 +711,13 @@ def _step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMO
         setattr(p, name, bases[k] + offset)
     p.h_state, p.c_state = h.data_ptr(), c.data_ptr()
     w_hh = (w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh).contiguous()
-    peep = _contiguous(w.weight_peephole)
-    step_masks = tuple(_contiguous(m) for m in (masks.recurrent, masks.zoneout_h, masks.zoneout_c))
+    peep = _dense(w.weight_peephole)
+    step_masks = (_dense(masks.recurrent), _dense(masks.zoneout_h), _dense(masks.zoneout_c))
     p.w_hh, p.peep = w_hh.data_ptr(), _ptr(peep)
     p.rec_mask, p.zh_mask, p.zc_mask = (_ptr(m) for m in step_masks)
     x, h0, c0, w_ih = x.contiguous(), h0.contiguous(), c0.contiguous(), w.weight_ih.contiguous()
     p.c0 = c0.data_ptr()
-    b_ih, b_hh = _contiguous(w.bias_ih), _contiguous(w.bias_hh)
+    b_ih, b_hh = _dense(w.bias_ih), _dense(w.bias_hh)
     kernels.single_step(ctypes.addressof(p), x.data_ptr(), x.shape[1], w_ih.data_ptr(), _ptr(b_ih) or 0,
                         _ptr(b_hh) or 0, h0.data_ptr(), c0.data_ptr())  # 0: no bias
     p.xg = p.hw = p.y = None  # the scratch is gone (the backward reads none of it)
@@ -796,9 +802,8 @@ def _one_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: L
     """``(h_1, c_1)`` of one step on the single-step path, through :class:`_StepFunction` when a
     gradient is needed."""
     masks = masks if masks is not None else DirectionMasks()
-    if not _needs_grad(x, h0, c0, [w]):
-        with torch.no_grad():
-            return _single_step(x, h0, c0, w, options, masks, training)
+    if not _needs_grad(x, h0, c0, [w]):  # (nothing requires grad: no graph is recorded)
+        return _single_step(x, h0, c0, w, options, masks, training)
     return _StepFunction.apply((options, masks, training), x, h0, c0, *w)
 
 
