@@ -472,12 +472,14 @@ class _Direction:
                                   self.h_out, self.options)
         B, ln = lay.batch, o.layer_norm
         dgates_dir = dgates[:, d * G : (d + 1) * G]
-        work = _Arena(self.dtype, {"dh_state": B * ho, "dc_state": B * H, "dhw": N * G if ln else 0,
-                                   "dproj": N * P, "dm": B * H, "dh_in": B * ho})
+        work = _Arena(self.dtype, {"dh_state": B * ho, "dc_state": B * H, "dm": B * H, "dh_in": B * ho})
+        # per-token scratch apart from the states (whose gradients are returned as views): it goes
+        # when this returns
+        scratch = _Arena(self.dtype, {"dhw": N * G if ln else 0, "dproj": N * P})
         dh_state, dc_state = work.view("dh_state", B, ho), work.view("dc_state", B, H)
         dh_state.copy_(dh_n)
         dc_state.copy_(dc_n)
-        dhw = work.view("dhw", N, G) if ln else dgates_dir
+        dhw = scratch.view("dhw", N, G) if ln else dgates_dir
         packed_t = [None, None]
         if self.pack:
             packed_t = [_pack_panels(self.w_hh_eff), _pack_panels(self.w_hr) if P else None]
@@ -487,7 +489,7 @@ class _Direction:
         p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
         p.dgates, p.ld_dgates = dgates_dir.data_ptr(), dgates.stride(0)
         p.dhw, p.ld_dhw = dhw.data_ptr(), dhw.stride(0)
-        p.dproj, p.dm, p.dh_in = work.ptr("dproj"), work.ptr("dm"), work.ptr("dh_in")
+        p.dproj, p.dm, p.dh_in = scratch.ptr("dproj"), work.ptr("dm"), work.ptr("dh_in")
         p.w_hh_packed_t, p.w_hr_packed_t = _ptr(packed_t[0]), _ptr(packed_t[1])
         team = self._team(p)
         # each plan of a team accumulates its own parameter-gradient sums and has its own scratch
@@ -503,7 +505,7 @@ class _Direction:
         grads: dict[str, Tensor | None] = {"h0": dh_state, "c0": dc_state}
         d_w_eff = matmul_tn(dhw, self.arena.view("h_in", N, ho))  # [4H, H_out], K = N
         grads["weight_hh"] = d_w_eff if self.masks.weight_hh is None else d_w_eff * self.masks.weight_hh
-        grads["weight_hr"] = matmul_tn(work.view("dproj", N, P), self.arena.view("m", N, H)) if P else None
+        grads["weight_hr"] = matmul_tn(scratch.view("dproj", N, P), self.arena.view("m", N, H)) if P else None
         shapes = {"weight_peephole": ("dpeep", 3 * H), "layer_norm_hh_weight": ("dln_hh", G),
                   "layer_norm_cell_weight": ("dln_c_w", H), "layer_norm_cell_bias": ("dln_c_b", H)}
         for field, (name, size) in shapes.items():
@@ -589,23 +591,27 @@ class _LayerFunction(torch.autograd.Function):
             for d, direction in enumerate(ctx.directions)
         ]
 
+        d_bias = dgates.sum(0) if weights[0].bias_ih is not None else None
         # gates = LN(x W_ih^T) + ... : the x part's gradient, all steps and directions at once
         if options.layer_norm:
             gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
             dg = dgates.view(-1, D, G)
             xw, x_mean, x_rstd = ctx.x_norm
-            d_gain = (dg * ((xw - x_mean) * x_rstd)).sum(0)  # [D, 4H], dg * x_hat
-            # torch's own layer-norm backward: the reference's numerics, to the rounding
+            x_hat_dg = (xw - x_mean).mul_(x_rstd).mul_(dg)  # one [N, D, 4H] temporary
+            d_gain = x_hat_dg.sum(0)  # [D, 4H]
+            del x_hat_dg
+            # torch's own layer-norm backward: the reference's numerics, to the rounding (dgates is
+            # spent after this: its gain is applied in place rather than into a copy)
             dxw, _, _ = torch.ops.aten.native_layer_norm_backward(
-                dg * gains, xw, [G], x_mean, x_rstd, None, None, [True, False, False])
+                dg.mul_(gains), xw, [G], x_mean, x_rstd, None, None, [True, False, False])
             dxw = dxw.reshape(-1, D * G)
+            del dg, dgates
         else:
             d_gain = None
             dxw = dgates
         needs = ctx.needs_input_grad
         d_x = layout.output(matmul_nn(dxw, w_ih)) if needs[1] else None
         d_w_ih = matmul_tn(dxw, x_rows) if any(needs[4 + d * len(_FIELDS)] for d in range(D)) else None
-        d_bias = dgates.sum(0) if weights[0].bias_ih is not None else None
 
         d_h0 = torch.stack([layout.unsort(g["h0"]) for g in per_direction])
         d_c0 = torch.stack([layout.unsort(g["c0"]) for g in per_direction])
