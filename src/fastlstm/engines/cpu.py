@@ -739,11 +739,11 @@ def _single_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options
 
 def _step_backward(step: _Step, x: Tensor, dh: Tensor, dc: Tensor, w: DirectionWeights, masks: DirectionMasks,
                    needs_x: bool) -> dict[str, Tensor | None]:
-    """The gradients of one step from ``dh``/``dc [B, H]`` (of ``h_1``, ``c_1``): the C++ step
-    backward on the forward's plan, then ``dx = da W_ih``, ``dW_ih = da^T x``,
+    """The gradients of one step from ``dh``/``dc [B, H]`` (of ``h_1``, ``c_1``): one C++ call on the
+    forward's plan, the step's BPTT and then ``dx = da W_ih``, ``dW_ih = da^T x``,
     ``dW_hh = da^T h_0`` and the bias sum, ``da [B, 4H]`` the pre-activations' gradient."""
     p, H = step.plan, step.plan.hidden
-    B, G = x.shape[0], 4 * H
+    B, I, G = x.shape[0], x.shape[1], 4 * H
     # one zeroed allocation: the states' gradients, dgates, scratch and the peephole sums (dy is
     # zero: h_1's gradient arrives as the final state's)
     work = _Arena(x.dtype, {"dh_state": B * H, "dc_state": B * H, "dgates": B * G, "dy": B * H, "dm": B * H,
@@ -751,21 +751,21 @@ def _step_backward(step: _Step, x: Tensor, dh: Tensor, dc: Tensor, w: DirectionW
     dh_state, dc_state = work.view("dh_state", B, H), work.view("dc_state", B, H)
     dh_state.copy_(dh)
     dc_state.copy_(dc)
-    da = work.view("dgates", B, G)
     p.dy, p.ld_dy = work.ptr("dy"), H
     p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
-    p.dgates, p.ld_dgates = da.data_ptr(), G
-    p.dhw, p.ld_dhw = da.data_ptr(), G
+    p.dgates = p.dhw = work.ptr("dgates")
+    p.ld_dgates = p.ld_dhw = G
     p.dproj, p.dm, p.dh_in = None, work.ptr("dm"), work.ptr("dh_in")
     p.w_hh_packed_t, p.w_hr_packed_t = None, None
     p.work, p.dpeep = work.ptr("work"), work.ptr("dpeep")
-    kernels.backward_all((ctypes.addressof(p),))
-    h_in = step.arena.view("h_in", B, H)  # h_0 as the product saw it (recurrent dropout applied)
-    d_w_hh = da.t().mm(h_in)
-    d_bias = da.sum(0) if w.bias_ih is not None else None
+    w_ih, x = w.weight_ih.contiguous(), x.contiguous()
+    d_x = x.new_empty(B, I) if needs_x else None
+    d_w_ih, d_w_hh = x.new_empty(G, I), x.new_empty(G, H)
+    d_bias = x.new_empty(G) if w.bias_ih is not None else None
+    kernels.step_backward(ctypes.addressof(p), x.data_ptr(), I, w_ih.data_ptr(), _ptr(d_x) or 0, d_w_ih.data_ptr(),
+                          d_w_hh.data_ptr(), _ptr(d_bias) or 0)  # 0: not wanted
     return {
-        "x": da.mm(w.weight_ih) if needs_x else None, "h0": dh_state, "c0": dc_state,
-        "weight_ih": da.t().mm(x),
+        "x": d_x, "h0": dh_state, "c0": dc_state, "weight_ih": d_w_ih,
         "weight_hh": d_w_hh if masks.weight_hh is None else d_w_hh * masks.weight_hh,
         "bias_ih": d_bias, "bias_hh": d_bias,
         "weight_peephole": work.view("dpeep", 3 * H) if p.peephole else None,

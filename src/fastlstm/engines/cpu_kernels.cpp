@@ -299,6 +299,37 @@ PyObject* single_step(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+template <typename T>
+void run_step_backward(const Plan& p, unsigned long long x, int64_t input_size, unsigned long long w_ih,
+                       unsigned long long dx, unsigned long long dw_ih, unsigned long long dw_hh, unsigned long long db) {
+#ifdef FASTLSTM_HAVE_AVX2
+  auto fn = use_avx2() ? avx2::step_backward<T> : generic::step_backward<T>;
+#else
+  auto fn = generic::step_backward<T>;
+#endif
+  fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<T*>(dx),
+     reinterpret_cast<T*>(dw_ih), reinterpret_cast<T*>(dw_hh), reinterpret_cast<T*>(db));
+}
+
+// step_backward(plan, x, input_size, w_ih, dx, dw_ih, dw_hh, db): see step_backward in cpu_kernels.h
+// (dx and db may be 0: not wanted).
+PyObject* step_backward(PyObject*, PyObject* args) {
+  unsigned long long plan_address, x, w_ih, dx, dw_ih, dw_hh, db;
+  long long input_size;
+  if (!PyArg_ParseTuple(args, "KKLKKKKK", &plan_address, &x, &input_size, &w_ih, &dx, &dw_ih, &dw_hh, &db)) {
+    return nullptr;
+  }
+  const Plan& p = *reinterpret_cast<const Plan*>(plan_address);
+  Py_BEGIN_ALLOW_THREADS
+  if (p.dtype == 0) {
+    run_step_backward<float>(p, x, input_size, w_ih, dx, dw_ih, dw_hh, db);
+  } else {
+    run_step_backward<double>(p, x, input_size, w_ih, dx, dw_ih, dw_hh, db);
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2" : "generic"); }
 
 PyObject* threading(PyObject*, PyObject*) {
@@ -316,6 +347,7 @@ PyMethodDef methods[] = {
     {"instruction_set", instruction_set, METH_NOARGS, "The instruction set the kernels run with."},
     {"threading", threading, METH_NOARGS, "How the kernels run threads: openmp or threads."},
     {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
+    {"step_backward", step_backward, METH_VARARGS, "One step's backward and its weight gradients."},
     {"forward_all", driver<&kForward>, METH_VARARGS, "Run the forward loops of a tuple of plans."},
     {"backward_all", driver<&kBackward>, METH_VARARGS, "Run the backward loops of a tuple of plans."},
     {nullptr, nullptr, 0, nullptr}};

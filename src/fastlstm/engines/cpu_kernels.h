@@ -635,6 +635,40 @@ void forward_all(const Plan& p) {
   forward_loop<T>(p, Columns{});
 }
 
+// The backward of one step (LSTMCell and streaming calls with autograd), on the plan its forward
+// saved into: BPTT's one step, then its weight-gradient products, for the B rows of a step:
+// dx = da W_ih [B, I] (if dx), dW_ih = da^T x [4H, I], dW_hh = da^T h_in [4H, H], db = sum_r da
+// (if db), da [B, 4H] the pre-activations' gradient (the plan's dgates). For a step's few rows
+// these outer-product updates cost less than a GEMM library's dispatch.
+template <typename T>
+void step_backward(const Plan& p, const T* x, int64_t input_size, const T* w_ih, T* dx, T* dw_ih, T* dw_hh,
+                   T* db) {
+  backward_loop<T>(p, Columns{});
+  const int64_t B = p.batch, G = 4 * p.hidden, I = input_size, H = p.h_out;
+  const T* da = static_cast<const T*>(p.dgates);
+  const T* h_in = static_cast<const T*>(p.h_in);
+  if (dx) gemm_nn_natural<T>(B, I, G, da, p.ld_dgates, w_ih, I, dx, I);
+  for (int64_t j = 0; j < G; ++j) {
+    T* __restrict__ wi = dw_ih + j * I;
+    T* __restrict__ wh = dw_hh + j * H;
+    const T a0 = da[j];
+    for (int64_t k = 0; k < I; ++k) wi[k] = a0 * x[k];
+    for (int64_t k = 0; k < H; ++k) wh[k] = a0 * h_in[k];
+    for (int64_t r = 1; r < B; ++r) {
+      const T a = da[r * p.ld_dgates + j];
+      const T* __restrict__ xr = x + r * I;
+      const T* __restrict__ hr = h_in + r * H;
+      for (int64_t k = 0; k < I; ++k) wi[k] += a * xr[k];
+      for (int64_t k = 0; k < H; ++k) wh[k] += a * hr[k];
+    }
+  }
+  if (db) {
+    for (int64_t j = 0; j < G; ++j) db[j] = da[j];
+    for (int64_t r = 1; r < B; ++r)
+      for (int64_t j = 0; j < G; ++j) db[j] += da[r * p.ld_dgates + j];
+  }
+}
+
 // One step of one direction with nothing saved (LSTMCell and streaming calls): xg = x W_ih^T +
 // b_ih + b_hh into the plan's xg buffer, the states from h0 and c0, then the step. Reading every
 // weight in its natural layout, it spends nothing on packing, and nothing in Python between.
