@@ -1238,6 +1238,9 @@ class _Call:
     # first row [T] (on the device); lengths then holds the sorted sequences' lengths.
     batch_sizes: Tensor | None = None
     offsets: Tensor | None = None
+    # where the kernels run (the float32 products' precision depends on it); the sm_90 build checks
+    # (engines/triton_build.py) describe a CUDA launch without tensors
+    device: torch.device = torch.device("cuda")
 
     @property
     def phases(self) -> int:
@@ -1299,13 +1302,14 @@ class _Call:
             w_hr=stacked([w.weight_hr for w in weights], dtype),
             batch_sizes=batch_sizes,
             offsets=offsets,
+            device=x.device,
         )
 
     def constants(self, grid: Grid) -> dict:
         o = self.options
         return dict(
             H=self.hidden, D=self.directions, H_PAD=hidden_pad(self.hidden), HB=grid.hb, BB=grid.bb,
-            ACC=getattr(tl, _TL_DTYPES[self.acc]), PRECISION=_precision(self.dtype, self.w_hh.device),
+            ACC=getattr(tl, _TL_DTYPES[self.acc]), PRECISION=_precision(self.dtype, self.device),
             DOT_IN_FP32=INTERPRET and self.dtype == torch.bfloat16,
             ACT_GATE=_ACTIVATION_CODES[o.activations[0]], ACT_IN=_ACTIVATION_CODES[o.activations[1]],
             ACT_OUT=_ACTIVATION_CODES[o.activations[2]], PEEPHOLE=self.peephole is not None,
