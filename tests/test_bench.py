@@ -185,3 +185,15 @@ def test_layer_norm_rows_are_checked_on_their_first_steps(monkeypatch, tmp_path)
     checked = [row for row in rows if row["check"] is not None]
     assert checked and all(f"first {bench.CHAOTIC_CHECK_STEPS} of 40 steps" in row["check"]["oracle"]
                            for row in checked)
+
+
+def test_modes_of_timed_runs():
+    """Forward-only runs time every implementation in eval mode, torch's included; forward+backward
+    of a stochastic row runs the variants in eval mode and torch (cuDNN refuses an eval-mode
+    backward; a plain LSTM is the same function in either mode) in train mode."""
+    config = dataclasses.replace(PRESETS["smoke"].configs[0], options=(("zoneout", 0.1),))
+    impls = bench.build_impls(config, torch.device("cpu"))
+    bench._enter_mode(impls, bench.FWD)
+    assert not any(impl.module.training for impl in impls)
+    bench._enter_mode(impls, bench.FWD_BWD)
+    assert {impl.role: impl.module.training for impl in impls} == {"torch": True, "engine": False, "eager": False}

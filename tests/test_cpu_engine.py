@@ -5,6 +5,8 @@ team of threads that split the batch rows, in float64 (<= 1e-10) and float32 (er
 the reference's own); gradcheck covers the hand-written backward on its own.
 """
 
+import gc
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -61,6 +63,7 @@ def _force_threading(mode, monkeypatch):
     monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1 if mode.startswith("rows") else 1 << 30)
     for least in ("_MIN_COLUMN_WEIGHT_BYTES", "_MIN_COLUMN_WEIGHT_BYTES_UNSPLIT"):
         monkeypatch.setattr(cpu, least, 0 if mode.startswith("columns") else 1 << 62)
+    monkeypatch.setattr(cpu, "_MIN_COLUMNS_PER_MEMBER", 1)  # a team even at the tests' tiny H
     natural = mode.endswith("natural")
     monkeypatch.setattr(cpu, "_MIN_ROWS_TO_PACK", 1 << 30 if natural else 1)
     monkeypatch.setattr(cpu, "_MIN_STEPS_TO_PACK", 1 << 30 if natural else 1)
@@ -313,6 +316,7 @@ def test_packed_entry_point_takes_rows_as_they_are(cfg, sorted_input, some_threa
     (16, 256, 2, 1),  # rows (8 per thread) below 4 MB
     (16, 512, 2, 2),  # 4 MB: columns even where rows split
     (1, 1024, 1, 1),  # one thread: nobody to split with
+    (1, 64, 16, 4),  # 16 threads, H = 64: one member per 16 columns of the backward's product
 ])
 def test_threading_choice(batch, hidden, threads, expected, monkeypatch):
     """Which team a layer's step gets: the measured rule of cpu._column_threads."""
@@ -322,3 +326,42 @@ def test_threading_choice(batch, hidden, threads, expected, monkeypatch):
                                training=False, reverse=False, dtype=torch.float32)
     assert direction.column_threads == expected
     assert direction.threads == (1 if expected > 1 else min(threads, max(1, batch // 8)))
+
+
+def _live_steps() -> int:
+    gc.collect()
+    return sum(isinstance(o, cpu._Step) for o in gc.get_objects())
+
+
+def test_single_steps_with_autograd_do_not_accumulate():
+    """An autograd step keeps its buffers on its context, not its outputs (that cycle runs through
+    the graph, where Python's collector cannot break it): nothing outlives the graph."""
+    cell = fastlstm.LSTMCell(4, 6, backend="cpu")
+    before = _live_steps()
+    for _ in range(20):
+        h, c = cell(torch.randn(2, 4, requires_grad=True))
+        (h.sum() + c.sum()).backward()
+        cell(torch.randn(2, 4))[0].sum()  # a graph dropped without backward
+    del h, c
+    assert _live_steps() == before
+
+
+def test_single_step_backward_with_no_rows():
+    """B = 0 through the step's backward: zero weight gradients, empty input gradients, no crash."""
+    cell = fastlstm.LSTMCell(4, 6, backend="cpu", peephole=True)
+    x = torch.randn(0, 4, requires_grad=True)
+    h, c = cell(x)
+    (h.sum() + c.sum()).backward()
+    assert x.grad.shape == (0, 4)
+    assert all(p.grad is not None and not p.grad.any() for p in cell.parameters())
+
+
+def test_single_step_sees_c0_changed_in_place():
+    """The step's backward reads c0: changing it in place before backward raises, as torch does."""
+    cell = fastlstm.LSTMCell(4, 6, backend="cpu")
+    h0, c0 = torch.randn(2, 6), torch.randn(2, 6, requires_grad=True)
+    c_start = c0.clone()
+    h, c = cell(torch.randn(2, 4), (h0, c_start))
+    c_start.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (h.sum() + c.sum()).backward()

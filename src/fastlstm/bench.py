@@ -377,6 +377,18 @@ def check_row(impls: list[Impl], inputs: Inputs, generator: torch.Generator) -> 
     which is not torch's accuracy at that precision (flash-attention's rule); an engine's bound there
     is ``2 * max(err(reference), err(eager loop in the row dtype)) + floor``.
     """
+    # The check is of the math: float32 products are IEEE in every implementation while it runs
+    # (torch.nn.LSTM's cuDNN recurrence and fastlstm's Triton kernels would otherwise take TF32,
+    # torch's default, and the reference engine's matmuls would not). Timing keeps the user's setting.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        return _check_row(impls, inputs, generator)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
+def _check_row(impls: list[Impl], inputs: Inputs, generator: torch.Generator) -> CheckResult:
     config = impls[0].config
     dtype = DTYPES[config.dtype]
     if config.options:
@@ -495,12 +507,13 @@ def timed_call(impl: Impl, inputs: Inputs, mode: str) -> Callable[[], None]:
 def _enter_mode(impls: list[Impl], mode: str) -> None:
     train = mode == FWD_BWD and fwd_bwd_mode(impls[0].config)[0]
     for impl in impls:
-        impl.module.train(_trains(impl, train))
+        impl.module.train(_trains(impl, train) if mode == FWD_BWD else train)
 
 
 def _trains(impl: Impl, train: bool) -> bool:
-    """torch's baseline is a plain LSTM without dropout, the same function in either mode; its
-    backward runs in train mode, since cuDNN refuses a backward in eval mode."""
+    """Whether a forward+backward run is in train mode. torch's baseline is a plain LSTM without
+    dropout, the same function in either mode; its backward runs in train mode, since cuDNN refuses
+    a backward in eval mode. (Forward-only runs are in eval mode, torch's too.)"""
     return train or impl.role == TORCH
 
 

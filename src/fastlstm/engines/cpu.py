@@ -289,13 +289,19 @@ def _thread_count(layout: Layout) -> int:
 # forward+backward 10.5 -> 8.3 and 26.8 -> 19.8 ms; at H = 32 the barriers cost more than they save.
 _MIN_COLUMN_WEIGHT_BYTES = 4 << 20
 _MIN_COLUMN_WEIGHT_BYTES_UNSPLIT = 64 << 10
+_MIN_COLUMNS_PER_MEMBER = 16
 
 
 def _column_threads(hidden: int, h_out: int, dtype: torch.dtype, rows_split: bool) -> int:
-    """Threads that split each step's columns (1: none); ``rows_split``: the batch splits into rows."""
+    """Threads that split each step's columns (1: none); ``rows_split``: the batch splits into rows.
+    A team has at most one member per 16 columns (:data:`_MIN_COLUMNS_PER_MEMBER`) of its narrowest
+    product (the backward's, H_out wide): more would only wait at the barriers (the rule was
+    measured with 2 threads)."""
     weight_bytes = 4 * hidden * h_out * (4 if dtype == torch.float32 else 8)
     least = _MIN_COLUMN_WEIGHT_BYTES if rows_split else _MIN_COLUMN_WEIGHT_BYTES_UNSPLIT
-    return torch.get_num_threads() if weight_bytes >= least else 1
+    if weight_bytes < least:
+        return 1
+    return max(1, min(torch.get_num_threads(), h_out // _MIN_COLUMNS_PER_MEMBER))
 
 
 # Packing the recurrent weights costs about one step's worth of memory traffic, and the packed
@@ -646,12 +652,12 @@ _STEP_TEMPLATES: dict[tuple, _StepTemplate] = {}
 
 @dataclass
 class _Step:
-    """One step's plan and everything its pointers point at (kept alive with it)."""
+    """One step's plan and everything its pointers point at for its backward (kept alive with it).
+    Not the step's outputs: an autograd context holding its own outputs is a reference cycle
+    through the graph, which Python's collector cannot see (it leaked every step)."""
 
     plan: Plan
     arena: _Arena
-    h: Tensor  # [B, H] h_1
-    c: Tensor  # [B, H] c_1
     w_hh: Tensor  # [4H, H] the effective weight_hh (DropConnect applied)
     keep: tuple  # the other tensors the plan points at
 
@@ -694,7 +700,7 @@ def _step_template(dtype: torch.dtype, batch: int, w: DirectionWeights, options:
 
 
 def _step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions, masks: DirectionMasks,
-          training: bool, *, save: bool) -> _Step:
+          training: bool, *, save: bool) -> tuple[_Step, Tensor, Tensor]:
     """Run one step: ``x [B, I]``, ``h0 [B, H]``, ``c0 [B, H]``. With ``save`` the plan's buffers hold
     what :func:`_step_backward` reads. Runs where no graph is recorded (nothing requires grad, or
     inside :class:`_StepFunction`), so tensors are read as they are, without ``detach``."""
@@ -726,15 +732,16 @@ def _step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMO
     b_ih, b_hh = _dense(w.bias_ih), _dense(w.bias_hh)
     kernels.single_step(ctypes.addressof(p), x.data_ptr(), x.shape[1], w_ih.data_ptr(), _ptr(b_ih) or 0,
                         _ptr(b_hh) or 0, h0.data_ptr(), c0.data_ptr())  # 0: no bias
-    p.xg = p.hw = p.y = None  # the scratch is gone (the backward reads none of it)
-    return _Step(p, arenas[0], h, c, w_hh, (x, peep, *step_masks, c0))
+    # the scratch and the outputs are not the step's to keep (the backward reads none of them)
+    p.xg = p.hw = p.y = p.h_state = p.c_state = None
+    return _Step(p, arenas[0], w_hh, (x, peep, *step_masks, c0)), h, c
 
 
 def _single_step(x: Tensor, h0: Tensor, c0: Tensor, w: DirectionWeights, options: LSTMOptions,
                  masks: DirectionMasks, training: bool) -> tuple[Tensor, Tensor]:
     """``x [B, I]``, ``h0 [B, H]``, ``c0 [B, H]`` -> ``(h_1, c_1)``, each ``[B, H]``, nothing saved."""
-    step = _step(x, h0, c0, w, options, masks, training, save=False)
-    return step.h, step.c
+    _, h, c = _step(x, h0, c0, w, options, masks, training, save=False)
+    return h, c
 
 
 def _step_backward(step: _Step, x: Tensor, dh: Tensor, dc: Tensor, w: DirectionWeights, masks: DirectionMasks,
@@ -744,6 +751,13 @@ def _step_backward(step: _Step, x: Tensor, dh: Tensor, dc: Tensor, w: DirectionW
     ``dW_hh = da^T h_0`` and the bias sum, ``da [B, 4H]`` the pre-activations' gradient."""
     p, H = step.plan, step.plan.hidden
     B, I, G = x.shape[0], x.shape[1], 4 * H
+    if B == 0:  # no rows: nothing flows (and no buffer to hand the C++ loops)
+        zeros = x.new_zeros
+        return {"x": x.new_empty(0, I) if needs_x else None, "h0": dh.new_empty(0, H), "c0": dc.new_empty(0, H),
+                "weight_ih": zeros(G, I), "weight_hh": zeros(G, H),
+                "bias_ih": zeros(G) if w.bias_ih is not None else None,
+                "bias_hh": zeros(G) if w.bias_ih is not None else None,
+                "weight_peephole": zeros(3 * H) if p.peephole else None}
     # one zeroed allocation: the states' gradients, dgates, scratch and the peephole sums (dy is
     # zero: h_1's gradient arrives as the final state's)
     work = _Arena(x.dtype, {"dh_state": B * H, "dc_state": B * H, "dgates": B * G, "dy": B * H, "dm": B * H,
@@ -780,15 +794,16 @@ class _StepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, setup, x, h0, c0, *flat_weights):
         options, masks, training = setup
-        ctx.step = _step(x, h0, c0, DirectionWeights(*flat_weights), options, masks, training, save=True)
+        ctx.step, h, c = _step(x, h0, c0, DirectionWeights(*flat_weights), options, masks, training, save=True)
         ctx.masks = masks
-        ctx.save_for_backward(x, *flat_weights)  # (autograd's check that nothing changed them in place)
-        return ctx.step.h, ctx.step.c
+        # (autograd's check that nothing changed them in place; the backward reads c0 too)
+        ctx.save_for_backward(x, c0, *flat_weights)
+        return h, c
 
     @staticmethod
     def backward(ctx, dh, dc):
         # (the step's buffers live as long as the graph: a retained graph runs backward again)
-        x, *flat_weights = ctx.saved_tensors
+        x, _, *flat_weights = ctx.saved_tensors
         w = DirectionWeights(*flat_weights)
         g = _step_backward(ctx.step, x, dh, dc, w, ctx.masks, ctx.needs_input_grad[1])
         return (None, g["x"], g["h0"], g["c0"], *(None if p is None else g[f] for f, p in zip(_FIELDS, w)))
