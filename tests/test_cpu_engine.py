@@ -356,12 +356,14 @@ def test_single_step_backward_with_no_rows():
     assert all(p.grad is not None and not p.grad.any() for p in cell.parameters())
 
 
-def test_single_step_sees_c0_changed_in_place():
-    """The step's backward reads c0: changing it in place before backward raises, as torch does."""
-    cell = fastlstm.LSTMCell(4, 6, backend="cpu")
-    h0, c0 = torch.randn(2, 6), torch.randn(2, 6, requires_grad=True)
+@pytest.mark.parametrize("steps", [1, 3], ids=["step", "layer"])
+def test_backward_sees_c0_changed_in_place(steps):
+    """The backward reads c0 (through the plans' pointers): changing it in place between forward
+    and backward raises, as torch does, instead of giving wrong gradients."""
+    lstm = fastlstm.LSTM(4, 6, backend="cpu")
+    h0, c0 = torch.randn(1, 2, 6), torch.randn(1, 2, 6, requires_grad=True)
     c_start = c0.clone()
-    h, c = cell(torch.randn(2, 4), (h0, c_start))
+    y, (h, c) = lstm(torch.randn(steps, 2, 4), (h0, c_start))
     c_start.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        (h.sum() + c.sum()).backward()
+        (y.sum() + c.sum()).backward()

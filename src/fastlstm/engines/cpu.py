@@ -579,13 +579,14 @@ class _LayerFunction(torch.autograd.Function):
         )
         ctx.layout, ctx.options, ctx.directions, ctx.num_directions = layout, options, directions, len(weights)
         ctx.x_norm = x_norm
-        ctx.save_for_backward(x_rows, w_ih, *flat_weights)
+        # (c0 too: the backward reads it through the plans, so autograd must see it changed in place)
+        ctx.save_for_backward(x_rows, w_ih, c0, *flat_weights)
         return outputs
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
         layout, options, D = ctx.layout, ctx.options, ctx.num_directions
-        x_rows, w_ih, *flat_weights = ctx.saved_tensors
+        x_rows, w_ih, _, *flat_weights = ctx.saved_tensors
         weights = _unflatten(flat_weights)
         G = 4 * (weights[0].weight_hh.shape[0] // 4)
         dtype = x_rows.dtype
