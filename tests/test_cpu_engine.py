@@ -367,3 +367,44 @@ def test_backward_sees_c0_changed_in_place(steps):
     c_start.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         (y.sum() + c.sum()).backward()
+
+
+@pytest.mark.parametrize("cfg", ["plain", "layer_norm", "clip", "zoneout"])
+@pytest.mark.parametrize("arch", ["uni", "bi-proj"])
+def test_retained_graph_runs_backward_twice(cfg, arch, some_threads):
+    """The recurrence hands its per-step buffers to autograd's saved tensors: with
+    ``retain_graph=True`` a second backward reads them again and gives the same gradients (as
+    torch.nn.LSTM does), checked against the reference engine."""
+    options_cfg = {"plain": {}, "layer_norm": dict(layer_norm=True), "clip": dict(clip=0.4, cell_clip=0.5),
+                   "zoneout": dict(zoneout=(0.3, 0.2))}[cfg]
+    options, weights, x, h0, c0, masks = inputs_and_masks(ARCHS[arch], options_cfg, torch.float64, training=True)
+    grads = {}
+    for fn in (cpu.lstm_layer, reference.lstm_layer):
+        leaves = [x, h0, c0] + [p for w in weights for p in w if p is not None]
+        y, h, c = fn(x, None, h0, c0, weights, options, masks, training=True)
+        loss = y.pow(2).sum() + h.sum() + c.pow(2).sum()
+        first = torch.autograd.grad(loss, leaves, retain_graph=True)
+        second = torch.autograd.grad(loss, leaves)
+        for a, b in zip(first, second):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+        grads[fn] = second
+    for a, b in zip(grads[cpu.lstm_layer], grads[reference.lstm_layer]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_backward_frees_the_saved_buffers():
+    """Without ``retain_graph`` autograd frees the recurrence's saved buffers once its backward is
+    done (before the input projection's backward allocates dx and dW_ih); a second backward then
+    raises torch's error rather than reading freed memory."""
+    lstm = fastlstm.LSTM(4, 6, backend="cpu")
+    y, (h, c) = lstm(torch.randn(5, 3, 4, requires_grad=True))
+    loss = y.sum() + c.sum()
+    node = c.grad_fn
+    while type(node).__name__ != "_RecurrenceBackward":
+        node = node.next_functions[0][0]
+    assert len(node.saved_tensors) >= 3  # c0, then each direction's buffers
+    loss.backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        node.saved_tensors
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        loss.backward()
