@@ -582,23 +582,32 @@ def _project(x_rows: Tensor, weights: Sequence[DirectionWeights], options: LSTMO
     w_ih, bias = _input_weights(weights)
     if not options.layer_norm:
         return matmul_nt(x_rows, w_ih, bias).contiguous(), None
-    xw = matmul_nt(x_rows, w_ih).view(-1, D, G)
-    x_hat, x_mean, x_rstd = torch.native_layer_norm(xw, [G], None, None, LAYER_NORM_EPS)
-    xg = (x_hat * torch.stack([w.layer_norm_ih_weight for w in weights])).view(-1, D * G)
-    if bias is not None:
-        xg = xg + bias
-    return xg.contiguous(), (xw, x_mean, x_rstd)
+    if D == 1:  # torch's fused layer norm applies the gain and the bias in its one pass
+        xw = matmul_nt(x_rows, w_ih)
+        xg, x_mean, x_rstd = torch.native_layer_norm(xw, [G], weights[0].layer_norm_ih_weight, bias,
+                                                     LAYER_NORM_EPS)
+        return xg, (xw, x_mean, x_rstd)
+    xw = matmul_nt(x_rows, w_ih).view(-1, D, G)  # one gain per direction: normalise, then scale in place
+    xg, x_mean, x_rstd = torch.native_layer_norm(xw, [G], None, None, LAYER_NORM_EPS)
+    xg = xg.mul_(torch.stack([w.layer_norm_ih_weight for w in weights])).view(-1, D * G)
+    return (xg if bias is None else xg.add_(bias)), (xw, x_mean, x_rstd)
 
 
 def _project_backward(dxg: Tensor, x_rows: Tensor, weights: Sequence[DirectionWeights], norm, needs_dx: bool,
                       needs_dw: bool) -> tuple[Tensor | None, list[Tensor | None]]:
-    """The gradients of :func:`_project` from ``dxg [N, D*4H]`` (which it may overwrite): ``dx [N, I]``
-    and the flat list of every direction's input-side fields (None elsewhere)."""
+    """The gradients of :func:`_project` from ``dxg [N, D*4H]`` (overwritten with two directions and
+    layer norm): ``dx [N, I]`` and the flat list of every direction's input-side fields (None
+    elsewhere)."""
     D, G = len(weights), weights[0].weight_ih.shape[0]
     w_ih, _ = _input_weights(weights)
     d_bias = dxg.sum(0) if weights[0].bias_ih is not None else None
     d_gain = None
-    if norm is not None:
+    if norm is not None and D == 1:
+        xw, x_mean, x_rstd = norm
+        dxg, d_gain, _ = torch.ops.aten.native_layer_norm_backward(
+            dxg, xw, [G], x_mean, x_rstd, weights[0].layer_norm_ih_weight, None, [True, True, False])
+        d_gain = d_gain.unsqueeze(0)  # [D = 1, 4H]
+    elif norm is not None:
         gains = torch.stack([w.layer_norm_ih_weight for w in weights])  # [D, 4H]
         dg = dxg.view(-1, D, G)
         xw, x_mean, x_rstd = norm
@@ -637,8 +646,10 @@ class _Projection(torch.autograd.Function):
     def backward(ctx, dxg):
         x_rows, *flat_weights = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        # the layer-norm backward overwrites its input: autograd's gradient is not ours to change
-        dxg = dxg.contiguous() if ctx.norm is None else dxg.clone(memory_format=torch.contiguous_format)
+        # the two-direction layer-norm backward overwrites its input: autograd's gradient is not ours
+        # to change
+        spends = ctx.norm is not None and len(flat_weights) > len(_FIELDS)
+        dxg = dxg.clone(memory_format=torch.contiguous_format) if spends else dxg.contiguous()
         needs_dw = any(needs[2 + d * len(_FIELDS)] for d in range(len(flat_weights) // len(_FIELDS)))
         d_x, grads = _project_backward(dxg, x_rows, _unflatten(flat_weights), ctx.norm, needs[1], needs_dw)
         return (None, d_x, *grads)

@@ -105,18 +105,28 @@ inline void mask_pass(T* __restrict__ d, const uint8_t* __restrict__ inside, int
 
 // -- layer norm -----------------------------------------------------------------------------
 
+// The sum over j in [0, n) of term(j), in double, as 8 interleaved partial sums: one running sum
+// waits on every add's latency (the row statistics took 4 us per row of 1,280 at H = 256); 8
+// independent ones fill the vector lanes.
+template <typename Term>
+inline double row_sum(int64_t n, Term term) {
+  double part[8] = {0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0};
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    for (int k = 0; k < 8; ++k) part[k] += term(j + k);
+  }
+  for (int k = 0; j < n; ++j, ++k) part[k] += term(j);
+  return ((part[0] + part[4]) + (part[1] + part[5])) + ((part[2] + part[6]) + (part[3] + part[7]));
+}
+
 // out = v_hat * gain (+ shift) over v[0:n]; saves v_hat and 1/std. out may alias v.
 template <typename T>
 inline void layer_norm_row(const T* v, int64_t n, const T* gain, const T* shift, T* v_hat, T* rstd_out, T* out) {
-  double mean = 0.0;
-  for (int64_t j = 0; j < n; ++j) mean += v[j];
-  mean /= double(n);
-  double var = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
+  const double mean = row_sum(n, [v](int64_t j) { return double(v[j]); }) / double(n);
+  const double var = row_sum(n, [v, mean](int64_t j) {
     const double d = double(v[j]) - mean;
-    var += d * d;
-  }
-  var /= double(n);
+    return d * d;
+  }) / double(n);
   const T rstd = T(1.0 / std::sqrt(var + kLayerNormEps));
   const T m = T(mean);
   *rstd_out = rstd;
@@ -132,12 +142,10 @@ inline void layer_norm_row(const T* v, int64_t n, const T* gain, const T* shift,
 template <typename T>
 inline void layer_norm_row_backward(const T* dout, int64_t n, const T* v_hat, T rstd, const T* gain, T* dgain,
                                     T* dshift, T* dv) {
-  double mean_e = 0.0, mean_e_vh = 0.0;
-  for (int64_t j = 0; j < n; ++j) {
-    const double e = double(dout[j]) * gain[j];
-    mean_e += e;
-    mean_e_vh += e * v_hat[j];
-  }
+  const double mean_e = row_sum(n, [dout, gain](int64_t j) { return double(dout[j]) * gain[j]; });
+  const double mean_e_vh = row_sum(n, [dout, gain, v_hat](int64_t j) {
+    return double(dout[j]) * gain[j] * v_hat[j];
+  });
   for (int64_t j = 0; j < n; ++j) dgain[j] += dout[j] * v_hat[j];
   if (dshift) for (int64_t j = 0; j < n; ++j) dshift[j] += dout[j];
   const T a = T(mean_e / double(n)), b = T(mean_e_vh / double(n));
