@@ -408,3 +408,69 @@ def test_backward_frees_the_saved_buffers():
         node.saved_tensors
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         loss.backward()
+
+
+class _CopyingHooks:
+    """Saved-tensor hooks that keep a copy of every saved tensor and, once the forward is done,
+    fill the originals of the engine's own buffers (no grad, not views) with NaN: whatever still
+    read an original would read NaN, as it would read freed memory once the allocator reuses it."""
+
+    def __init__(self):
+        self.originals = []
+
+    def pack(self, t):
+        if t.is_floating_point() and not t.requires_grad and t._base is None:
+            self.originals.append(t)
+        return t.clone()
+
+    def poison(self):
+        for t in self.originals:
+            t.fill_(float("nan"))
+
+
+def _twin_modules(**kwargs):
+    ours = fastlstm.LSTM(4, 6, backend="cpu", **kwargs).double()
+    theirs = fastlstm.LSTM(4, 6, backend="reference", **kwargs).double()
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _gradients(module, run):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(7, 3, 4, dtype=torch.float64, generator=g).requires_grad_()
+    h0, c0 = (torch.randn(module.num_layers * 2, 3, 6, dtype=torch.float64, generator=g).requires_grad_()
+              for _ in range(2))
+    y, (h, c) = run(module, x, (h0, c0))
+    (y.pow(2).sum() + h.sum() + c.pow(2).sum()).backward()
+    return [x.grad, h0.grad, c0.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("kwargs", [dict(bidirectional=True, num_layers=2),
+                                    dict(bidirectional=True, layer_norm=True, cell_clip=0.5, clip=0.5),
+                                    dict(bidirectional=True, proj_size=3)], ids=["bi-2layer", "bi-ln-clips", "bi-proj"])
+@pytest.mark.parametrize("how", ["copying-hooks", "checkpoint", "save_on_cpu"])
+def test_saved_tensor_hooks_that_copy_or_recompute(kwargs, how):
+    """The recurrence's saved buffers pass through saved-tensor hooks, which may hand back a copy
+    (``save_on_cpu``, offloading) or a recomputation (``torch.utils.checkpoint`` without
+    reentrance) instead of the allocation the forward wrote: the backward reads what they hand
+    back (the plans point at it again), checked against the reference engine."""
+    from torch.utils.checkpoint import checkpoint
+
+    ours, theirs = _twin_modules(**kwargs)
+    plain = lambda m, x, s: m(x, (s[0][..., : m.proj_size or 6], s[1]))  # noqa: E731
+
+    def hooked(module, x, state):
+        if how == "copying-hooks":
+            hooks = _CopyingHooks()
+            with torch.autograd.graph.saved_tensors_hooks(hooks.pack, lambda t: t):
+                outputs = plain(module, x, state)
+            assert hooks.originals, "the engine saved no buffers of its own: the test tests nothing"
+            hooks.poison()
+            return outputs
+        if how == "checkpoint":
+            return checkpoint(plain, module, x, state, use_reentrant=False)
+        with torch.autograd.graph.save_on_cpu():
+            return plain(module, x, state)
+
+    for a, b in zip(_gradients(ours, hooked), _gradients(theirs, plain)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

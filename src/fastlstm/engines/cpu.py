@@ -341,7 +341,7 @@ class _Arena:
         return arena
 
     def _allocate(self, dtype: torch.dtype, offsets: dict[str, int | None], total: int, zero: bool) -> None:
-        self.offsets = offsets
+        self.offsets, self.tensor_dtype = offsets, dtype
         self.tensor = (torch.zeros if zero else torch.empty)(max(total, 1), dtype=dtype)
         self._base, self._item = self.tensor.data_ptr(), self.tensor.element_size()
 
@@ -353,7 +353,10 @@ class _Arena:
         return tensor
 
     def hold(self, tensor: Tensor) -> None:
-        self.tensor = tensor
+        """Take an allocation (back) and point :meth:`ptr` at it; a copy in another dtype, device or
+        layout (a saved-tensor hook's) is brought back to this arena's."""
+        self.tensor = tensor.to(device="cpu", dtype=self.tensor_dtype).contiguous()
+        self._base = self.tensor.data_ptr()
 
     def ptr(self, name: str) -> int | None:
         offset = self.offsets[name]
@@ -465,12 +468,8 @@ class _Direction:
         p.xg, p.ld_xg = xg.data_ptr() + d * G * xg.element_size(), xg.stride(0)
         p.y, p.ld_y = y.data_ptr() + d * ho * y.element_size(), y.stride(0)
         p.c0 = self.c0.data_ptr()
-        for name in ("h_state", "c_state", "gates", "c_fresh", "h_in", "c_carried", "m", "hw_hat", "hw_rstd",
-                     "c_hat", "c_rstd", "hw", "htilde"):
-            setattr(p, name, a.ptr(name))
-        for name in ("clip_mask", "cclip_mask", "pclip_mask"):
-            setattr(p, name, masks.ptr(name))
         self.masks_arena = masks
+        self._point_at_buffers(p)
         p.ld_hw = G
         p.w_hh_packed, p.w_hr_packed = _ptr(self.packed[0]), _ptr(self.packed[1])
         p.save = int(save)
@@ -480,14 +479,28 @@ class _Direction:
         self._plan = p
         return h_state, c_state
 
+    _ARENA_FIELDS = ("h_state", "c_state", "gates", "c_fresh", "h_in", "c_carried", "m", "hw_hat", "hw_rstd",
+                     "c_hat", "c_rstd", "hw", "htilde")
+    _MASK_FIELDS = ("clip_mask", "cclip_mask", "pclip_mask")
+
+    def _point_at_buffers(self, p: Plan) -> None:
+        for name in self._ARENA_FIELDS:
+            setattr(p, name, self.arena.ptr(name))
+        for name in self._MASK_FIELDS:
+            setattr(p, name, self.masks_arena.ptr(name))
+
     def saved(self) -> tuple[Tensor, Tensor]:
         """The buffers the backward reads, released to autograd's saved tensors (see
         :class:`_Recurrence`); :meth:`restore` takes them back."""
         return self.arena.release(), self.masks_arena.release()
 
     def restore(self, arena: Tensor, masks: Tensor) -> None:
+        """Take back the saved buffers for the backward, and point the plan at them: saved-tensor
+        hooks (``torch.utils.checkpoint`` without reentrance, ``save_on_cpu``, offloading) hand back
+        a copy or a recomputation, not the allocation the forward wrote."""
         self.arena.hold(arena)
         self.masks_arena.hold(masks)
+        self._point_at_buffers(self._plan)
 
     # backward -----------------------------------------------------------------------------------
 
