@@ -474,3 +474,14 @@ def test_saved_tensor_hooks_that_copy_or_recompute(kwargs, how):
 
     for a, b in zip(_gradients(ours, hooked), _gradients(theirs, plain)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", [[0, 6, 2, 0], [0, 0, 0, 0]], ids=["some-zero", "all-zero"])
+@pytest.mark.parametrize("arch", ["uni", "bi-proj"])
+@pytest.mark.parametrize("cfg", ["plain", "everything"])
+def test_zero_lengths(cfg, arch, lengths, some_threads):
+    """Sequences of length 0 (padded input with lengths; a PackedSequence cannot hold them) keep
+    their initial state and output zeros, as in the reference engine (the layout took the batch
+    size from the rows of the first step, which a zero-length sequence is not among)."""
+    compare(cpu.lstm_layer, ARCHS[arch], OPTIONS[cfg], lengths=torch.tensor(lengths), training=cfg == "everything",
+            dtype=torch.float64, tol=1e-10)

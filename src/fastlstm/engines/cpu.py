@@ -202,18 +202,19 @@ class Layout:
             return _full_layout(steps, batch)
         sorted_lengths, order = torch.sort(lengths.cpu(), descending=True, stable=True)
         n_rows = (sorted_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
-        return Layout._of_rows(n_rows, order, packed_input=False)
+        return Layout._of_rows(n_rows, batch, order, packed_input=False)  # (zero lengths: n_rows[0] < B)
 
     @staticmethod
     def of_packed(batch_sizes: Tensor, sorted_indices: Tensor | None) -> Layout:
         """A PackedSequence's rows are this layout already: step-major, each step's sequences in
         sorted order. Only its padded index (for masks) is computed; its data is used as it is."""
         order = None if sorted_indices is None else sorted_indices.cpu()
-        return Layout._of_rows(batch_sizes.to(torch.int64).cpu(), order, packed_input=True)
+        n_rows = batch_sizes.to(torch.int64).cpu()
+        return Layout._of_rows(n_rows, int(n_rows[0]), order, packed_input=True)
 
     @staticmethod
-    def _of_rows(n_rows: Tensor, order: Tensor | None, *, packed_input: bool) -> Layout:
-        steps, batch = n_rows.numel(), int(n_rows[0])
+    def _of_rows(n_rows: Tensor, batch: int, order: Tensor | None, *, packed_input: bool) -> Layout:
+        steps = n_rows.numel()
         offsets = torch.cumsum(n_rows, 0) - n_rows
         total = int(n_rows.sum())
         sorted_lengths = (n_rows.unsqueeze(0) > torch.arange(batch).unsqueeze(1)).sum(1)
