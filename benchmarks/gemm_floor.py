@@ -25,7 +25,7 @@ import time
 import torch
 
 import fastlstm
-from fastlstm.bench import versions
+from fastlstm.bench import git_revision, versions
 
 OPTION_ROWS = {
     "plain": {},
@@ -103,9 +103,11 @@ def main(argv=None) -> None:
     medians = {name: statistics.median(v) * 1e3 for name, v in samples.items()}
     floor = medians["GEMM floor (torch.mm)"]
 
-    info = versions()
-    print(f"B{batch} T{steps} I{input_size} H{hidden} float32, forward+backward, {torch.get_num_threads()} threads; "
-          f"torch {info['torch']}, fastlstm {fastlstm.__version__}; medians of {args.repeats} interleaved rounds")
+    sha, dirty = git_revision()
+    info = {**versions(), "git_sha": sha, "git_dirty": dirty, "threads": torch.get_num_threads()}
+    print(f"B{batch} T{steps} I{input_size} H{hidden} float32, forward+backward, {info['threads']} threads; "
+          f"torch {info['torch']}, fastlstm {fastlstm.__version__}, git {sha[:12]}{' (dirty)' if dirty else ''}; "
+          f"medians of {args.repeats} interleaved rounds")
     print(f"GEMM floor (the six GEMMs alone, torch.mm): {floor:.2f} ms "
           f"[{min(samples['GEMM floor (torch.mm)']) * 1e3:.2f}..{max(samples['GEMM floor (torch.mm)']) * 1e3:.2f}]")
     print(f"{'option':42s} {'fastlstm ms':>11s} {'reference ms':>12s} {'ref/fastlstm':>12s} "
