@@ -497,11 +497,13 @@ class _Direction:
 
     def restore(self, arena: Tensor, masks: Tensor) -> None:
         """Take back the saved buffers for the backward, and point the plan at them: saved-tensor
-        hooks (``torch.utils.checkpoint`` without reentrance, ``save_on_cpu``, offloading) hand back
-        a copy or a recomputation, not the allocation the forward wrote."""
+        hooks (``torch.utils.checkpoint`` without reentrance, ``save_on_cpu``, offloading) may hand
+        back a copy or a recomputation, not the allocation the forward wrote."""
+        before = (self.arena._base, self.masks_arena._base)
         self.arena.hold(arena)
         self.masks_arena.hold(masks)
-        self._point_at_buffers(self._plan)
+        if (self.arena._base, self.masks_arena._base) != before:
+            self._point_at_buffers(self._plan)
 
     # backward -----------------------------------------------------------------------------------
 
@@ -579,9 +581,14 @@ def _flat_part(weights: Sequence[DirectionWeights], *, inputs: bool) -> list[Ten
     return [t if (name in _INPUT_FIELDS) == inputs else None for w in weights for name, t in zip(_FIELDS, w)]
 
 
+def _input_weight(weights: Sequence[DirectionWeights]) -> Tensor:
+    """``W_ih`` of every direction ``[D*4H, I]``."""
+    return weights[0].weight_ih if len(weights) == 1 else torch.cat([w.weight_ih for w in weights])
+
+
 def _input_weights(weights: Sequence[DirectionWeights]) -> tuple[Tensor, Tensor | None]:
     """``W_ih`` of every direction ``[D*4H, I]`` and ``b_ih + b_hh`` ``[D*4H]`` (None without bias)."""
-    w_ih = weights[0].weight_ih if len(weights) == 1 else torch.cat([w.weight_ih for w in weights])
+    w_ih = _input_weight(weights)
     if weights[0].bias_ih is None:
         return w_ih, None
     sums = [w.bias_ih + w.bias_hh for w in weights]
@@ -613,7 +620,7 @@ def _project_backward(dxg: Tensor, x_rows: Tensor, weights: Sequence[DirectionWe
     layer norm): ``dx [N, I]`` and the flat list of every direction's input-side fields (None
     elsewhere)."""
     D, G = len(weights), weights[0].weight_ih.shape[0]
-    w_ih, _ = _input_weights(weights)
+    w_ih = _input_weight(weights)
     d_bias = dxg.sum(0) if weights[0].bias_ih is not None else None
     d_gain = None
     if norm is not None and D == 1:
@@ -646,13 +653,15 @@ def _project_backward(dxg: Tensor, x_rows: Tensor, weights: Sequence[DirectionWe
 
 
 class _Projection(torch.autograd.Function):
-    """``x_rows [N, I]`` and the flat weights (input-side fields only) -> ``xg [N, D*4H]``."""
+    """``x`` in the caller's form (``[T, B, I]`` or packed rows ``[N, I]``) and the flat weights
+    (input-side fields only) -> ``xg [N, D*4H]``."""
 
     @staticmethod
-    def forward(ctx, setup, x_rows, *flat_weights):
-        options = setup
+    def forward(ctx, setup, x, *flat_weights):
+        layout, options = setup
+        x_rows = layout.input_rows(x)
         xg, norm = _project(x_rows, _unflatten(flat_weights), options)
-        ctx.norm = norm
+        ctx.layout, ctx.norm = layout, norm
         ctx.save_for_backward(x_rows, *flat_weights)
         return xg
 
@@ -666,7 +675,7 @@ class _Projection(torch.autograd.Function):
         dxg = dxg.clone(memory_format=torch.contiguous_format) if spends else dxg.contiguous()
         needs_dw = any(needs[2 + d * len(_FIELDS)] for d in range(len(flat_weights) // len(_FIELDS)))
         d_x, grads = _project_backward(dxg, x_rows, _unflatten(flat_weights), ctx.norm, needs[1], needs_dw)
-        return (None, d_x, *grads)
+        return (None, None if d_x is None else ctx.layout.output(d_x), *grads)
 
 
 def _recur(layout: Layout, options: LSTMOptions, masks, training: bool, save: bool, xg: Tensor, h0: Tensor,
@@ -686,30 +695,30 @@ def _recur(layout: Layout, options: LSTMOptions, masks, training: bool, save: bo
 
 class _Recurrence(torch.autograd.Function):
     """The loops. Inputs after the non-tensor setup: ``xg [N, D*4H]``, ``h0 [D, B, H_out]``,
-    ``c0 [D, B, H]``, then the flat weights (recurrent fields only) -> ``y_rows [N, D*H_out]``,
-    ``h_n``, ``c_n``."""
+    ``c0 [D, B, H]``, then the flat weights (recurrent fields only) -> ``y`` in the caller's form
+    (``[T, B, D*H_out]`` or packed rows), ``h_n``, ``c_n``."""
 
     @staticmethod
     def forward(ctx, setup, xg, h0, c0, *flat_weights):
         layout, options, masks, training = setup
         weights = _unflatten(flat_weights)
-        outputs, directions = _recur(layout, options, masks, training, True, xg, h0, c0, weights,
-                                     len(weights) * weights[0].weight_hh.shape[1])
+        (y_rows, h_n, c_n), directions = _recur(layout, options, masks, training, True, xg, h0, c0, weights,
+                                                len(weights) * weights[0].weight_hh.shape[1])
         ctx.layout, ctx.directions = layout, directions
         # the per-step buffers are autograd's to keep (and free once the backward is done); c0 too:
         # the backward reads it through the plans, so autograd must see it changed in place
         buffers = [t for direction in directions for t in direction.saved()]
         ctx.save_for_backward(c0, *buffers)
-        return outputs
+        return layout.output(y_rows), h_n, c_n
 
     @staticmethod
-    def backward(ctx, dy_rows, dh_n, dc_n):
+    def backward(ctx, dy, dh_n, dc_n):
         layout, directions = ctx.layout, ctx.directions
         _, *buffers = ctx.saved_tensors
         D, dtype = len(directions), buffers[0].dtype
         G = 4 * directions[0].hidden
         dxg = torch.empty(layout.total, D * G, dtype=dtype)
-        dy_rows = dy_rows.to(dtype).contiguous()
+        dy_rows = layout.input_rows(dy.to(dtype))
         per_direction = []
         for d, direction in enumerate(directions):
             direction.restore(buffers[2 * d], buffers[2 * d + 1])
@@ -974,10 +983,8 @@ def _run_layer(layout: Layout, x: Tensor, h0: Tensor, c0: Tensor, weights: Seque
             xg, _ = _project(layout.input_rows(x), weights, options)
             (y_rows, h_n, c_n), _ = _recur(layout, options, masks, training, False, xg, h0, c0, weights, y_width)
         return layout.output(y_rows), h_n, c_n
-    xg = _Projection.apply(options, layout.input_rows(x), *_flat_part(weights, inputs=True))
-    y_rows, h_n, c_n = _Recurrence.apply((layout, options, masks, training), xg, h0, c0,
-                                         *_flat_part(weights, inputs=False))
-    return layout.output(y_rows), h_n, c_n
+    xg = _Projection.apply((layout, options), x, *_flat_part(weights, inputs=True))
+    return _Recurrence.apply((layout, options, masks, training), xg, h0, c0, *_flat_part(weights, inputs=False))
 
 
 def layer_gradients(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor, weights: Sequence[DirectionWeights],
@@ -994,13 +1001,13 @@ def layer_gradients(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor, w
     recurrence = PlainContext([False, True, True, True, *(t is not None for t in recurrent_flat)])
     dy, dh_n, dc_n = cotangents
     with torch.no_grad():
-        xg = _Projection.forward(projection, options, layout.input_rows(x), *inputs_flat)
+        xg = _Projection.forward(projection, (layout, options), x, *inputs_flat)
         _Recurrence.forward(recurrence, (layout, options, masks, training), xg, h0, c0, *recurrent_flat)
         del xg
-        _, dxg, d_h0, d_c0, *recurrent_grads = _Recurrence.backward(recurrence, layout.input_rows(dy), dh_n, dc_n)
-        _, d_x_rows, *input_grads = _Projection.backward(projection, dxg)
+        _, dxg, d_h0, d_c0, *recurrent_grads = _Recurrence.backward(recurrence, dy, dh_n, dc_n)
+        _, d_x, *input_grads = _Projection.backward(projection, dxg)
     grads = [a if a is not None else b for a, b in zip(input_grads, recurrent_grads)]
-    return [layout.output(d_x_rows), d_h0, d_c0, *grads]
+    return [d_x, d_h0, d_c0, *grads]
 
 
 def lstm_cell(

@@ -550,17 +550,29 @@ void gemm_nt_natural(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, c
   }
 }
 
-// C[M, N] = A[M, K] @ W, W [K, N] row-major (row stride ldw): row updates vectorised over n.
+// C[M, N] = A[M, K] @ W, W [K, N] row-major (row stride ldw): row updates vectorised over n, four
+// rows of W per pass over the output row (one row per pass loaded and stored the output row once
+// per row of W: at B = 1, H = 1024 that traffic, not W's, set the backward step's time).
 template <typename T>
 void gemm_nn_natural(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* w, int64_t ldw, T* c,
                      int64_t ldc) {
   for (int64_t m = 0; m < M; ++m) {
     T* __restrict__ cm = c + m * ldc;
+    const T* am = a + m * lda;
     for (int64_t n = 0; n < N; ++n) cm[n] = T(0);
-    for (int64_t k = 0; k < K; ++k) {
-      const T am = a[m * lda + k];
+    int64_t k = 0;
+    for (; k + 4 <= K; k += 4) {
+      const T a0 = am[k], a1 = am[k + 1], a2 = am[k + 2], a3 = am[k + 3];
+      const T* __restrict__ w0 = w + k * ldw;
+      const T* __restrict__ w1 = w0 + ldw;
+      const T* __restrict__ w2 = w1 + ldw;
+      const T* __restrict__ w3 = w2 + ldw;
+      for (int64_t n = 0; n < N; ++n) cm[n] += (a0 * w0[n] + a1 * w1[n]) + (a2 * w2[n] + a3 * w3[n]);
+    }
+    for (; k < K; ++k) {
+      const T ak = am[k];
       const T* __restrict__ wk = w + k * ldw;
-      for (int64_t n = 0; n < N; ++n) cm[n] += am * wk[n];
+      for (int64_t n = 0; n < N; ++n) cm[n] += ak * wk[n];
     }
   }
 }
