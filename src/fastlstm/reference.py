@@ -53,8 +53,15 @@ def _zoneout(keep: Tensor | float | None, previous: Tensor, fresh: Tensor) -> Te
     return keep * previous + (1.0 - keep) * fresh
 
 
+def input_gates(x: Tensor, w: DirectionWeights, options: LSTMOptions) -> Tensor:
+    """Every step's input term at once: ``x W_ih^T`` ``[T, B, 4H]`` from ``x [T, B, I]``, layer-normalised
+    with its gain under ``layer_norm`` (docs/equations.md, section 5); no bias."""
+    x_proj = x @ w.weight_ih.t()
+    return _layer_norm(x_proj, w.layer_norm_ih_weight) if options.layer_norm else x_proj
+
+
 def cell_step(
-    x_proj: Tensor,
+    x_gates: Tensor,
     h_prev: Tensor,
     c_prev: Tensor,
     w: DirectionWeights,
@@ -68,7 +75,7 @@ def cell_step(
     """One LSTM step.
 
     Args:
-        x_proj: ``x_t W_ih^T``, ``[B, 4H]`` (no bias, not normalised).
+        x_gates: step ``t`` of :func:`input_gates`, ``[B, 4H]``.
         h_prev: ``[B, H_out]``; c_prev: ``[B, H]``.
         w: the direction's parameters.
         weight_hh: ``[4H, H_out]``, ``w.weight_hh`` or its DropConnect-masked copy.
@@ -83,9 +90,9 @@ def cell_step(
     h_in = h_prev if recurrent_mask is None else h_prev * recurrent_mask
     h_proj = h_in @ weight_hh.t()
     if options.layer_norm:
-        gates = _layer_norm(x_proj, w.layer_norm_ih_weight) + _layer_norm(h_proj, w.layer_norm_hh_weight)
+        gates = x_gates + _layer_norm(h_proj, w.layer_norm_hh_weight)
     else:
-        gates = x_proj + h_proj
+        gates = x_gates + h_proj
     if w.bias_ih is not None:
         gates = gates + w.bias_ih + w.bias_hh
     a_i, a_f, a_g, a_o = gates.chunk(4, dim=1)
@@ -113,7 +120,7 @@ def cell_step(
 
 
 def lstm_direction(
-    x: Tensor,
+    x_gates: Tensor,
     lengths: Tensor | None,
     h0: Tensor,
     c0: Tensor,
@@ -124,10 +131,10 @@ def lstm_direction(
     training: bool,
     reverse: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Run one direction over a padded, time-major sequence.
+    """Run one direction over a padded, time-major sequence, from its input gates.
 
     Args:
-        x: ``[T, B, I]``.
+        x_gates: ``[T, B, 4H]``, :func:`input_gates` of the direction's input ``[T, B, I]``.
         lengths: ``[B]`` int64 true lengths, or None when every sequence has length ``T``.
             Steps at or past a sequence's length leave its state unchanged and output zeros, so the
             reverse direction starts at each sequence's own end.
@@ -144,11 +151,10 @@ def lstm_direction(
         _require_masks(options, masks)
 
     weight_hh = w.weight_hh if masks.weight_hh is None else w.weight_hh * masks.weight_hh
-    x_proj = x @ w.weight_ih.t()  # [T, B, 4H]: the input projection of all steps at once
 
-    steps = range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0])
+    steps = range(x_gates.shape[0] - 1, -1, -1) if reverse else range(x_gates.shape[0])
     h, c = h0, c0
-    outputs: list[Tensor] = [x.new_empty(0)] * x.shape[0]
+    outputs: list[Tensor] = [x_gates.new_empty(0)] * x_gates.shape[0]
     for t in steps:
         if training:
             keep_h = None if masks.zoneout_h is None else masks.zoneout_h[t]
@@ -157,7 +163,7 @@ def lstm_direction(
             keep_h = options.zoneout_h or None
             keep_c = options.zoneout_c or None
         h_new, c_new = cell_step(
-            x_proj[t],
+            x_gates[t],
             h,
             c,
             w,
@@ -213,18 +219,33 @@ def lstm_layer(
         ``(y [T, B, D * H_out], h_n [D, B, H_out], c_n [D, B, H])`` in ``x.dtype``.
     """
     acc = accumulation_dtype(x.dtype)
+    x_gates = torch.cat([input_gates(x.to(acc), _to(w, acc), options) for w in weights], dim=2)
+    return recurrence(x_gates, lengths, h0, c0, weights, options, masks, training=training)
 
-    def up(t: Tensor | None) -> Tensor | None:
-        return None if t is None else t.to(acc)
 
+def recurrence(
+    x_gates: Tensor,
+    lengths: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[DirectionWeights],
+    options: LSTMOptions,
+    masks: Sequence[DirectionMasks] | None,
+    *,
+    training: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`lstm_layer` from its input gates ``x_gates [T, B, D * 4H]`` (each direction's
+    :func:`input_gates`); ``weight_ih`` and ``layer_norm_ih_weight`` are not read. Computes in the
+    accumulation dtype; returns ``(y, h_n, c_n)`` in ``h0.dtype``."""
+    acc, G = accumulation_dtype(h0.dtype), weights[0].weight_hh.shape[0]
     outputs, h_n, c_n = [], [], []
     for d, w in enumerate(weights):
         y, h, c = lstm_direction(
-            up(x),
+            x_gates[..., d * G : (d + 1) * G].to(acc),
             lengths,
-            up(h0[d]),
-            up(c0[d]),
-            DirectionWeights(*(up(p) for p in w)),
+            h0[d].to(acc),
+            c0[d].to(acc),
+            _to(w, acc),
             options,
             None if masks is None else masks[d],
             training=training,
@@ -234,7 +255,11 @@ def lstm_layer(
         h_n.append(h)
         c_n.append(c)
     return (
-        torch.cat(outputs, dim=2).to(x.dtype),
-        torch.stack(h_n).to(x.dtype),
-        torch.stack(c_n).to(x.dtype),
+        torch.cat(outputs, dim=2).to(h0.dtype),
+        torch.stack(h_n).to(h0.dtype),
+        torch.stack(c_n).to(h0.dtype),
     )
+
+
+def _to(w: DirectionWeights, dtype: torch.dtype) -> DirectionWeights:
+    return DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
