@@ -25,9 +25,9 @@ setup(
     cmdclass={"build_ext": BuildWithOptionalOpenMP},
     ext_modules=[
         Extension(
-            "fastlstm.engines._cpu_kernels",
-            sources=["src/fastlstm/engines/cpu_kernels.cpp"],
-            depends=["src/fastlstm/engines/cpu_kernels.h"],
+            "fastlstm.engines.cpu._kernels",
+            sources=["src/fastlstm/engines/cpu/kernels.cpp"],
+            depends=["src/fastlstm/engines/cpu/kernels.h"],
             extra_compile_args=["-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", OPENMP],
             extra_link_args=[OPENMP],
             language="c++",

@@ -2,7 +2,7 @@
 inputs, and a run that collects outputs, final states and every gradient under random cotangents."""
 
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from fastlstm import reference
 from fastlstm.masks import sample_direction_masks
@@ -132,8 +132,8 @@ def compare_packed(packed_layer, arch, cfg, *, lengths, sorted_input, tol, **sha
     options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training, **shape)
     packed = pack_padded_sequence(x, lengths, enforce_sorted=sorted_input)
     data = packed.data.detach().requires_grad_()
-    y, h, c = packed_layer(data, packed.batch_sizes, packed.sorted_indices, h0, c0, weights, options, masks,
-                           training=training)
+    rows = PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+    y, h, c = packed_layer(rows, None, h0, c0, weights, options, masks, training=training)
     y_ref, h_ref, c_ref = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
     y_ref_rows = pack_padded_sequence(y_ref, lengths, enforce_sorted=sorted_input).data
     for name, a, b in (("output", y, y_ref_rows), ("h_n", h, h_ref), ("c_n", c, c_ref)):

@@ -12,9 +12,11 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
-from fastlstm import reference
+from fastlstm import functional, reference
 from fastlstm.engines import cpu
-from fastlstm.masks import sample_direction_masks
+from fastlstm.engines.cpu import kernels, layer, threads as cpu_threads
+from fastlstm.masks import DirectionMasks, sample_direction_masks
+from fastlstm.packing import Layout
 from fastlstm.options import make_options
 from fastlstm.weights import DirectionWeights
 
@@ -23,12 +25,20 @@ from engine_cases import (ARCHS, LENGTHS, OPTIONS, compare, compare_float32, com
 
 
 
+def lstm_layer(*args, **kwargs):
+    return functional.lstm_layer(*args, **kwargs, backend="cpu")
+
+
+def lstm_cell(x, h0, c0, w, options, masks, *, training):
+    return functional.lstm_cell(x, h0, c0, w, options, masks=masks, training=training, backend="cpu")
+
+
 def test_kernels_were_built():
     """The kernels build at install (optional, so fastlstm installs without a compiler); in this
     project's CI they must have built, so their absence fails here rather than skipping tests."""
-    assert cpu.available(), "fastlstm.engines._cpu_kernels is missing: pip install printed why it did not build"
-    assert cpu.kernels.instruction_set() in ("avx2", "generic")
-    assert cpu.kernels.threading() in ("openmp", "threads")
+    assert kernels.available(), "fastlstm.engines.cpu._kernels is missing: pip install printed why it did not build"
+    assert kernels.module().instruction_set() in ("avx2", "generic")
+    assert kernels.module().threading() in ("openmp", "threads")
 
 
 THREADING = ["one-thread", "one-thread-natural", "rows", "rows-natural", "columns", "columns-natural"]
@@ -60,13 +70,13 @@ def gradcheck_threads(request, monkeypatch):
 def _force_threading(mode, monkeypatch):
     """Forces one threading mode at any shape (the engine picks by weight size and batch)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(cpu, "_MIN_ROWS_PER_THREAD", 1 if mode.startswith("rows") else 1 << 30)
-    for least in ("_MIN_COLUMN_WEIGHT_BYTES", "_MIN_COLUMN_WEIGHT_BYTES_UNSPLIT"):
-        monkeypatch.setattr(cpu, least, 0 if mode.startswith("columns") else 1 << 62)
-    monkeypatch.setattr(cpu, "_MIN_COLUMNS_PER_MEMBER", 1)  # a team even at the tests' tiny H
+    monkeypatch.setattr(cpu_threads, "MIN_ROWS_PER_THREAD", 1 if mode.startswith("rows") else 1 << 30)
+    for least in ("MIN_COLUMN_WEIGHT_BYTES", "MIN_COLUMN_WEIGHT_BYTES_UNSPLIT"):
+        monkeypatch.setattr(cpu_threads, least, 0 if mode.startswith("columns") else 1 << 62)
+    monkeypatch.setattr(cpu_threads, "MIN_COLUMNS_PER_MEMBER", 1)  # a team even at the tests' tiny H
     natural = mode.endswith("natural")
-    monkeypatch.setattr(cpu, "_MIN_ROWS_TO_PACK", 1 << 30 if natural else 1)
-    monkeypatch.setattr(cpu, "_MIN_STEPS_TO_PACK", 1 << 30 if natural else 1)
+    monkeypatch.setattr(cpu_threads, "MIN_ROWS_TO_PACK", 1 << 30 if natural else 1)
+    monkeypatch.setattr(cpu_threads, "MIN_STEPS_TO_PACK", 1 << 30 if natural else 1)
 
 
 @pytest.mark.parametrize("lengths", LENGTHS.values(), ids=LENGTHS.keys())
@@ -74,13 +84,13 @@ def _force_threading(mode, monkeypatch):
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
 def test_engine_matches_reference_float64(cfg, arch, lengths, some_threads):
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop", "everything"))
-    compare(cpu.lstm_layer, arch, cfg, lengths=lengths, training=training, dtype=torch.float64, tol=1e-10)
+    compare(lstm_layer, arch, cfg, lengths=lengths, training=training, dtype=torch.float64, tol=1e-10)
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("cfg", [OPTIONS["zoneout"], OPTIONS["everything"]], ids=["zoneout", "everything"])
 def test_engine_eval_and_train_modes(cfg, training, threads):
-    compare(cpu.lstm_layer, ARCHS["bi-proj"], cfg, lengths=LENGTHS["unequal"], training=training,
+    compare(lstm_layer, ARCHS["bi-proj"], cfg, lengths=LENGTHS["unequal"], training=training,
             dtype=torch.float64, tol=1e-10)
 
 
@@ -88,7 +98,7 @@ def test_engine_eval_and_train_modes(cfg, training, threads):
 def test_engine_float32_error_is_at_most_twice_the_references(cfg, threads):
     """float32 within twice the float32 reference's error (engine_cases.compare_float32)."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
-    compare_float32(cpu.lstm_layer, ARCHS["bi-proj"], cfg, training=training, lengths=LENGTHS["unequal"])
+    compare_float32(lstm_layer, ARCHS["bi-proj"], cfg, training=training, lengths=LENGTHS["unequal"])
 
 
 @pytest.mark.parametrize("cfg", [OPTIONS["plain"], OPTIONS["layer_norm"], OPTIONS["everything"]], ids=["plain", "ln", "everything"])
@@ -105,7 +115,7 @@ def test_larger_shapes(cfg, threads):
     if training:
         masks = [sample_direction_masks(options, steps=17, batch=9, hidden_size=40, h_out=3, device="cpu",
                                         dtype=torch.float64) for _ in range(2)]
-    ours = run(cpu.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
+    ours = run(lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
     theirs = run(reference.lstm_layer, x, lengths, h0, c0, weights, options, masks, training)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -134,7 +144,7 @@ def test_hand_written_backward_gradcheck(cfg, gradcheck_threads):
         for i, p in zip(present, params):
             full[i] = p
         ws = [DirectionWeights(*full[k * 10 : (k + 1) * 10]) for k in range(2)]
-        return cpu.lstm_layer(x, lengths, h0, c0, ws, options, masks, training=masks is not None)
+        return lstm_layer(x, lengths, h0, c0, ws, options, masks, training=masks is not None)
 
     assert torch.autograd.gradcheck(f, (x, h0, c0, *[flat[i] for i in present]), eps=1e-6, atol=1e-7, rtol=1e-5)
 
@@ -167,9 +177,9 @@ def test_auto_picks_cpu_for_float_and_reference_otherwise():
     from fastlstm.engines import select_engine
 
     opts = make_options()
-    assert select_engine("auto", torch.device("cpu"), torch.float32, opts).name == "cpu"
-    assert select_engine("auto", torch.device("cpu"), torch.float64, opts).name == "cpu"
-    assert select_engine("auto", torch.device("cpu"), torch.bfloat16, opts).name == "reference"
+    assert select_engine("auto", torch.device("cpu"), torch.float32, opts) == "cpu"
+    assert select_engine("auto", torch.device("cpu"), torch.float64, opts) == "cpu"
+    assert select_engine("auto", torch.device("cpu"), torch.bfloat16, opts) == "reference"
     with pytest.raises(ValueError, match="backend='cpu'"):
         select_engine("cpu", torch.device("cpu"), torch.float16, opts)
 
@@ -192,7 +202,7 @@ def test_inference_path_matches_reference(cfg, arch, some_threads):
     options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training)
     lengths = LENGTHS["unequal"]
     with torch.no_grad():
-        ours = cpu.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
+        ours = lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
         theirs = reference.lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -218,8 +228,8 @@ def test_single_step_inference_path_matches_reference(cfg, training, bias):
                                        dtype=torch.float64)
     train = training and masks is not None
     with torch.no_grad():
-        h, c = cpu.lstm_cell(x, h0, c0, w, options, masks, training=train)
-        y1, h1, c1 = cpu.lstm_layer(x[None], None, h0[None], c0[None], [w], options,
+        h, c = lstm_cell(x, h0, c0, w, options, masks, training=train)
+        y1, h1, c1 = lstm_layer(x[None], None, h0[None], c0[None], [w], options,
                                     None if masks is None else [masks], training=train)
         _, h_ref, c_ref = reference.lstm_layer(x[None], None, h0[None], c0[None], [w], options,
                                                None if masks is None else [masks], training=train)
@@ -257,17 +267,17 @@ def test_single_step_autograd_path_matches_reference(cfg, training, bias):
 
     def layer(engine):
         def call(x, h0, c0, w):
-            y, h, c = engine.lstm_layer(x[None], None, h0[None], c0[None], [w], options,
-                                        None if masks is None else [masks], training=train)
+            y, h, c = engine(x[None], None, h0[None], c0[None], [w], options,
+                             None if masks is None else [masks], training=train)
             return y[0], h[0], c[0]
         return call
 
     def cell(x, h0, c0, w):
-        h, c = cpu.lstm_cell(x, h0, c0, w, options, masks, training=train)
+        h, c = lstm_cell(x, h0, c0, w, options, masks, training=train)
         return h, h, c  # (as the layer's y, h_n, c_n)
 
-    truth = gradients(layer(reference))
-    for ours in (gradients(cell), gradients(layer(cpu))):
+    truth = gradients(layer(reference.lstm_layer))
+    for ours in (gradients(cell), gradients(layer(lstm_layer))):
         assert len(ours) == len(truth)
         for a, b in zip(ours, truth):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -304,10 +314,10 @@ def test_cell_module_no_grad_and_grad_agree():
 
 @pytest.mark.parametrize("sorted_input", [True, False], ids=["sorted", "unsorted"])
 @pytest.mark.parametrize("cfg", [OPTIONS["plain"], OPTIONS["layer_norm"], OPTIONS["everything"]], ids=["plain", "ln", "everything"])
-def test_packed_entry_point_takes_rows_as_they_are(cfg, sorted_input, some_threads):
-    """lstm_layer_packed on a PackedSequence's rows against the reference on the padded batch."""
+def test_packed_rows_are_taken_as_they_are(cfg, sorted_input, some_threads):
+    """A PackedSequence's rows against the reference on the padded batch."""
     lengths = torch.tensor([6, 5, 3, 1]) if sorted_input else LENGTHS["unequal"]
-    compare_packed(cpu.lstm_layer_packed, ARCHS["bi-proj"], cfg, lengths=lengths, sorted_input=sorted_input, tol=1e-10)
+    compare_packed(lstm_layer, ARCHS["bi-proj"], cfg, lengths=lengths, sorted_input=sorted_input, tol=1e-10)
 
 
 @pytest.mark.parametrize("batch, hidden, threads, expected", [
@@ -319,31 +329,54 @@ def test_packed_entry_point_takes_rows_as_they_are(cfg, sorted_input, some_threa
     (1, 64, 16, 4),  # 16 threads, H = 64: one member per 16 columns of the backward's product
 ])
 def test_threading_choice(batch, hidden, threads, expected, monkeypatch):
-    """Which team a layer's step gets: the measured rule of cpu._column_threads."""
+    """Which team a layer's step gets: the measured rule of engines/cpu/threads.py."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     options, weights = make_layer(ARCHS["uni"], {}, input_size=4, hidden=hidden, dtype=torch.float32)
-    direction = cpu._Direction(cpu._full_layout(3, batch), weights[0], cpu.DirectionMasks(), options,
-                               training=False, reverse=False, dtype=torch.float32)
+    call = cpu_call(options, weights)
+    inputs = cpu_inputs(Layout.of_full(3, batch, torch.device("cpu")), weights, hidden)
+    direction = layer.Direction(call, inputs, 0)
     assert direction.column_threads == expected
     assert direction.threads == (1 if expected > 1 else min(threads, max(1, batch // 8)))
 
 
-def _live_steps() -> int:
+def cpu_call(options, weights):
+    from fastlstm.engines.contract import LayerCall
+
+    return LayerCall("cpu", options, training=False, save=False, fused_input=False,
+                     weights=tuple(t is not None for w in weights for t in w), masks=(False,) * 4 * len(weights))
+
+
+def cpu_inputs(layout, weights, hidden):
+    from fastlstm.engines.contract import LayerInputs
+
+    D, B = len(weights), layout.batch
+    return LayerInputs(torch.empty(layout.total, D * 4 * hidden), layout, torch.zeros(D, B, hidden),
+                       torch.zeros(D, B, hidden), weights, [DirectionMasks() for _ in weights])
+
+
+@pytest.mark.parametrize("steps", [1, 4], ids=["step", "layer"])
+def test_saved_buffers_do_not_outlive_the_graph(steps):
+    """What a call keeps for its backward lives in autograd's saved tensors (no reference cycle
+    through the graph, which Python's collector cannot see): it is freed with the graph, after a
+    backward or when a graph is dropped without one."""
+    import weakref
+
+    lstm = fastlstm.LSTM(4, 6, backend="cpu")
+    kept = []
+
+    def pack(t):
+        if not t.requires_grad:  # (not the parameters, which the module keeps)
+            kept.append(weakref.ref(t))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        for _ in range(5):
+            y, (h, c) = lstm(torch.randn(steps, 2, 4, requires_grad=True))
+            (y.sum() + c.sum()).backward()
+            lstm(torch.randn(steps, 2, 4))[0].sum()  # a graph dropped without backward
+    del y, h, c
     gc.collect()
-    return sum(isinstance(o, cpu._Step) for o in gc.get_objects())
-
-
-def test_single_steps_with_autograd_do_not_accumulate():
-    """An autograd step keeps its buffers on its context, not its outputs (that cycle runs through
-    the graph, where Python's collector cannot break it): nothing outlives the graph."""
-    cell = fastlstm.LSTMCell(4, 6, backend="cpu")
-    before = _live_steps()
-    for _ in range(20):
-        h, c = cell(torch.randn(2, 4, requires_grad=True))
-        (h.sum() + c.sum()).backward()
-        cell(torch.randn(2, 4))[0].sum()  # a graph dropped without backward
-    del h, c
-    assert _live_steps() == before
+    assert kept and all(ref() is None for ref in kept)
 
 
 def test_single_step_backward_with_no_rows():
@@ -379,7 +412,7 @@ def test_retained_graph_runs_backward_twice(cfg, arch, some_threads):
                    "zoneout": dict(zoneout=(0.3, 0.2))}[cfg]
     options, weights, x, h0, c0, masks = inputs_and_masks(ARCHS[arch], options_cfg, torch.float64, training=True)
     grads = {}
-    for fn in (cpu.lstm_layer, reference.lstm_layer):
+    for fn in (lstm_layer, reference.lstm_layer):
         leaves = [x, h0, c0] + [p for w in weights for p in w if p is not None]
         y, h, c = fn(x, None, h0, c0, weights, options, masks, training=True)
         loss = y.pow(2).sum() + h.sum() + c.pow(2).sum()
@@ -388,7 +421,7 @@ def test_retained_graph_runs_backward_twice(cfg, arch, some_threads):
         for a, b in zip(first, second):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         grads[fn] = second
-    for a, b in zip(grads[cpu.lstm_layer], grads[reference.lstm_layer]):
+    for a, b in zip(grads[lstm_layer], grads[reference.lstm_layer]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
@@ -400,7 +433,7 @@ def test_backward_frees_the_saved_buffers():
     y, (h, c) = lstm(torch.randn(5, 3, 4, requires_grad=True))
     loss = y.sum() + c.sum()
     node = c.grad_fn
-    while type(node).__name__ != "_RecurrenceBackward":
+    while type(node).__name__ != "_EagerLayerBackward":
         node = node.next_functions[0][0]
     assert len(node.saved_tensors) >= 3  # c0, then each direction's buffers
     loss.backward()
@@ -483,5 +516,5 @@ def test_zero_lengths(cfg, arch, lengths, some_threads):
     """Sequences of length 0 (padded input with lengths; a PackedSequence cannot hold them) keep
     their initial state and output zeros, as in the reference engine (the layout took the batch
     size from the rows of the first step, which a zero-length sequence is not among)."""
-    compare(cpu.lstm_layer, ARCHS[arch], OPTIONS[cfg], lengths=torch.tensor(lengths), training=cfg == "everything",
+    compare(lstm_layer, ARCHS[arch], OPTIONS[cfg], lengths=torch.tensor(lengths), training=cfg == "everything",
             dtype=torch.float64, tol=1e-10)

@@ -1,22 +1,36 @@
-"""Layers x directions: draws the masks, picks an engine, applies dropout between layers.
+"""The shell around the engines: layout, masks, input projection, layers, engine choice.
 
-The modules call these after they have parsed the user's input: padded, time-major
-``x [T, B, I]`` with optional ``lengths [B]`` (user batch order), or a ``PackedSequence``; and
-states ``h0 [L * D, B, H_out]``, ``c0 [L * D, B, H]`` in the user's batch order.
+Everything an engine should not have to repeat is done here, once per call:
+
+* the one variable-length layout (:class:`fastlstm.packing.Layout`): the input as rows sorted by
+  length, the states and masks in that order, the outputs back in the user's form;
+* the masks: drawn (or checked) in the user's order, then put in rows;
+* DropConnect applied to ``weight_hh`` and the input projection ``x W_ih^T`` (layer-normalised
+  under ``layer_norm``) computed for every step and direction at once, both as plain torch ops, so
+  autograd differentiates them and compile and export see them;
+* the engine: picked by ``backend=``, then one :func:`fastlstm.engines.contract.run` per layer
+  (the reference engine is plain torch and is called directly); inter-layer dropout between layers.
+
+The modules call :func:`lstm` and :func:`lstm_cell` after they have parsed the user's input:
+padded, time-major ``x [T, B, I]`` with optional ``lengths [B]``, or a ``PackedSequence``; states
+``h0 [L * D, B, H_out]``, ``c0 [L * D, B, H]`` in the user's batch order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from . import packing
-from .engines import for_tracing, select_engine
+from . import engines, packing
+from .engines import contract
 from .masks import DirectionMasks, LSTMMasks, sample_direction_masks, sample_masks
 from .options import LSTMOptions
+from .reference import LAYER_NORM_EPS
 from .weights import DirectionWeights, accumulation_dtype
 
 
@@ -37,8 +51,7 @@ def lstm(
 
     Args:
         input: padded, time-major ``[T, B, I]`` (with ``lengths [B]`` int64, or None when every
-            sequence has length ``T``), or a ``PackedSequence``. Engines that take packed rows
-            get them as they are (no padding is ever built); the others get them padded.
+            sequence has length ``T``), or a ``PackedSequence``.
         h0: ``[L * D, B, H_out]``, layer-major then direction, user batch order; c0: ``[L * D, B, H]``.
         weights: ``weights[layer][direction]``.
         dropout: probability of the inter-layer dropout (training only, not after the last layer).
@@ -48,50 +61,28 @@ def lstm(
         ``(y, h_n [L * D, B, H_out], c_n [L * D, B, H])``; ``y`` is ``[T, B, D * H_out]``, or the
         packed rows ``[N, D * H_out]`` for a PackedSequence input.
     """
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    engine = engines.select_engine(backend, data.device, data.dtype, options)
+    layout = packing.layout_of(input, lengths)
+    masks = draw_masks(layout.steps, layout.batch, data, h0, weights, options, dropout=dropout, training=training,
+                       given=masks)
     num_layers, num_directions = len(weights), len(weights[0])
-    data = input.data if isinstance(input, PackedSequence) else input
-    steps, batch = extent(input)
-    masks = draw_masks(steps, batch, data, h0, weights, options, dropout=dropout, training=training, given=masks)
-    engine = for_tracing(select_engine(backend, data.device, data.dtype, options), weights[0], options)
-
-    layout = None
-    if isinstance(input, PackedSequence):
-        layout = packing.layout_of(input)
-        if engine.packed_layer is None:  # this engine takes padded input: pad once, pack at the end
-            data, lengths = packing.unpack(input.data, layout), layout.lengths
-
+    rows = data if packed else layout.rows(input)
+    h0, c0 = layout.sort(h0, 1), layout.sort(c0, 1)
     h_n, c_n = [], []
-    layer_input = data
     for layer in range(num_layers):
         states = slice(layer * num_directions, (layer + 1) * num_directions)
-        layer_masks = None if masks is None else masks.layers[layer]
-        if layout is not None and engine.packed_layer is not None:
-            y, h, c = engine.packed_layer(
-                layer_input, input.batch_sizes, input.sorted_indices, h0[states], c0[states], weights[layer],
-                options, layer_masks, training=training,
-            )
-        else:
-            y, h, c = engine.layer(
-                layer_input, lengths, h0[states], c0[states], weights[layer], options, layer_masks, training=training
-            )
+        y, h, c = layer_rows(engine, rows, layout, h0[states], c0[states], weights[layer], options,
+                             None if masks is None else masks.layers[layer], training=training)
         h_n.append(h)
         c_n.append(c)
         if masks is not None and layer < num_layers - 1 and masks.inter_layer[layer] is not None:
-            mask = masks.inter_layer[layer]
-            if layout is not None and engine.packed_layer is not None:
-                mask = packing.pack(mask, layout)
-            y = (y * mask).to(y.dtype)
-        layer_input = y
-    if layout is not None and engine.packed_layer is None:
-        layer_input = packing.pack(layer_input, layout)
-    return layer_input, torch.cat(h_n), torch.cat(c_n)
-
-
-def extent(input: Tensor | PackedSequence) -> tuple[int, int]:
-    """``(T, B)`` of a padded, time-major tensor or of a PackedSequence."""
-    if isinstance(input, PackedSequence):
-        return len(input.batch_sizes), int(input.batch_sizes[0])
-    return input.shape[0], input.shape[1]
+            y = (y * layout.rows(masks.inter_layer[layer])).to(y.dtype)
+        rows = y
+    h_n = h_n[0] if num_layers == 1 else torch.cat(h_n)
+    c_n = c_n[0] if num_layers == 1 else torch.cat(c_n)
+    return (rows if packed else layout.padded(rows)), layout.unsort(h_n, 1), layout.unsort(c_n, 1)
 
 
 def lstm_cell(
@@ -112,14 +103,107 @@ def lstm_cell(
     Gal & Ghahramani's per-sequence dropout.
     """
     masks = draw_cell_masks(x, weights, options, training=training, given=masks)
-    engine = for_tracing(select_engine(backend, x.device, x.dtype, options), [weights], options)
-    if engine.cell is not None:
-        return engine.cell(x, h0, c0, weights, options, masks, training=training)
-    _, h, c = engine.layer(
-        x.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), (weights,), options,
-        None if masks is None else (masks,), training=training,
-    )
+    engine = engines.select_engine(backend, x.device, x.dtype, options)
+    layout = packing.Layout.of_full(1, x.shape[0], x.device)
+    if engines.load(engine).fuses_input(layout, [weights], options):  # (which takes [B, .] states as they are)
+        _, h, c = layer_rows(engine, x, layout, h0, c0, [weights], options, None if masks is None else [masks],
+                             training=training)
+        return h, c
+    _, h, c = layer_rows(engine, x, layout, h0.unsqueeze(0), c0.unsqueeze(0), [weights], options,
+                         None if masks is None else [masks], training=training)
     return h[0], c[0]
+
+
+def lstm_layer(
+    x: Tensor | PackedSequence,
+    lengths: Tensor | None,
+    h0: Tensor,
+    c0: Tensor,
+    weights: Sequence[DirectionWeights],
+    options: LSTMOptions,
+    masks: Sequence[DirectionMasks] | None,
+    *,
+    training: bool,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer on ``backend``, with the signature and semantics of
+    :func:`fastlstm.reference.lstm_layer` (padded ``x [T, B, I]`` and ``lengths``, or a
+    PackedSequence, whose output is then its rows ``[N, D * H_out]``); masks as there, every one
+    the options need, in the user's order."""
+    if masks is not None and not training:
+        raise ValueError("masks are only used in training mode; eval mode uses their expectations")
+    if masks is None and training and options.is_stochastic:
+        raise ValueError("training-mode forward needs the masks of its stochastic options; draw them with fastlstm.masks")
+    packed = isinstance(x, PackedSequence)
+    data = x.data if packed else x
+    layout = packing.layout_of(x, lengths)
+    rows = data if packed else layout.rows(x)
+    engine = engines.select_engine(backend, data.device, data.dtype, options)
+    y, h_n, c_n = layer_rows(engine, rows, layout, layout.sort(h0, 1), layout.sort(c0, 1), weights, options, masks,
+                             training=training)
+    return (y if packed else layout.padded(y)), layout.unsort(h_n, 1), layout.unsort(c_n, 1)
+
+
+def layer_rows(engine: str, x: Tensor, layout: packing.Layout, h0: Tensor, c0: Tensor,
+               weights: Sequence[DirectionWeights], options: LSTMOptions, masks: Sequence[DirectionMasks] | None, *,
+               training: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """One layer on ``engine`` in the layout: rows ``x [N, I]``, sorted ``h0 [D, B, H_out]`` and
+    ``c0 [D, B, H]``, masks in the user's order -> ``(y [N, D * H_out], h_n, c_n)`` (sorted)."""
+    weights = list(weights)
+    if masks is not None:
+        masks = [_mask_rows(layout, m) for m in masks]
+    if engine == "reference":
+        return engines.load("reference").layer(x, layout, h0, c0, weights, options, masks, training=training)
+    if masks is None:
+        masks = [_NO_MASKS] * len(weights)
+    else:  # DropConnect is applied here, as a torch op (autograd carries its mask to weight_hh's gradient)
+        weights = [w if m.weight_hh is None else w._replace(weight_hh=(w.weight_hh * m.weight_hh).to(w.weight_hh.dtype))
+                   for w, m in zip(weights, masks)]
+        masks = [m if m.weight_hh is None else dataclasses.replace(m, weight_hh=None) for m in masks]
+    fused = engines.load(engine).fuses_input(layout, weights, options)
+    if not fused:
+        x = input_gates(x, weights, options)
+        weights = [w._replace(weight_ih=None, layer_norm_ih_weight=None) for w in weights]
+    flat = contract.flat_weights(weights)
+    save = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
+                                        or any(t.requires_grad for t in flat))
+    call = contract.LayerCall(engine, options, training, save, fused, contract.presence(weights),
+                              _NO_MASKS_PRESENT[len(masks)] if masks[0] is _NO_MASKS else contract.presence(masks))
+    return contract.run(call, contract.LayerInputs(x, layout, h0, c0, weights, masks), flat)
+
+
+_NO_MASKS = DirectionMasks()  # (never changed: masks are replaced, not edited)
+_NO_MASKS_PRESENT = {d: (False,) * len(contract.MASK_FIELDS) * d for d in (1, 2)}
+
+
+def input_gates(x: Tensor, weights: Sequence[DirectionWeights], options: LSTMOptions) -> Tensor:
+    """Every direction's ``x W_ih^T`` for rows ``x [N, I]`` at once -> ``[N, D * 4H]``; under
+    ``layer_norm`` each direction's is layer-normalised with its gain, in the accumulation dtype
+    (docs/equations.md, section 5). No bias: the engines add ``b_ih + b_hh``."""
+    if not options.layer_norm:
+        w_ih = weights[0].weight_ih if len(weights) == 1 else torch.cat([w.weight_ih for w in weights])
+        return F.linear(x, w_ih)
+    acc = accumulation_dtype(x.dtype)
+    gates = [F.layer_norm(F.linear(x, w.weight_ih).to(acc), (w.weight_ih.shape[0],),
+                          w.layer_norm_ih_weight.to(acc), None, LAYER_NORM_EPS) for w in weights]
+    return gates[0] if len(gates) == 1 else torch.cat(gates, 1)
+
+
+def _mask_rows(layout: packing.Layout, masks: DirectionMasks) -> DirectionMasks:
+    """A direction's masks (user order, ``[T, B, .]``) in the layout: zoneout masks as rows, the
+    per-sequence recurrent mask sorted."""
+    def rows(m):
+        return None if m is None else layout.rows(m)
+
+    return DirectionMasks(rows(masks.zoneout_h), rows(masks.zoneout_c),
+                          None if masks.recurrent is None else layout.sort(masks.recurrent, 0), masks.weight_hh)
+
+
+def extent(input: Tensor | PackedSequence) -> tuple[int, int]:
+    """``(T, B)`` of a padded, time-major tensor or of a PackedSequence."""
+    if isinstance(input, PackedSequence):
+        return len(input.batch_sizes), int(input.batch_sizes[0])
+    return input.shape[0], input.shape[1]
 
 
 def draw_masks(

@@ -1,74 +1,153 @@
-"""``PackedSequence`` <-> padded, time-major tensors, in the user's batch order.
+"""The one variable-length layout every engine takes: a batch of sequences as rows.
 
-A ``PackedSequence`` stores its rows step by step, each step's sequences in sorted (longest first)
-order. Engines instead take a padded ``[T, B, F]`` tensor with per-sequence ``lengths [B]``, both in
-the user's original batch order, so a user-supplied ``hx`` needs no permutation and ``h_n``/``c_n``
-come back in the original order, as torch promises.
+Rows are step-major, and each step's sequences are sorted longest first, so the sequences still
+running at step ``t`` are the first ``n_t`` slots of the batch (``batch_sizes[t] = n_t``) and step
+``t``'s rows are ``[offsets[t], offsets[t] + n_t)``. This is a ``PackedSequence``'s own layout, so
+its data is used as it is; padded input with ``lengths`` is gathered into it once per call; padded
+input without ``lengths`` already is it (``T * B`` rows, a view). No engine computes padding, and
+the reverse direction walks the same prefixes from ``t = T - 1`` down, a sequence joining at its own
+last step.
+
+:func:`fastlstm.functional.lstm` builds one :class:`Layout` per call and hands it to every layer;
+the engines read ``batch_sizes``, ``offsets`` and the sorted ``lengths``. States (``h0 [D, B, .]``)
+and per-sequence masks travel in sorted order (:meth:`Layout.sort`); outputs go back to the user's
+form with :meth:`Layout.padded` and :meth:`Layout.unsort`.
+
+Shape legend: ``T`` steps, ``B`` sequences (those of length 0 included: they have no rows and keep
+their initial state), ``N`` rows (real tokens), ``F`` features.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 
-@dataclass(frozen=True)
-class PackedLayout:
-    """Where each packed row lives in the padded layout.
+class Layout:
+    """Where each row of one call lives (see the module docstring). Built once per call; its index
+    tensors are computed on first use and kept.
 
     Attributes:
-        steps: ``T``, the longest length.
-        batch: ``B``, the number of sequences.
-        lengths: ``[B]`` int64, each sequence's length, in the user's batch order.
-        flat_index: ``[N]`` int64, row ``r`` of the packed data is element ``flat_index[r]`` of
-            the padded tensor viewed as ``[T * B, F]``.
+        steps: ``T``.
+        batch: ``B``.
+        total: ``N``.
+        order: ``[B]`` int64, sorted slot -> user batch index (on the data's device), or None when
+            the slots are in the user's order already.
+        full: every sequence has length ``T``: the rows are the padded tensor's own, no gather.
     """
 
-    steps: int
-    batch: int
-    lengths: Tensor
-    flat_index: Tensor
+    __slots__ = ("steps", "batch", "total", "device", "order", "full", "_batch_sizes", "_memo")
+
+    def __init__(self, steps: int, batch: int, total: int, device: torch.device, *, batch_sizes: Tensor | None = None,
+                 order: Tensor | None = None, full: bool = False):
+        self.steps, self.batch, self.total, self.device = steps, batch, total, device
+        self.order, self.full = order, full
+        self._batch_sizes = batch_sizes
+        self._memo: dict[str, Tensor] = {}
+
+    # -- construction ---------------------------------------------------------------------------
+
+    @staticmethod
+    def of_full(steps: int, batch: int, device: torch.device) -> Layout:
+        """Every one of ``batch`` sequences has ``steps`` steps (padded input without lengths)."""
+        return Layout(steps, batch, steps * batch, device, full=True)
+
+    @staticmethod
+    def of_lengths(lengths: Tensor, steps: int, device: torch.device) -> Layout:
+        """Padded ``[T, B, .]`` input with per-sequence ``lengths [B]`` (user order; 0 allowed)."""
+        lengths = lengths.to(device="cpu", dtype=torch.int64)
+        if bool((lengths == steps).all()):
+            return Layout.of_full(steps, lengths.numel(), device)
+        sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
+        batch_sizes = (sorted_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
+        layout = Layout(steps, lengths.numel(), int(sorted_lengths.sum()), device, batch_sizes=batch_sizes,
+                        order=order.to(device))
+        layout._memo["lengths"] = sorted_lengths
+        return layout
+
+    @staticmethod
+    def of_packed(packed: PackedSequence) -> Layout:
+        """A PackedSequence's rows are this layout already."""
+        batch_sizes = packed.batch_sizes
+        return Layout(batch_sizes.numel(), int(batch_sizes[0]), packed.data.shape[0], packed.data.device,
+                      batch_sizes=batch_sizes, order=packed.sorted_indices)
+
+    @staticmethod
+    def of_batch_sizes(batch_sizes: Tensor, batch: int, total: int, device: torch.device) -> Layout:
+        """The layout an engine gets inside the custom op, where only ``batch_sizes`` travels
+        (``B`` and ``N`` come from the shapes of ``h0`` and the rows)."""
+        return Layout(batch_sizes.numel(), batch, total, device, batch_sizes=batch_sizes,
+                      full=total == batch_sizes.numel() * batch)
+
+    # -- what engines read ------------------------------------------------------------------------
+
+    @property
+    def batch_sizes(self) -> Tensor:
+        """``[T]`` int64 on the CPU: the rows of each step."""
+        if self._batch_sizes is None:
+            self._batch_sizes = torch.full((self.steps,), self.batch, dtype=torch.int64)
+        elif self._batch_sizes.dtype != torch.int64 or self._batch_sizes.device.type != "cpu":
+            self._batch_sizes = self._batch_sizes.to(device="cpu", dtype=torch.int64)
+        return self._batch_sizes
+
+    def offsets(self) -> Tensor:
+        """``[T]`` int64 on the CPU: each step's first row."""
+        if "offsets" not in self._memo:
+            sizes = self.batch_sizes
+            self._memo["offsets"] = torch.cumsum(sizes, 0) - sizes
+        return self._memo["offsets"]
+
+    def lengths(self) -> Tensor:
+        """``[B]`` int64 on the CPU: each sorted slot's length, longest first."""
+        if "lengths" not in self._memo:
+            self._memo["lengths"] = (self.batch_sizes.unsqueeze(0) > torch.arange(self.batch).unsqueeze(1)).sum(1)
+        return self._memo["lengths"]
+
+    # -- converting tensors (differentiable) ------------------------------------------------------
+
+    def _flat_index(self, sorted_slots: bool) -> Tensor:
+        """``[N]``: row ``r`` is element ``t * B + b`` of a padded ``[T * B, F]``, ``b`` the user's index
+        (or, with ``sorted_slots``, the sorted slot)."""
+        key = "sorted_index" if sorted_slots or self.order is None else "user_index"
+        if key not in self._memo:
+            sizes = self.batch_sizes
+            step = torch.repeat_interleave(torch.arange(self.steps), sizes, output_size=self.total)
+            slot = torch.arange(self.total) - self.offsets()[step]
+            if key == "user_index":
+                slot = self.order.cpu()[slot]
+            self._memo[key] = (step * self.batch + slot).to(self.device)
+        return self._memo[key]
+
+    def rows(self, padded: Tensor, *, sorted_slots: bool = False) -> Tensor:
+        """``[T, B, F]`` (user order, or sorted with ``sorted_slots``) -> rows ``[N, F]``."""
+        flat = padded.reshape(self.steps * self.batch, padded.shape[-1])
+        return flat if self.full else flat.index_select(0, self._flat_index(sorted_slots))
+
+    def padded(self, rows: Tensor, *, sorted_slots: bool = False) -> Tensor:
+        """Rows ``[N, F]`` -> ``[T, B, F]`` (user order, or sorted with ``sorted_slots``), zeros where
+        a sequence has ended."""
+        if self.full:
+            return rows.view(self.steps, self.batch, rows.shape[-1])
+        flat = rows.new_zeros(self.steps * self.batch, rows.shape[-1])
+        return flat.index_copy(0, self._flat_index(sorted_slots), rows).view(self.steps, self.batch, rows.shape[-1])
+
+    def sort(self, per_sequence: Tensor, dim: int) -> Tensor:
+        """User order -> sorted slots along ``dim`` (the batch dimension)."""
+        return per_sequence if self.order is None else per_sequence.index_select(dim, self.order)
+
+    def unsort(self, per_sequence: Tensor, dim: int) -> Tensor:
+        """Sorted slots -> user order along ``dim``."""
+        if self.order is None:
+            return per_sequence
+        return torch.zeros_like(per_sequence).index_copy(dim, self.order, per_sequence)
 
 
-def layout_of(packed: PackedSequence) -> PackedLayout:
-    """Index maps of a ``PackedSequence`` (sorted or not)."""
-    batch_sizes = packed.batch_sizes.to(torch.int64).cpu()
-    steps = batch_sizes.numel()
-    batch = int(batch_sizes[0])
-    device = packed.data.device
-
-    # Sequence j (in sorted order) is present at step t iff batch_sizes[t] > j.
-    lengths_sorted = (batch_sizes.unsqueeze(1) > torch.arange(batch).unsqueeze(0)).sum(0)
-    step_offsets = torch.cumsum(batch_sizes, 0) - batch_sizes
-    time_index = torch.repeat_interleave(torch.arange(steps), batch_sizes)
-    sorted_slot = torch.arange(int(batch_sizes.sum())) - step_offsets[time_index]
-
-    if packed.sorted_indices is None:
-        batch_index = sorted_slot
-        lengths = lengths_sorted
-    else:
-        sorted_indices = packed.sorted_indices.cpu()
-        batch_index = sorted_indices[sorted_slot]
-        lengths = torch.empty_like(lengths_sorted)
-        lengths[sorted_indices] = lengths_sorted
-    return PackedLayout(
-        steps=steps,
-        batch=batch,
-        lengths=lengths.to(device),
-        flat_index=(time_index * batch + batch_index).to(device),
-    )
-
-
-def unpack(data: Tensor, layout: PackedLayout) -> Tensor:
-    """Packed rows ``[N, F]`` -> zero-padded ``[T, B, F]`` (differentiable)."""
-    features = data.shape[1]
-    padded = data.new_zeros(layout.steps * layout.batch, features)
-    return padded.index_copy(0, layout.flat_index, data).view(layout.steps, layout.batch, features)
-
-
-def pack(padded: Tensor, layout: PackedLayout) -> Tensor:
-    """Padded ``[T, B, F]`` -> packed rows ``[N, F]`` (differentiable); padding is dropped."""
-    return padded.reshape(layout.steps * layout.batch, -1).index_select(0, layout.flat_index)
+def layout_of(input: Tensor | PackedSequence, lengths: Tensor | None) -> Layout:
+    """The layout of padded, time-major ``input [T, B, F]`` (with optional ``lengths [B]``) or of a
+    ``PackedSequence``."""
+    if isinstance(input, PackedSequence):
+        return Layout.of_packed(input)
+    if lengths is None:
+        return Layout.of_full(input.shape[0], input.shape[1], input.device)
+    return Layout.of_lengths(lengths, input.shape[0], input.device)

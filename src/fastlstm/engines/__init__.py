@@ -1,64 +1,91 @@
-"""The engines that compute an LSTM layer, and how ``backend=`` picks one.
+"""The engines, and how ``backend=`` picks one.
 
-An engine is a function with the signature of :func:`fastlstm.reference.lstm_layer`::
+Every engine computes one layer (all directions) in the rows layout of :mod:`fastlstm.packing`:
 
-    layer(x [T, B, I], lengths [B] | None, h0 [D, B, H_out], c0 [D, B, H],
-          weights: per-direction DirectionWeights, options, masks: per-direction DirectionMasks | None,
-          *, training) -> (y [T, B, D * H_out], h_n [D, B, H_out], c_n [D, B, H])
+* ``reference`` (:mod:`fastlstm.engines.reference`): the specification's time loop in plain torch;
+  any device and dtype, the fallback of ``"auto"``;
+* ``cpu`` (:mod:`fastlstm.engines.cpu`): compiled C++ for float32 and float64 CPU tensors;
+* ``triton`` (:mod:`fastlstm.engines.triton`): persistent Triton kernels for CUDA tensors.
 
-plus a predicate saying which inputs it supports. ``"reference"`` supports everything and is the
-fallback of ``"auto"``; faster engines register in front of it, and may also offer a single-step
-entry point and one that takes a PackedSequence's rows without padding them.
+The compiled engines implement the contract of :mod:`fastlstm.engines.contract` and run behind its
+one custom op. An engine's package is imported the first time a call selects it, so ``import
+fastlstm`` imports neither Triton nor the C++ module.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+import functools
+import importlib
+import importlib.util
+import os
+from types import ModuleType
 
 import torch
 
-from .. import reference
 from ..options import LSTMOptions
-from . import cpu, ops, triton_lstm
-
-LayerFn = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-
-
-@dataclass(frozen=True)
-class Engine:
-    name: str
-    layer: LayerFn
-    supports: Callable[[torch.device, torch.dtype, LSTMOptions], bool]
-    # Optional single-step entry point (x [B, I], h0, c0 [B, H], weights, options, masks, *, training)
-    # -> (h_1, c_1); without one, a step is the layer with T = 1.
-    cell: Callable | None = None
-    # Optional packed entry point (data [N, I], batch_sizes, sorted_indices, h0, c0, weights, options,
-    # masks, *, training) -> (y [N, D * H_out], h_n, c_n): a PackedSequence's rows as they are;
-    # without one, packed input is padded for `layer`.
-    packed_layer: Callable | None = None
-    # For torch.compile (engines/ops.py): the layer's forward and backward as plain functions,
-    # (x, lengths, h0, c0, weights, options, masks, *, training, cotangents) -> [dx, dh0, dc0, then
-    # each direction's DirectionWeights fields' gradients (None where absent)]; and which layers
-    # the engine computes itself rather than handing to the reference.
-    gradients: Callable | None = None
-    covers: Callable[[Sequence, LSTMOptions], bool] | None = None
-
-
-def _always(device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> bool:
-    return True
-
 
 # Priority order for "auto": the first engine that supports the call computes it.
-ENGINES: dict[str, Engine] = {
-    "cpu": Engine("cpu", cpu.lstm_layer, cpu.supports, cpu.lstm_cell, cpu.lstm_layer_packed,
-                  gradients=cpu.layer_gradients),
-    "triton": Engine("triton", triton_lstm.lstm_layer, triton_lstm.supports,
-                     packed_layer=triton_lstm.lstm_layer_packed, gradients=triton_lstm.layer_gradients),
-    "reference": Engine("reference", reference.lstm_layer, _always),
-}
+BACKENDS = ("auto", "cpu", "triton", "reference")
 
-BACKENDS = ("auto", *ENGINES)
+
+_LOADED: dict[str, ModuleType] = {}
+
+
+def load(name: str) -> ModuleType:
+    """The engine's module, imported on first use (import statements, which torch.compile traces)."""
+    engine = _LOADED.get(name)
+    if engine is not None:
+        return engine
+    if name == "cpu":
+        from . import cpu as engine
+    elif name == "triton":
+        from . import triton as engine
+    else:
+        from . import reference as engine
+    _LOADED[name] = engine
+    return engine
+
+
+def _cpu_supports(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype in (torch.float32, torch.float64) and _installed("fastlstm.engines.cpu._kernels")
+
+
+def _triton_supports(device: torch.device, dtype: torch.dtype, *, explicit: bool) -> bool:
+    """CUDA tensors in float16, bfloat16 and float32; asked for by name, also CPU tensors under
+    Triton's interpreter (``TRITON_INTERPRET=1``, the tests)."""
+    on_device = device.type == "cuda" or (explicit and device.type == "cpu" and _interpreting())
+    if not on_device or dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        return False
+    if dtype == torch.float64 and device.type == "cuda":
+        return False
+    return _installed("triton")
+
+
+@functools.cache
+def _find(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+# (torch.compile calls it eagerly and keeps the answer)
+@getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda f: f)
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (the C++ kernels are built at install if a compiler is
+    there; Triton is an optional dependency), without importing it."""
+    return importlib.util.find_spec(module) is not None
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def supports(name: str, device: torch.device, dtype: torch.dtype, options: LSTMOptions | None = None, *,
+             explicit: bool = False) -> bool:
+    """Whether engine ``name`` computes calls on ``device`` in ``dtype`` (without importing it)."""
+    if name == "cpu":
+        return _cpu_supports(device, dtype)
+    if name == "triton":
+        return _triton_supports(device, dtype, explicit=explicit)
+    return True
 
 
 def check_backend(backend) -> str:
@@ -68,28 +95,26 @@ def check_backend(backend) -> str:
     return backend
 
 
-def select_engine(backend: str, device: torch.device, dtype: torch.dtype, options: LSTMOptions) -> Engine:
-    """The engine that computes a call: the named one, or for ``"auto"`` the first that supports it."""
+_SELECTED: dict[tuple, str] = {}
+
+
+def select_engine(backend: str, device: torch.device, dtype: torch.dtype, options: LSTMOptions | None) -> str:
+    """The name of the engine that computes a call: the named one, or for ``"auto"`` the first that
+    supports it. (No engine's support depends on the options yet; they are in the signature for
+    the day one does.)"""
+    key = (backend, device, dtype)
+    name = _SELECTED.get(key)
+    if name is None:
+        name = _SELECTED[key] = _select(backend, device, dtype, options)
+    return name
+
+
+def _select(backend: str, device: torch.device, dtype: torch.dtype, options: LSTMOptions | None) -> str:
     if backend == "auto":
-        for engine in ENGINES.values():
-            if engine.supports(device, dtype, options):
-                return engine
-        raise AssertionError("the reference engine supports every call")  # pragma: no cover
-    engine = ENGINES[check_backend(backend)]
-    if not engine.supports(device, dtype, options):
+        return next(name for name in BACKENDS[1:] if supports(name, device, dtype, options))
+    if not supports(check_backend(backend), device, dtype, options, explicit=True):
         raise ValueError(
             f"backend={backend!r} does not support device {device} with dtype {dtype} and these options; "
             "use backend='auto' or 'reference'"
         )
-    return engine
-
-
-def for_tracing(engine: Engine, weights: Sequence, options: LSTMOptions) -> Engine:
-    """``engine`` itself, or under ``torch.compile`` its layer as a custom op: the compiled engines
-    are opaque to dynamo, while the reference is plain torch and is traced as it is (also for the
-    layers an engine hands to it)."""
-    if engine.gradients is None or not ops.AVAILABLE or not ops.is_compiling():
-        return engine
-    if engine.covers is not None and not engine.covers(weights, options):
-        return ENGINES["reference"]
-    return Engine(engine.name, ops.layer_as_op(engine.name), engine.supports)
+    return backend

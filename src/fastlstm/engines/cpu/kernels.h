@@ -1,8 +1,8 @@
 // fastlstm CPU engine: the math of one LSTM direction, forward and backward, as phases.
 //
-// Included twice by cpu_kernels.cpp, once per instruction set (generic, and AVX2+FMA on x86-64),
+// Included twice by kernels.cpp, once per instruction set (generic, and AVX2+FMA on x86-64),
 // inside a namespace; so this file includes nothing and defines nothing outside templates and
-// inline functions. `Plan` (the description of a direction) is defined in cpu_kernels.cpp.
+// inline functions. `Plan` (the description of a direction) is defined in kernels.cpp.
 //
 // Every elementwise loop is a separate pass over one contiguous slice, with its options decided
 // outside the loop, so that the compiler vectorises it; the float transcendental functions are
@@ -232,7 +232,12 @@ void fwd_cell(const Plan& p, int64_t t) {
       layer_norm_row<T>(hw, G, static_cast<const T*>(p.ln_hh), nullptr, static_cast<T*>(p.hw_hat) + sr * G,
                         static_cast<T*>(p.hw_rstd) + sr, hw);
     }
-    for (int64_t j = 0; j < G; ++j) a[j] = xg[j] + hw[j];
+    if (p.bias) {
+      const T* b = static_cast<const T*>(p.bias);
+      for (int64_t j = 0; j < G; ++j) a[j] = xg[j] + hw[j] + b[j];
+    } else {
+      for (int64_t j = 0; j < G; ++j) a[j] = xg[j] + hw[j];
+    }
     if (p.peephole) {
       for (int64_t j = 0; j < H; ++j) a[j] += peep[j] * c_state[j];
       for (int64_t j = 0; j < H; ++j) a[H + j] += peep[H + j] * c_state[j];
@@ -323,7 +328,7 @@ void bwd_begin(const Plan& p, int64_t t) {  // dh through zoneout (and the proje
 
 template <typename T>
 inline const T* cell_prev(const Plan& p, int64_t t, int64_t r) {
-  // The cell that entered step t for batch row r (see the packed-layout notes in cpu.py).
+  // The cell that entered step t for batch row r (see the layout notes in fastlstm/packing.py).
   const int64_t H = p.hidden;
   const T* carried = static_cast<const T*>(has_zoneout_c(p) ? p.c_carried : p.c_fresh);
   if (!p.reverse) {
@@ -445,7 +450,7 @@ void bwd_end(const Plan& p, int64_t t) {  // dh_{t-1} += (dhw W_hh) * recurrent 
 // -- GEMM: C[M, N] = A[M, K] @ B, with B packed once per call into panels ---------------------
 //
 // The recurrent weights are reused by every step, so they are packed once per call into column
-// panels of NR = two vectors (packed[panel][k][NR], zero-padded past N; built in cpu.py) that each
+// panels of NR = two vectors (packed[panel][k][NR], zero-padded past N; built in layer.py) that each
 // step streams; a 4-row x NR register block keeps 8 accumulators busy (about 80% of an AVX2
 // core's FMA peak at B = 8, H = 256 on the development machine).
 

@@ -1,0 +1,50 @@
+"""One allocation carved into the named buffers a plan points at: a call makes one allocator request
+per dtype instead of one per buffer (it matters for single steps), and what a forward keeps for its
+backward is one tensor per dtype, which autograd (or the custom op) carries between them."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def arena_layout(sizes: dict[str, int]) -> tuple[dict[str, int | None], int]:
+    """Each buffer's offset (None if empty) and the total, in elements; buffers start on whole
+    cache lines (16 elements)."""
+    offsets: dict[str, int | None] = {}
+    total = 0
+    for name, count in sizes.items():
+        offsets[name] = total if count else None
+        total += -(-count // 16) * 16
+    return offsets, total
+
+
+class Arena:
+    """Named views of one tensor, laid out by :func:`arena_layout`."""
+
+    def __init__(self, tensor: Tensor, offsets: dict[str, int | None]):
+        self.tensor, self.offsets = tensor, offsets
+        self._base, self._item = tensor.data_ptr(), tensor.element_size()
+
+    @staticmethod
+    def allocate(dtype: torch.dtype, sizes: dict[str, int], *, zero: bool = False) -> Arena:
+        offsets, total = arena_layout(sizes)
+        return Arena((torch.zeros if zero else torch.empty)(max(total, 1), dtype=dtype), offsets)
+
+    def ptr(self, name: str) -> int | None:
+        offset = self.offsets[name]
+        return None if offset is None else self._base + offset * self._item
+
+    def view(self, name: str, *shape: int) -> Tensor:
+        offset, count = self.offsets[name], 1
+        for extent in shape:
+            count *= extent
+        if offset is None:  # a buffer of no elements (B = 0, say)
+            return self.tensor[:0].view(shape)
+        return self.tensor[offset : offset + count].view(shape)
+
+    def point(self, plan, names) -> None:
+        """Set the plan's fields ``names`` to these buffers (null where a buffer is empty)."""
+        for name in names:
+            setattr(plan, name, self.ptr(name))
+

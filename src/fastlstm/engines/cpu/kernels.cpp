@@ -1,0 +1,408 @@
+// fastlstm CPU engine: the per-step work of one LSTM direction, forward and backward.
+//
+// Shape legend: T steps, B batch (sorted by length, longest first), H hidden, P projection,
+// Hout = P or H, N = total real tokens. Rows of one step are a prefix [0, n_t) of the batch
+// (packed order), and per-step tensors are stored packed: step t's rows start at offsets[t].
+//
+// Everything a direction needs is described by one `Plan` (built by engines/cpu/layer.py and step.py); several plans
+// owning disjoint batch rows of a direction run their loops on separate threads. Each step is a
+// sequence of phases around a GEMM over weights packed once per call (kernels.h):
+//
+//   forward step t:   prepare (h_in = h * r) -> GEMM hw = h_in W_hh^T -> cell ->
+//                     [GEMM htilde = m W_hr^T -> finish]              (projection only)
+//   backward step t:  begin -> [GEMM dm = dproj W_hr] -> cell -> GEMM dh_in = dhw W_hh -> end
+//
+// Equations: docs/equations.md. Gate order i, f, g, o. The math is in kernels.h, compiled
+// here twice (generic and AVX2+FMA, chosen when the module loads).
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <system_error>
+#include <thread>
+#include <vector>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+// Everything one direction's loop reads and writes. The fields are declared once, here: the struct
+// below and the table that `plan_fields` hands to Python (engines/cpu/kernels.py builds its ctypes
+// mirror from it) both expand this list. Every field is 8 bytes wide (int64, double or a pointer).
+#define FASTLSTM_PLAN_FIELDS(FIELD)                                                                    \
+  FIELD(int64_t, dtype)           /* 0 = float32, 1 = float64 */                                       \
+  FIELD(int64_t, steps)                                                                                \
+  FIELD(int64_t, batch)                                                                                \
+  FIELD(int64_t, hidden)                                                                               \
+  FIELD(int64_t, proj)                                                                                 \
+  FIELD(int64_t, h_out)                                                                                \
+  FIELD(int64_t, reverse)                                                                              \
+  FIELD(int64_t, act_gate)        /* 0 sigmoid, 1 hard_sigmoid, 2 tanh, 3 softsign, 4 relu */          \
+  FIELD(int64_t, act_in)                                                                               \
+  FIELD(int64_t, act_out)                                                                              \
+  FIELD(int64_t, peephole)                                                                             \
+  FIELD(int64_t, coupled)                                                                              \
+  FIELD(int64_t, layer_norm)                                                                           \
+  FIELD(double, clip)             /* <= 0: off */                                                      \
+  FIELD(double, cell_clip)                                                                             \
+  FIELD(double, proj_clip)                                                                             \
+  FIELD(int64_t, zoneout_mode)    /* 0 off, 1 masks, 2 expectation (eval) */                           \
+  FIELD(double, z_h)              /* expectation mode probabilities */                                 \
+  FIELD(double, z_c)                                                                                   \
+  FIELD(const int64_t*, n_rows)   /* [T] */                                                            \
+  FIELD(const int64_t*, offsets)  /* [T] */                                                            \
+  FIELD(const void*, w_hh)        /* [4H, Hout] (already DropConnect-masked) */                        \
+  FIELD(const void*, w_hr)        /* [P, H] */                                                         \
+  FIELD(const void*, peep)        /* [3H] */                                                           \
+  FIELD(const void*, ln_hh)       /* [4H] */                                                           \
+  FIELD(const void*, ln_c_w)      /* [H] */                                                            \
+  FIELD(const void*, ln_c_b)      /* [H] */                                                            \
+  FIELD(const void*, rec_mask)    /* [B, Hout] */                                                      \
+  FIELD(const void*, zh_mask)     /* [N, Hout] */                                                      \
+  FIELD(const void*, zc_mask)     /* [N, H] */                                                         \
+  FIELD(const void*, xg)          /* [N, ld_xg]: x W_ih^T, layer-normed under layer norm */            \
+  FIELD(int64_t, ld_xg)                                                                                \
+  FIELD(const void*, bias)        /* [4H] b_ih + b_hh, or null (the single step adds its own) */       \
+  FIELD(const void*, c0)          /* [B, H] */                                                         \
+  FIELD(void*, h_state)           /* [B, Hout] */                                                      \
+  FIELD(void*, c_state)           /* [B, H] */                                                         \
+  FIELD(void*, y)                 /* [N, ld_y] */                                                      \
+  FIELD(int64_t, ld_y)                                                                                 \
+  FIELD(void*, gates)             /* [N, 4H] activations i, f, g, o */                                 \
+  FIELD(void*, clip_mask)         /* uint8 [N, 4H], 1 where the gradient passes the clip */            \
+  FIELD(void*, c_fresh)           /* [N, H] the cell after update and cell clip */                     \
+  FIELD(void*, cclip_mask)        /* uint8 [N, H] */                                                   \
+  FIELD(void*, c_carried)         /* [N, H] the cell after zoneout (zoneout on c only) */              \
+  FIELD(void*, h_in)              /* [N, Hout] input of the recurrent GEMM */                          \
+  FIELD(void*, m)                 /* [N, H] cell output before the projection */                      \
+  FIELD(void*, pclip_mask)        /* uint8 [N, P] */                                                   \
+  FIELD(void*, hw_hat)            /* [N, 4H] normalised recurrent product (layer norm) */              \
+  FIELD(void*, hw_rstd)           /* [N] */                                                            \
+  FIELD(void*, c_hat)             /* [N, H] normalised cell (layer norm) */                            \
+  FIELD(void*, c_rstd)            /* [N] */                                                            \
+  FIELD(void*, hw)                /* [B, ld_hw] scratch: this step's recurrent product */              \
+  FIELD(int64_t, ld_hw)                                                                                \
+  FIELD(void*, htilde)            /* [B, P] scratch: this step's projection */                         \
+  FIELD(const void*, dy)          /* [N, ld_dy] */                                                     \
+  FIELD(int64_t, ld_dy)                                                                                \
+  FIELD(void*, dh_state)          /* [B, Hout] */                                                      \
+  FIELD(void*, dc_state)          /* [B, H] */                                                         \
+  FIELD(void*, dgates)            /* [N, ld_dgates] gradient of the gate pre-activations */            \
+  FIELD(int64_t, ld_dgates)                                                                            \
+  FIELD(void*, dhw)               /* [N, ld_dhw] gradient of the recurrent product */                  \
+  FIELD(int64_t, ld_dhw)                                                                               \
+  FIELD(void*, dproj)             /* [N, P] gradient of the projection output */                       \
+  FIELD(void*, dm)                /* [B, H] scratch: gradient of the cell output */                    \
+  FIELD(void*, dh_in)             /* [B, Hout] scratch: gradient of the recurrent GEMM input */        \
+  FIELD(void*, dpeep)             /* [3H] accumulated */                                               \
+  FIELD(void*, dln_hh)            /* [4H] accumulated */                                               \
+  FIELD(void*, dln_c_w)           /* [H] accumulated */                                                \
+  FIELD(void*, dln_c_b)           /* [H] accumulated */                                                \
+  FIELD(const void*, w_hh_packed)   /* W_hh^T [Hout, 4H] in column panels (forward GEMM) */            \
+  FIELD(const void*, w_hh_packed_t) /* W_hh [4H, Hout] in column panels (backward GEMM) */             \
+  FIELD(int64_t, save)            /* 1: keep every step for backward; 0: inference, [B] rows reused */ \
+  FIELD(void*, work)              /* [2H] this plan's scratch for one row in the backward cell phase */\
+  FIELD(int64_t, row_begin)       /* the batch rows this plan owns (one plan per thread) */            \
+  FIELD(int64_t, row_end)                                                                              \
+  FIELD(const void*, w_hr_packed)   /* W_hr^T [H, P] in column panels */                               \
+  FIELD(const void*, w_hr_packed_t) /* W_hr [P, H] in column panels */                                 \
+  FIELD(int64_t, column_threads)  /* > 1: this plan's GEMMs are split by columns across threads */
+
+struct Plan {
+#define FASTLSTM_DECLARE(type, name) type name;
+  FASTLSTM_PLAN_FIELDS(FASTLSTM_DECLARE)
+#undef FASTLSTM_DECLARE
+};
+
+// The kind of a field as Python's ctypes mirror stores it: 'i' int64, 'd' double, 'p' pointer.
+template <typename T> constexpr char field_kind() { return 'p'; }
+template <> constexpr char field_kind<int64_t>() { return 'i'; }
+template <> constexpr char field_kind<double>() { return 'd'; }
+
+
+// A reusable spin barrier for a column team: the members meet a few times per step, far too
+// often to sleep in between; after a while a waiter yields so an oversubscribed machine progresses.
+class Barrier {
+ public:
+  explicit Barrier(int64_t parties) : parties_(parties) {}
+  void wait() {
+    const int64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == parties_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_acq_rel);
+      return;
+    }
+    for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins > 1000) std::this_thread::yield();
+    }
+  }
+
+ private:
+  const int64_t parties_;
+  std::atomic<int64_t> arrived_{0};
+  std::atomic<int64_t> generation_{0};
+};
+
+// One thread's place in a plan's column team (see kernels.h, "a step's products").
+struct Columns {
+  int64_t index = 0, count = 1;
+  Barrier* barrier = nullptr;  // threads of our own; with OpenMP the team's own barrier
+  bool lead() const { return index == 0; }
+  void sync() const {
+    if (count <= 1) return;
+#ifdef _OPENMP
+#pragma omp barrier
+#else
+    barrier->wait();
+#endif
+  }
+  // This member's output columns [begin, end) of N, in whole packed panels (16 floats).
+  void range(int64_t N, int64_t* begin, int64_t* end) const {
+    const int64_t chunk = ((N + count - 1) / count + 15) / 16 * 16;
+    *begin = index * chunk < N ? index * chunk : N;
+    *end = *begin + chunk < N ? *begin + chunk : N;
+  }
+};
+
+namespace generic {
+#include "kernels.h"
+}  // namespace generic
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define FASTLSTM_HAVE_AVX2 1
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#include "kernels.h"
+}  // namespace avx2
+#pragma GCC pop_options
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// Python bindings: every function takes the plan's address (and a step where it applies).
+
+bool use_avx2() {
+#ifdef FASTLSTM_HAVE_AVX2
+  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return supported;
+#else
+  return false;
+#endif
+}
+
+using LoopFn = void (*)(const Plan&, const Columns&);
+
+// A driver's four instantiations: {generic, avx2} x {float, double}.
+struct Loop {
+  LoopFn f32, f64, f32_avx2, f64_avx2;
+  LoopFn pick(const Plan& p) const {
+    if (use_avx2()) return p.dtype == 0 ? f32_avx2 : f64_avx2;
+    return p.dtype == 0 ? f32 : f64;
+  }
+};
+
+#ifdef FASTLSTM_HAVE_AVX2
+#define FASTLSTM_VARIANTS(name) \
+  {generic::name<float>, generic::name<double>, avx2::name<float>, avx2::name<double>}
+#else
+#define FASTLSTM_VARIANTS(name) {generic::name<float>, generic::name<double>, generic::name<float>, generic::name<double>}
+#endif
+
+const Loop kForward = FASTLSTM_VARIANTS(forward_loop);
+const Loop kBackward = FASTLSTM_VARIANTS(backward_loop);
+
+// One unit of work for one thread: a plan, and this thread's place in the plan's column team.
+struct Member {
+  const Plan* plan;
+  Columns columns;
+};
+
+#ifdef _OPENMP
+// The members run as one OpenMP team: torch's own thread pool (the process has one libgomp), so
+// no second set of threads competes with the one torch's GEMMs just used and left spinning.
+template <const Loop* L>
+void run(const std::vector<const Plan*>& plans) {
+  const Plan& first = *plans[0];
+  if (plans.size() == 1 && first.column_threads > 1) {
+#pragma omp parallel num_threads(int(first.column_threads))
+    {
+      const Columns columns{omp_get_thread_num(), omp_get_num_threads(), nullptr};
+      L->pick(first)(first, columns);
+    }
+    return;
+  }
+  const int64_t count = int64_t(plans.size());
+#pragma omp parallel for schedule(static, 1) num_threads(int(count))
+  for (int64_t k = 0; k < count; ++k) L->pick(*plans[k])(*plans[k], Columns{});
+}
+#else
+// Without OpenMP: every member on a thread of its own except the first, which runs on the
+// caller's. Threads wait for every member to have one before any starts: a column team whose
+// members could not all start would never meet at its barriers; then the plans run whole, alone.
+template <const Loop* L>
+void run(const std::vector<const Plan*>& plans) {
+  std::vector<std::unique_ptr<Barrier>> barriers;
+  std::vector<Member> members;
+  for (const Plan* plan : plans) {
+    const int64_t team = plan->column_threads > 1 ? plan->column_threads : 1;
+    Barrier* barrier = nullptr;
+    if (team > 1) {
+      barriers.push_back(std::make_unique<Barrier>(team));
+      barrier = barriers.back().get();
+    }
+    for (int64_t k = 0; k < team; ++k) members.push_back({plan, Columns{k, team, barrier}});
+  }
+  std::atomic<int> state{0};  // 0 wait, 1 go, 2 abandon
+  auto member = [&state](const Member& m) {
+    while (state.load(std::memory_order_acquire) == 0) std::this_thread::yield();
+    if (state.load(std::memory_order_acquire) == 1) L->pick(*m.plan)(*m.plan, m.columns);
+  };
+  std::vector<std::thread> threads;
+  try {
+    for (size_t k = 1; k < members.size(); ++k) threads.emplace_back(member, std::cref(members[k]));
+    state.store(1, std::memory_order_release);
+    L->pick(*members[0].plan)(*members[0].plan, members[0].columns);
+  } catch (const std::system_error&) {
+    state.store(2, std::memory_order_release);
+    for (const Plan* plan : plans) L->pick(*plan)(*plan, Columns{});
+  }
+  for (auto& thread : threads) thread.join();
+}
+#endif
+
+// Runs the loops of the given plans: a tuple of plan addresses, disjoint rows of one direction,
+// each on its `column_threads` threads.
+template <const Loop* L>
+PyObject* driver(PyObject*, PyObject* args) {
+  PyObject* addresses;
+  if (!PyArg_ParseTuple(args, "O!", &PyTuple_Type, &addresses)) return nullptr;
+  std::vector<const Plan*> plans;
+  for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(addresses); ++k) {
+    const unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(addresses, k));
+    if (PyErr_Occurred()) return nullptr;
+    plans.push_back(reinterpret_cast<const Plan*>(address));
+  }
+  if (plans.empty()) Py_RETURN_NONE;
+  Py_BEGIN_ALLOW_THREADS
+  run<L>(plans);
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+template <typename T>
+void run_single_step(const Plan& p, unsigned long long x, int64_t input_size, unsigned long long w_ih,
+                     unsigned long long b_ih, unsigned long long b_hh, unsigned long long h0, unsigned long long c0) {
+#ifdef FASTLSTM_HAVE_AVX2
+  auto fn = use_avx2() ? avx2::single_step<T> : generic::single_step<T>;
+#else
+  auto fn = generic::single_step<T>;
+#endif
+  fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<const T*>(b_ih),
+     reinterpret_cast<const T*>(b_hh), reinterpret_cast<const T*>(h0), reinterpret_cast<const T*>(c0));
+}
+
+// single_step(plan, x, input_size, w_ih, b_ih, b_hh, h0, c0): see single_step in kernels.h.
+PyObject* single_step(PyObject*, PyObject* args) {
+  unsigned long long plan_address, x, w_ih, b_ih, b_hh, h0, c0;
+  long long input_size;
+  if (!PyArg_ParseTuple(args, "KKLKKKKK", &plan_address, &x, &input_size, &w_ih, &b_ih, &b_hh, &h0, &c0)) {
+    return nullptr;
+  }
+  const Plan& p = *reinterpret_cast<const Plan*>(plan_address);
+  Py_BEGIN_ALLOW_THREADS
+  if (p.dtype == 0) {
+    run_single_step<float>(p, x, input_size, w_ih, b_ih, b_hh, h0, c0);
+  } else {
+    run_single_step<double>(p, x, input_size, w_ih, b_ih, b_hh, h0, c0);
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+template <typename T>
+void run_step_backward(const Plan& p, unsigned long long x, int64_t input_size, unsigned long long w_ih,
+                       unsigned long long dx, unsigned long long dw_ih, unsigned long long dw_hh, unsigned long long db) {
+#ifdef FASTLSTM_HAVE_AVX2
+  auto fn = use_avx2() ? avx2::step_backward<T> : generic::step_backward<T>;
+#else
+  auto fn = generic::step_backward<T>;
+#endif
+  fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<T*>(dx),
+     reinterpret_cast<T*>(dw_ih), reinterpret_cast<T*>(dw_hh), reinterpret_cast<T*>(db));
+}
+
+// step_backward(plan, x, input_size, w_ih, dx, dw_ih, dw_hh, db): see step_backward in kernels.h
+// (dx and db may be 0: not wanted).
+PyObject* step_backward(PyObject*, PyObject* args) {
+  unsigned long long plan_address, x, w_ih, dx, dw_ih, dw_hh, db;
+  long long input_size;
+  if (!PyArg_ParseTuple(args, "KKLKKKKK", &plan_address, &x, &input_size, &w_ih, &dx, &dw_ih, &dw_hh, &db)) {
+    return nullptr;
+  }
+  const Plan& p = *reinterpret_cast<const Plan*>(plan_address);
+  Py_BEGIN_ALLOW_THREADS
+  if (p.dtype == 0) {
+    run_step_backward<float>(p, x, input_size, w_ih, dx, dw_ih, dw_hh, db);
+  } else {
+    run_step_backward<double>(p, x, input_size, w_ih, dx, dw_ih, dw_hh, db);
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
+PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2" : "generic"); }
+
+PyObject* threading(PyObject*, PyObject*) {
+#ifdef _OPENMP
+  return PyUnicode_FromString("openmp");
+#else
+  return PyUnicode_FromString("threads");
+#endif
+}
+
+PyObject* plan_size(PyObject*, PyObject*) { return PyLong_FromSize_t(sizeof(Plan)); }
+
+// ((name, kind, byte offset), ...) of every Plan field, in declaration order.
+PyObject* plan_fields(PyObject*, PyObject*) {
+  PyObject* fields = PyList_New(0);
+  if (!fields) return nullptr;
+#define FASTLSTM_DESCRIBE(type, name)                                                                  \
+  {                                                                                                    \
+    PyObject* field = Py_BuildValue("(sCn)", #name, int(field_kind<type>()), Py_ssize_t(offsetof(Plan, name))); \
+    if (!field || PyList_Append(fields, field) < 0) {                                                  \
+      Py_XDECREF(field);                                                                               \
+      Py_DECREF(fields);                                                                               \
+      return nullptr;                                                                                  \
+    }                                                                                                  \
+    Py_DECREF(field);                                                                                  \
+  }
+  FASTLSTM_PLAN_FIELDS(FASTLSTM_DESCRIBE)
+#undef FASTLSTM_DESCRIBE
+  return fields;
+}
+
+PyMethodDef methods[] = {
+    {"plan_size", plan_size, METH_NOARGS, "sizeof(Plan) in bytes."},
+    {"plan_fields", plan_fields, METH_NOARGS, "(name, kind, offset) of every Plan field, in order."},
+    {"instruction_set", instruction_set, METH_NOARGS, "The instruction set the kernels run with."},
+    {"threading", threading, METH_NOARGS, "How the kernels run threads: openmp or threads."},
+    {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
+    {"step_backward", step_backward, METH_VARARGS, "One step's backward and its weight gradients."},
+    {"forward_all", driver<&kForward>, METH_VARARGS, "Run the forward loops of a tuple of plans."},
+    {"backward_all", driver<&kBackward>, METH_VARARGS, "Run the backward loops of a tuple of plans."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_kernels", "fastlstm CPU engine kernels.", -1, methods,
+                      nullptr, nullptr, nullptr, nullptr};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&module); }
