@@ -6,7 +6,7 @@ and print each build's shared memory, registers and register spills (local-memor
 
 The shapes are those of ``fastlstm bench --preset h100`` (B, H pairs of ANCHORS.md) plus the
 bidirectional and large-batch points. A build that spills, or asks for more than an SM's 227 KB of
-shared memory, is what the grid rule in engines/triton_lstm.py must avoid.
+shared memory, is what the grid rule in engines/triton/grid.py must avoid.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ os.environ.pop("TRITON_INTERPRET", None)  # build for the GPU, not the interpret
 
 import torch  # noqa: E402
 
-from fastlstm.engines import triton_build, triton_lstm  # noqa: E402
+from fastlstm.engines.triton import build, grid as grids  # noqa: E402
 from fastlstm.options import make_options  # noqa: E402
 
 # name: (options, projection size as a fraction of H)
@@ -44,11 +44,11 @@ def main(argv=None) -> int:
     for option, dtype in configs:
         for kind in ("forward", "backward"):
             for batch, hidden, directions in SHAPES:
-                grid = triton_lstm.plan_grid(kind, batch, hidden, directions, dtype, triton_build.H100_SMS)
+                grid = grids.plan_grid(kind, batch, hidden, directions, dtype, build.H100_SMS)
                 start = time.perf_counter()
                 options, proj_divisor = OPTIONS[option]
-                built = triton_build.build(kind, dtype, hidden, grid, options, directions=directions,
-                                           proj=hidden // proj_divisor if proj_divisor else 0)
+                built = build.build(kind, dtype, hidden, grid, options, directions=directions,
+                                    proj=hidden // proj_divisor if proj_divisor else 0)
                 row = dict(kind=kind, options=option, dtype=str(dtype).removeprefix("torch."), batch=batch,
                            hidden=hidden,
                            directions=directions, grid=vars(grid) if hasattr(grid, "__dict__") else grid.__repr__(),
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1, default=str)
-    bad = [r for r in rows if r["shared_kb"] * 1024 > triton_build.SHARED_MEMORY_LIMIT]
+    bad = [r for r in rows if r["shared_kb"] * 1024 > build.SHARED_MEMORY_LIMIT]
     return 1 if bad else 0
 
 

@@ -9,7 +9,6 @@ kernels fill with NaN, so an element never written fails the comparison.
 """
 
 import os
-import sys
 
 import pytest
 import torch
@@ -20,9 +19,7 @@ if ON_CPU:
 elif not torch.cuda.is_available():
     pytest.exit("gpu_tests need a CUDA device; the CPU suite is tests/", returncode=4)
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))  # engine_cases
-
-from fastlstm.engines import triton_lstm  # noqa: E402
+from fastlstm.engines.triton import layer as triton_layer  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +44,7 @@ def poisoned_buffers(monkeypatch):
         t = like.new_empty(shape, dtype=dtype)
         return t.fill_(float("nan") if t.is_floating_point() else -1)
 
-    monkeypatch.setattr(triton_lstm, "_empty", poisoned)
+    monkeypatch.setattr(triton_layer, "empty", poisoned)
 
 
 @pytest.fixture(autouse=True)

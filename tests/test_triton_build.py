@@ -3,7 +3,7 @@
 The interpreter tests run the kernels as Python, which accepts code the compiler refuses; this
 builds the forward and backward kernels, with and without option flags, at grids the launcher picks
 for an H100, and checks what each asks for: within an SM's shared memory, and no register spills at
-the plain configurations (with lengths, packed rows or options, some backward builds at the
+the plain configurations (with sequences of different lengths or options, some backward builds at the
 largest tiles spill a few dozen bytes; benchmarks/results/triton-sm90-resources.txt). The builds run in a subprocess: this test session imported the kernels
 for the interpreter (conftest), and a build needs them compiled.
 """
@@ -17,27 +17,27 @@ import pytest
 
 CASES = {
     # name: (kind, dtype, batch, hidden, directions, options ("", "everything", "layer_norm", "proj",
-    # "layer_norm+proj"), lengths ("", "lengths", "packed"))
+    # "layer_norm+proj"), lengths ("": every sequence has T steps, "varlen": different lengths))
     "fwd-bf16-B16-H1024": ("forward", "bfloat16", 16, 1024, 1, "", ""),
     "bwd-bf16-B16-H1024": ("backward", "bfloat16", 16, 1024, 1, "", ""),
     "fwd-bf16-B256-H256-bi": ("forward", "bfloat16", 256, 256, 2, "", ""),
     "bwd-fp16-B64-H768": ("backward", "float16", 64, 768, 1, "", ""),
-    "fwd-fp32-B8-H256-everything": ("forward", "float32", 8, 256, 2, "everything", "lengths"),
-    "bwd-bf16-B8-H256-everything": ("backward", "bfloat16", 8, 256, 2, "everything", "lengths"),
-    "fwd-bf16-B64-H512-packed": ("forward", "bfloat16", 64, 512, 2, "", "packed"),
-    "bwd-bf16-B64-H512-packed": ("backward", "bfloat16", 64, 512, 2, "", "packed"),
-    "fwd-bf16-B64-H1024-layer_norm": ("forward", "bfloat16", 64, 1024, 1, "layer_norm", "packed"),
-    "bwd-bf16-B64-H1024-layer_norm": ("backward", "bfloat16", 64, 1024, 1, "layer_norm", "packed"),
-    "bwd-fp32-B16-H256-layer_norm-bi": ("backward", "float32", 16, 256, 2, "layer_norm", "lengths"),
-    "fwd-bf16-B64-H512-proj": ("forward", "bfloat16", 64, 512, 1, "proj", "packed"),
-    "bwd-bf16-B64-H512-proj": ("backward", "bfloat16", 64, 512, 1, "proj", "packed"),
-    "fwd-fp16-B16-H1024-layer_norm+proj-bi": ("forward", "float16", 16, 1024, 2, "layer_norm+proj", "lengths"),
-    "bwd-fp16-B16-H1024-layer_norm+proj-bi": ("backward", "float16", 16, 1024, 2, "layer_norm+proj", "lengths"),
+    "fwd-fp32-B8-H256-everything": ("forward", "float32", 8, 256, 2, "everything", "varlen"),
+    "bwd-bf16-B8-H256-everything": ("backward", "bfloat16", 8, 256, 2, "everything", "varlen"),
+    "fwd-bf16-B64-H512-varlen": ("forward", "bfloat16", 64, 512, 2, "", "varlen"),
+    "bwd-bf16-B64-H512-varlen": ("backward", "bfloat16", 64, 512, 2, "", "varlen"),
+    "fwd-bf16-B64-H1024-layer_norm": ("forward", "bfloat16", 64, 1024, 1, "layer_norm", "varlen"),
+    "bwd-bf16-B64-H1024-layer_norm": ("backward", "bfloat16", 64, 1024, 1, "layer_norm", "varlen"),
+    "bwd-fp32-B16-H256-layer_norm-bi": ("backward", "float32", 16, 256, 2, "layer_norm", "varlen"),
+    "fwd-bf16-B64-H512-proj": ("forward", "bfloat16", 64, 512, 1, "proj", "varlen"),
+    "bwd-bf16-B64-H512-proj": ("backward", "bfloat16", 64, 512, 1, "proj", "varlen"),
+    "fwd-fp16-B16-H1024-layer_norm+proj-bi": ("forward", "float16", 16, 1024, 2, "layer_norm+proj", "varlen"),
+    "bwd-fp16-B16-H1024-layer_norm+proj-bi": ("backward", "float16", 16, 1024, 2, "layer_norm+proj", "varlen"),
 }
 
 _BUILD = """
 import json, sys, torch
-from fastlstm.engines import triton_build, triton_lstm
+from fastlstm.engines.triton import build, grid
 from fastlstm.options import make_options
 OPTIONS = {
     "": None,
@@ -50,11 +50,10 @@ OPTIONS = {
 out = {}
 for name, (kind, dtype, batch, hidden, directions, options, lengths) in json.loads(sys.argv[1]).items():
     dtype = getattr(torch, dtype)
-    grid = triton_lstm.plan_grid(kind, batch, hidden, directions, dtype, triton_build.H100_SMS)
-    built = triton_build.build(kind, dtype, hidden, grid, OPTIONS[options], directions=directions,
-                               lengths=lengths == "lengths", packed=lengths == "packed",
-                               proj=hidden // 4 if "proj" in options else 0)
-    out[name] = dict(persistent=grid.persistent, shared=built.shared_bytes, stack=built.stack_bytes,
+    split = grid.plan_grid(kind, batch, hidden, directions, dtype, build.H100_SMS)
+    built = build.build(kind, dtype, hidden, split, OPTIONS[options], directions=directions,
+                        varlen=lengths == "varlen", proj=hidden // 4 if "proj" in options else 0)
+    out[name] = dict(persistent=split.persistent, shared=built.shared_bytes, stack=built.stack_bytes,
                      registers=built.registers, fits=built.fits)
 print(json.dumps(out))
 """

@@ -10,13 +10,20 @@ kernels run compiled, at real shapes, in ``gpu_tests/``.
 import pytest
 import torch
 
-from fastlstm import reference
-from fastlstm.engines import triton_lstm
-from fastlstm.engines.triton_lstm import Grid, hidden_pad
+from fastlstm import engines, functional, reference
+from fastlstm.engines.triton import grid as triton_grid
+from fastlstm.engines.triton import helpers
+from fastlstm.engines.triton import launch as triton_launch
+from fastlstm.engines.triton import layer as triton_layer
+from fastlstm.engines.triton.grid import Grid, hidden_pad
 from fastlstm.masks import sample_direction_masks
 from fastlstm.weights import DirectionWeights
 
 from engine_cases import ARCHS, LENGTHS, OPTIONS, _cast, compare, compare_float32, compare_packed, inputs_and_masks, run
+
+
+def lstm_layer(*args, **kwargs):
+    return functional.lstm_layer(*args, **kwargs, backend="triton")
 
 
 @pytest.fixture(autouse=True)
@@ -27,19 +34,19 @@ def poisoned_buffers(monkeypatch):
         t = like.new_empty(shape, dtype=dtype)
         return t.fill_(float("nan") if t.is_floating_point() else -1)
 
-    monkeypatch.setattr(triton_lstm, "_empty", poisoned)
+    monkeypatch.setattr(triton_layer, "empty", poisoned)
 
 
 def test_triton_is_installed_and_interpreting():
     """The test extras install triton; without it these tests would have nothing to run."""
-    assert triton_lstm.available()
-    assert triton_lstm.INTERPRET
+    assert engines.supports("triton", torch.device("cpu"), torch.float64, explicit=True)
+    assert triton_grid.INTERPRET
 
 
 def _one_program(kind, batch, hidden, directions, dtype, device, *, w_as_a=True):
     """One program per group, the weight slice loaded once (the whole reduction in one chunk)."""
     h_pad = hidden_pad(hidden)
-    return Grid(hb=h_pad, bb=max(16, triton_lstm._pow2(batch)), persistent=True, barrier=True,
+    return Grid(hb=h_pad, bb=max(16, triton_grid.pow2(batch)), persistent=True, barrier=True,
                 k_chunk=h_pad if kind == "forward" else 4 * h_pad, w_as_a=w_as_a)
 
 
@@ -60,7 +67,7 @@ GRIDS = {
 
 @pytest.fixture(params=GRIDS)
 def grid(request, monkeypatch):
-    monkeypatch.setattr(triton_lstm, "choose_grid", GRIDS[request.param])
+    monkeypatch.setattr(triton_layer, "choose_grid", GRIDS[request.param])
     return request.param
 
 
@@ -80,8 +87,8 @@ def _training(cfg):
 @pytest.mark.parametrize("arch", FLOAT64_ARCHS.values(), ids=FLOAT64_ARCHS.keys())
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
 def test_kernels_match_reference_float64(cfg, arch, lengths, monkeypatch):
-    monkeypatch.setattr(triton_lstm, "choose_grid", _one_program)
-    compare(triton_lstm.lstm_layer, arch, cfg, lengths=lengths, training=_training(cfg), dtype=torch.float64,
+    monkeypatch.setattr(triton_layer, "choose_grid", _one_program)
+    compare(lstm_layer, arch, cfg, lengths=lengths, training=_training(cfg), dtype=torch.float64,
             tol=1e-10)
 
 
@@ -92,11 +99,11 @@ def test_several_programs_per_group_match_reference(cfg, lengths, w_as_a, monkey
     """Per-step mode with H = 20, B = 18: 5 programs of 4 units in the forward, 2 of 16 in the
     backward, 2 batch blocks, both directions: every exchange between programs goes through memory;
     the weights are streamed in chunks of 16 (2 in the forward's reduction, 8 in the backward's)."""
-    monkeypatch.setattr(triton_lstm, "choose_grid", lambda *a: _per_step(*a, w_as_a=w_as_a))
+    monkeypatch.setattr(triton_layer, "choose_grid", lambda *a: _per_step(*a, w_as_a=w_as_a))
     # sorted by length, the second batch block holds the two shortest: it stops after 1 step
     lengths = None if lengths is None else torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
     cfg = KERNEL_OPTIONS[cfg]
-    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=lengths, training=_training(cfg),
+    compare(lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=lengths, training=_training(cfg),
             dtype=torch.float64, tol=1e-10, steps=5, batch=18, hidden=20)
 
 
@@ -106,7 +113,7 @@ def test_steps_past_every_sequence_end_are_skipped(cfg, lengths, grid):
     """T = 6 but no sequence is longer than 3 or 4: the forward direction stops early, the reverse
     one starts late, and the final h sits in either slot of the ping-pong buffer (odd, even)."""
     cfg = KERNEL_OPTIONS[cfg]
-    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=torch.tensor(lengths), training=_training(cfg),
+    compare(lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=torch.tensor(lengths), training=_training(cfg),
             dtype=torch.float64, tol=1e-10)
 
 
@@ -114,7 +121,7 @@ def test_steps_past_every_sequence_end_are_skipped(cfg, lengths, grid):
 @pytest.mark.parametrize("cfg", ["zoneout", "everything"])
 def test_eval_and_train_modes(cfg, training, grid):
     """Eval mode uses the options' expectations (zoneout as constants), training the drawn masks."""
-    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=LENGTHS["unequal"],
+    compare(lstm_layer, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=LENGTHS["unequal"],
             training=training, dtype=torch.float64, tol=1e-10)
 
 
@@ -122,7 +129,7 @@ def test_eval_and_train_modes(cfg, training, grid):
 def test_float32_error_is_at_most_twice_the_references(cfg, grid):
     """float32 within twice the float32 reference's error (engine_cases.compare_float32)."""
     cfg = KERNEL_OPTIONS[cfg]
-    compare_float32(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, training=_training(cfg),
+    compare_float32(lstm_layer, KERNEL_ARCHS["bi"], cfg, training=_training(cfg),
                     lengths=LENGTHS["unequal"])
 
 
@@ -145,7 +152,7 @@ def test_half_precision_error_is_at_most_twice_torchs(dtype, grid):
     options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["bi"], {}, torch.float64, hidden=12, batch=5)
     truth = run(reference.lstm_layer, x, None, h0, c0, weights, options, None, False)
     half = lambda ts: [_cast(t, dtype) for t in ts]  # noqa: E731
-    ours = run(triton_lstm.lstm_layer, *half([x]), None, *half([h0, c0]), [DirectionWeights(*half(w)) for w in weights],
+    ours = run(lstm_layer, *half([x]), None, *half([h0, c0]), [DirectionWeights(*half(w)) for w in weights],
                options, None, False)
 
     twin = _torch_twin(weights, dtype)
@@ -174,7 +181,7 @@ def test_inference_path_matches_reference(cfg, grid):
     training = _training(cfg)
     options, weights, x, h0, c0, masks = inputs_and_masks(KERNEL_ARCHS["bi"], cfg, torch.float64, training=training)
     with torch.no_grad():
-        ours = triton_lstm.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, masks, training=training)
+        ours = lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, masks, training=training)
         theirs = reference.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, masks, training=training)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
@@ -186,11 +193,11 @@ def test_projection_across_programs(cfg, monkeypatch):
     forward programs of 4 cell units, of which 2 own 16 units of h (the second 2 of them); 2 backward
     programs of 16 cell units and 16 units of h. m_t and d(m_t W_hr^T) are exchanged between the
     programs every step; with layer norm ("everything") a step is four launches."""
-    monkeypatch.setattr(triton_lstm, "choose_grid", _per_step)
+    monkeypatch.setattr(triton_layer, "choose_grid", _per_step)
     arch = dict(directions=2, proj=18, bias=True)
     lengths = torch.tensor([3, 4, 1, 4, 4, 2, 4, 3, 1, 2, 4, 4, 4, 1, 3, 2, 1])
     cfg = KERNEL_OPTIONS[cfg]
-    compare(triton_lstm.lstm_layer, arch, cfg, lengths=lengths, training=_training(cfg), dtype=torch.float64,
+    compare(lstm_layer, arch, cfg, lengths=lengths, training=_training(cfg), dtype=torch.float64,
             tol=1e-10, steps=4, batch=17, hidden=20)
 
 
@@ -198,14 +205,14 @@ def test_a_barrier_that_times_out_raises_instead_of_hanging(monkeypatch):
     """Two programs per group in a persistent launch cannot meet in the interpreter (it runs them one
     after the other), exactly like programs that are not co-resident on a GPU: with a short spin
     limit the barrier gives up and the call raises a clear error."""
-    monkeypatch.setattr(triton_lstm, "_BARRIER_SPIN_LIMIT", triton_lstm.tl.constexpr(50))
-    monkeypatch.setattr(triton_lstm, "choose_grid",
+    monkeypatch.setattr(helpers, "BARRIER_SPIN_LIMIT", helpers.tl.constexpr(50))
+    monkeypatch.setattr(triton_layer, "choose_grid",
                         lambda kind, *a: Grid(hb=4 if kind == "forward" else 16, bb=16, persistent=True, barrier=True,
                                               k_chunk=16))
-    monkeypatch.setattr(triton_lstm, "_VERIFIED", set())
+    monkeypatch.setattr(triton_launch, "VERIFIED", set())
     options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["uni"], {}, torch.float64, hidden=8, steps=2)
     with torch.no_grad(), pytest.raises(RuntimeError, match="barrier timed out"):
-        triton_lstm.lstm_layer(x, None, h0, c0, weights, options, None, training=False)
+        lstm_layer(x, None, h0, c0, weights, options, None, training=False)
 
 
 def test_masks_in_eval_mode_are_refused():
@@ -213,7 +220,7 @@ def test_masks_in_eval_mode_are_refused():
     masks = [sample_direction_masks(options, steps=6, batch=4, hidden_size=5, h_out=5, device="cpu",
                                     dtype=torch.float64)]
     with pytest.raises(ValueError, match="masks are only used in training"):
-        triton_lstm.lstm_layer(x, None, h0, c0, weights, options, masks, training=False)
+        lstm_layer(x, None, h0, c0, weights, options, masks, training=False)
 
 
 def test_auto_picks_triton_only_for_cuda_float_types():
@@ -221,19 +228,19 @@ def test_auto_picks_triton_only_for_cuda_float_types():
     from fastlstm.options import make_options
 
     opts = make_options()
-    assert triton_lstm.supports(torch.device("cuda"), torch.bfloat16, opts)
-    assert triton_lstm.supports(torch.device("cuda"), torch.float32, opts)
-    assert not triton_lstm.supports(torch.device("cuda"), torch.float64, opts)
-    assert not triton_lstm.supports(torch.device("cpu"), torch.float32, opts)
-    assert select_engine("auto", torch.device("cuda"), torch.float16, opts).name == "triton"
-    assert select_engine("auto", torch.device("cpu"), torch.float32, opts).name == "cpu"
+    assert engines.supports("triton", torch.device("cuda"), torch.bfloat16, opts)
+    assert engines.supports("triton", torch.device("cuda"), torch.float32, opts)
+    assert not engines.supports("triton", torch.device("cuda"), torch.float64, opts)
+    assert not engines.supports("triton", torch.device("cpu"), torch.float32, opts)
+    assert select_engine("auto", torch.device("cuda"), torch.float16, opts) == "triton"
+    assert select_engine("auto", torch.device("cpu"), torch.float32, opts) == "cpu"
 
 
 def test_a_persistent_grid_that_does_not_fit_falls_back_to_per_step(monkeypatch):
     """When a persistent program does not fit an SM, Triton raises OutOfResources at launch: the
     call then runs one launch per step instead, and remembers that for the configuration."""
-    monkeypatch.setattr(triton_lstm, "_DOES_NOT_FIT", set())
-    monkeypatch.setattr(triton_lstm, "choose_grid", lambda *a: _one_program(*a))
+    monkeypatch.setattr(triton_launch, "DOES_NOT_FIT", set())
+    monkeypatch.setattr(triton_layer, "choose_grid", lambda *a: _one_program(*a))
     persistent_hb = hidden_pad(5)
     launches = []
 
@@ -245,16 +252,16 @@ def test_a_persistent_grid_that_does_not_fit_falls_back_to_per_step(monkeypatch)
             def launch(*args, HB, **kwargs):
                 launches.append((shape, HB))
                 if HB == persistent_hb and kwargs["USE_BARRIER"]:
-                    raise triton_lstm._OutOfResources(300000, 232448, "shared memory")
+                    raise triton_launch.OutOfResources(300000, 232448, "shared memory")
                 return self.kernel[shape](*args, HB=HB, **kwargs)
             return launch
 
-    monkeypatch.setattr(triton_lstm, "_forward_kernel", TooBig(triton_lstm._forward_kernel))
-    monkeypatch.setattr(triton_lstm, "_backward_kernel", TooBig(triton_lstm._backward_kernel))
-    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], {}, lengths=LENGTHS["unequal"], training=False,
+    monkeypatch.setattr(triton_layer, "forward_kernel", TooBig(triton_layer.forward_kernel))
+    monkeypatch.setattr(triton_layer, "backward_kernel", TooBig(triton_layer.backward_kernel))
+    compare(lstm_layer, KERNEL_ARCHS["bi"], {}, lengths=LENGTHS["unequal"], training=False,
             dtype=torch.float64, tol=1e-10)
     assert {hb for _, hb in launches} == {persistent_hb, 4, 16}  # tried persistent, then per-step fwd and bwd
-    assert len(triton_lstm._DOES_NOT_FIT) == 2
+    assert len(triton_launch.DOES_NOT_FIT) == 2
 
 
 PACKED_LENGTHS = {"sorted": [6, 5, 3, 1], "unsorted": [3, 6, 1, 4]}
@@ -267,15 +274,15 @@ def test_packed_rows_match_the_padded_reference(cfg, order, grid, monkeypatch):
     gradient against the reference on the padded batch. Every per-token buffer the engine fills has
     one row per real token, none for padding."""
     token_rows = []
-    poisoned = triton_lstm._empty
+    poisoned = triton_layer.empty
 
     def recorded(like, *shape, dtype=None):
         token_rows.append(shape[0])
         return poisoned(like, *shape, dtype=dtype)
 
-    monkeypatch.setattr(triton_lstm, "_empty", recorded)
+    monkeypatch.setattr(triton_layer, "empty", recorded)
     lengths = torch.tensor(PACKED_LENGTHS[order])
-    n = compare_packed(triton_lstm.lstm_layer_packed, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=lengths,
+    n = compare_packed(lstm_layer, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=lengths,
                        sorted_input=order == "sorted", tol=1e-10)
     per_token = [rows for rows in token_rows if rows != 2]  # the [2, D, B, H] ping-pong state aside
     assert per_token and all(rows == n for rows in per_token), (n, token_rows)
@@ -285,15 +292,15 @@ def test_packed_rows_match_the_padded_reference(cfg, order, grid, monkeypatch):
 def test_packed_rows_with_several_programs_per_group(cfg, monkeypatch):
     """Per-step mode, H = 20, B = 18 (2 batch blocks, 5 forward / 2 backward programs per group): each
     step's rows start at their own offset, and rows past a sequence's end do not exist."""
-    monkeypatch.setattr(triton_lstm, "choose_grid", _per_step)
+    monkeypatch.setattr(triton_layer, "choose_grid", _per_step)
     lengths = torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
-    compare_packed(triton_lstm.lstm_layer_packed, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=lengths,
+    compare_packed(lstm_layer, KERNEL_ARCHS["bi"], KERNEL_OPTIONS[cfg], lengths=lengths,
                    sorted_input=False, tol=1e-10, steps=5, batch=18, hidden=20)
 
 
 @pytest.mark.parametrize("cfg", ["plain", "everything"])
 def test_packed_rows_with_projection(cfg, grid):
-    compare_packed(triton_lstm.lstm_layer_packed, ARCHS["bi-proj"], KERNEL_OPTIONS[cfg],
+    compare_packed(lstm_layer, ARCHS["bi-proj"], KERNEL_OPTIONS[cfg],
                    lengths=torch.tensor([3, 6, 1, 4]), sorted_input=False, tol=1e-10)
 
 
@@ -305,10 +312,10 @@ def test_layer_norm_in_the_kernels(cfg, form, grid):
     (backward), exchanged each step. Every output and gradient against the reference."""
     cfg = KERNEL_OPTIONS[cfg]
     if form == "packed":
-        compare_packed(triton_lstm.lstm_layer_packed, KERNEL_ARCHS["bi"], cfg, lengths=LENGTHS["unequal"],
+        compare_packed(lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=LENGTHS["unequal"],
                        sorted_input=False, tol=1e-10)
     else:
-        compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=LENGTHS[form], training=_training(cfg),
+        compare(lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=LENGTHS[form], training=_training(cfg),
                 dtype=torch.float64, tol=1e-10)
 
 
@@ -317,10 +324,10 @@ def test_layer_norm_statistics_combine_across_programs(cfg, monkeypatch):
     """Per-step mode, H = 21: 6 forward programs of 4 units (the last holds 1) and 2 backward ones
     of 16, 2 batch blocks, each step three launches (the phases): a row's statistics combine every
     program's share, forward and backward."""
-    monkeypatch.setattr(triton_lstm, "choose_grid", _per_step)
+    monkeypatch.setattr(triton_layer, "choose_grid", _per_step)
     lengths = torch.tensor([3, 5, 1, 4, 5, 2, 5, 3, 1, 2, 4, 5, 5, 1, 3, 2, 4, 5])
     cfg = KERNEL_OPTIONS[cfg]
-    compare(triton_lstm.lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=lengths, training=_training(cfg),
+    compare(lstm_layer, KERNEL_ARCHS["bi"], cfg, lengths=lengths, training=_training(cfg),
             dtype=torch.float64, tol=1e-10, steps=5, batch=18, hidden=21)
 
 
@@ -328,7 +335,7 @@ def test_layer_norm_inference_matches_reference(grid):
     """Without autograd (nothing saved): the same outputs."""
     options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["bi"], OPTIONS["layer_norm"], torch.float64)
     with torch.no_grad():
-        ours = triton_lstm.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, None, training=False)
+        ours = lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, None, training=False)
         theirs = reference.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, None, training=False)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
