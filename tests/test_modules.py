@@ -7,7 +7,7 @@ import pickle
 
 import pytest
 import torch
-from twins import assert_runs_close, make_inputs, run_lstm
+from tests.twins import assert_runs_close, make_inputs, run_lstm
 
 import fastlstm
 

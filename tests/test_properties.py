@@ -6,8 +6,8 @@ onnxruntime's property test lives in test_onnx_oracle.py.
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_variants import check_against_oracle, randomise
-from twins import assert_runs_close, make_inputs, run_lstm
+from tests.test_variants import check_against_oracle, randomise
+from tests.twins import assert_runs_close, make_inputs, run_lstm
 
 import fastlstm
 from fastlstm.options import GATE_ACTIVATIONS

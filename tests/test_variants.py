@@ -15,7 +15,7 @@ import torch
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
-import oracles
+from tests import oracles
 from fastlstm.masks import DirectionMasks, LSTMMasks
 
 F64 = torch.float64

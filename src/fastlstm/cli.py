@@ -3,7 +3,8 @@
 ``fastlstm example`` runs a short, self-checking usage example: a model trained with
 ``torch.nn.LSTM`` loads into ``fastlstm.LSTM`` and gives the same outputs and gradients, then a few
 variants run on the same data. ``fastlstm bench`` times fastlstm's engines against torch.nn.LSTM
-(see :mod:`fastlstm.bench`); ``fastlstm demo`` runs :mod:`fastlstm.demo`.
+(:mod:`fastlstm.bench`); ``fastlstm demo`` runs :mod:`fastlstm.demo`. Both are tools apart from the
+library, imported only when their command runs, and parse their own arguments.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sys
 
 import torch
 
-from . import __version__, bench
+from . import __version__
 from .modules import LSTM
 
 
@@ -77,25 +78,22 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     example = commands.add_parser("example", help="run a short, self-checking usage example")
     example.add_argument("--seed", type=int, default=0)
-    bench_parser = commands.add_parser(
-        "bench", help="time fastlstm's engines against torch.nn.LSTM (checked for correctness first)",
-        description=bench.__doc__.splitlines()[0],
-    )
-    bench.add_arguments(bench_parser)
-    # demo parses its own arguments: everything after "demo" is handed over untouched.
-    commands.add_parser("demo", help="run the fastlstm demo (fastlstm demo --help for its options)", add_help=False)
+    # bench and demo parse their own arguments: everything after the command is handed over untouched
+    commands.add_parser("bench", add_help=False, help="time fastlstm's engines against torch.nn.LSTM, checked for "
+                        "correctness first (fastlstm bench --help for its options)")
+    commands.add_parser("demo", add_help=False, help="run the fastlstm demo (fastlstm demo --help for its options)")
     args, rest = parser.parse_known_args(argv)
+    if args.command == "bench":
+        from . import bench
+
+        return bench.main(rest)
     if args.command == "demo":
-        from . import demo  # imported on use: the demo may need more than the library does
+        from . import demo
 
         return demo.main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.command == "example":
-        return run_example(args.seed)
-    if args.command == "bench":
-        return bench.run(args, bench_parser)
-    return 2  # pragma: no cover - argparse rejects unknown commands
+    return run_example(args.seed)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ fastlstm`` imports neither Triton nor the C++ module.
 from __future__ import annotations
 
 import functools
-import importlib
+import importlib.machinery
 import importlib.util
 import os
 from types import ModuleType
@@ -47,7 +47,9 @@ def load(name: str) -> ModuleType:
 
 
 def _cpu_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype in (torch.float32, torch.float64) and _installed("fastlstm.engines.cpu._kernels")
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+        return False
+    return _installed("fastlstm.engines.cpu._kernels")
 
 
 def _triton_supports(device: torch.device, dtype: torch.dtype, *, explicit: bool) -> bool:
@@ -61,16 +63,28 @@ def _triton_supports(device: torch.device, dtype: torch.dtype, *, explicit: bool
     return _installed("triton")
 
 
-@functools.cache
-def _find(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
+def constant_result(fn):
+    """``torch.compiler.assume_constant_result`` (dynamo calls ``fn`` eagerly and keeps its result as
+    a constant of the graph), without importing ``torch._dynamo`` when fastlstm is imported (it
+    imports Triton): the decorator sets this one mark (tests check that torch's still does)."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
-# (torch.compile calls it eagerly and keeps the answer)
-@getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda f: f)
+@constant_result
 def _installed(module: str) -> bool:
     """Whether ``module`` can be imported (the C++ kernels are built at install if a compiler is
     there; Triton is an optional dependency), without importing it."""
+    return _found(module)
+
+
+@functools.cache
+def _found(module: str) -> bool:
+    package, _, name = module.rpartition(".")
+    if package.startswith("fastlstm."):  # (find_spec would import the engine's package)
+        directory = os.path.join(os.path.dirname(__file__), *package.split(".")[2:])
+        return any(os.path.exists(os.path.join(directory, name + suffix))
+                   for suffix in importlib.machinery.EXTENSION_SUFFIXES)
     return importlib.util.find_spec(module) is not None
 
 

@@ -42,7 +42,7 @@ from ..masks import MASK_FIELDS, DirectionMasks
 from ..options import LSTMOptions
 from ..packing import Layout
 from ..weights import DirectionWeights
-from . import load
+from . import constant_result, load
 
 WEIGHT_FIELDS = DirectionWeights._fields
 
@@ -155,7 +155,7 @@ def _encode(engine, options, training, save, fused_input, weights, masks) -> str
 
 # dynamo calls this eagerly (on the call's fields: it cannot rebuild the record itself) and keeps the
 # string as a constant of the graph
-_encode_constant = getattr(getattr(torch, "compiler", None), "assume_constant_result", lambda f: f)(_encode)
+_encode_constant = constant_result(_encode)
 
 
 def encode(call: LayerCall) -> str:

@@ -10,20 +10,21 @@ kernels run compiled, at real shapes, in ``gpu_tests/``.
 import pytest
 import torch
 
-from fastlstm import engines, functional, reference
+from fastlstm import engines, reference
 from fastlstm.engines.triton import grid as triton_grid
 from fastlstm.engines.triton import helpers
 from fastlstm.engines.triton import launch as triton_launch
 from fastlstm.engines.triton import layer as triton_layer
 from fastlstm.engines.triton.grid import Grid, hidden_pad
 from fastlstm.masks import sample_direction_masks
+from fastlstm.testing import assert_within_twice
 from fastlstm.weights import DirectionWeights
 
-from engine_cases import ARCHS, LENGTHS, OPTIONS, _cast, compare, compare_float32, compare_packed, inputs_and_masks, run
+from tests.engines.cases import (ARCHS, LENGTHS, OPTIONS, cast, compare, compare_float32, compare_packed, layer_inputs,
+                                 on, run)
 
 
-def lstm_layer(*args, **kwargs):
-    return functional.lstm_layer(*args, **kwargs, backend="triton")
+lstm_layer = on("triton")
 
 
 @pytest.fixture(autouse=True)
@@ -147,11 +148,11 @@ def _torch_twin(weights, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_half_precision_error_is_at_most_twice_torchs(dtype, grid):
     """bfloat16 / float16, cell state in float32: our error against the float64 reference is at most
-    twice torch.nn.LSTM's own at that precision, plus a few ulps of the dtype (atol), for the output,
-    the final states and every gradient (flash-attention's rule)."""
-    options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["bi"], {}, torch.float64, hidden=12, batch=5)
+    twice torch.nn.LSTM's own at that precision, plus a few ulps of the dtype, for the output, the
+    final states and every gradient (flash-attention's rule, fastlstm.testing)."""
+    options, weights, x, h0, c0, _ = layer_inputs(KERNEL_ARCHS["bi"], {}, torch.float64, hidden=12, batch=5)
     truth = run(reference.lstm_layer, x, None, h0, c0, weights, options, None, False)
-    half = lambda ts: [_cast(t, dtype) for t in ts]  # noqa: E731
+    half = lambda ts: [cast(t, dtype) for t in ts]  # noqa: E731
     ours = run(lstm_layer, *half([x]), None, *half([h0, c0]), [DirectionWeights(*half(w)) for w in weights],
                options, None, False)
 
@@ -164,14 +165,11 @@ def test_half_precision_error_is_at_most_twice_torchs(dtype, grid):
                                             for f in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))]
     theirs = [y, h, c, *torch.autograd.grad(loss, [xt, h0t, c0t, *params])]
 
-    atol = 4 * torch.finfo(dtype).eps
     names = ["output", "h_n", "c_n", "x", "h0", "c0"] + [f"dir{d}.{f}" for d in range(2) for f in
                                                           ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     for name, a, b, t in zip(names, ours, theirs, truth):
         assert a.dtype == dtype and not a.isnan().any(), name
-        err_ours = (a.double() - t).abs().max().item()
-        err_torch = (b.double() - t).abs().max().item()
-        assert err_ours <= 2 * err_torch + atol, (name, err_ours, err_torch)
+        assert_within_twice(a, b, t, name=name)
 
 
 @pytest.mark.parametrize("cfg", ["plain", "everything"])
@@ -179,7 +177,7 @@ def test_inference_path_matches_reference(cfg, grid):
     """Without autograd the forward saves nothing: same outputs."""
     cfg = KERNEL_OPTIONS[cfg]
     training = _training(cfg)
-    options, weights, x, h0, c0, masks = inputs_and_masks(KERNEL_ARCHS["bi"], cfg, torch.float64, training=training)
+    options, weights, x, h0, c0, masks = layer_inputs(KERNEL_ARCHS["bi"], cfg, torch.float64, training=training)
     with torch.no_grad():
         ours = lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, masks, training=training)
         theirs = reference.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, masks, training=training)
@@ -210,13 +208,13 @@ def test_a_barrier_that_times_out_raises_instead_of_hanging(monkeypatch):
                         lambda kind, *a: Grid(hb=4 if kind == "forward" else 16, bb=16, persistent=True, barrier=True,
                                               k_chunk=16))
     monkeypatch.setattr(triton_launch, "VERIFIED", set())
-    options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["uni"], {}, torch.float64, hidden=8, steps=2)
+    options, weights, x, h0, c0, _ = layer_inputs(KERNEL_ARCHS["uni"], {}, torch.float64, hidden=8, steps=2)
     with torch.no_grad(), pytest.raises(RuntimeError, match="barrier timed out"):
         lstm_layer(x, None, h0, c0, weights, options, None, training=False)
 
 
 def test_masks_in_eval_mode_are_refused():
-    options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["uni"], {}, torch.float64)
+    options, weights, x, h0, c0, _ = layer_inputs(KERNEL_ARCHS["uni"], {}, torch.float64)
     masks = [sample_direction_masks(options, steps=6, batch=4, hidden_size=5, h_out=5, device="cpu",
                                     dtype=torch.float64)]
     with pytest.raises(ValueError, match="masks are only used in training"):
@@ -333,7 +331,7 @@ def test_layer_norm_statistics_combine_across_programs(cfg, monkeypatch):
 
 def test_layer_norm_inference_matches_reference(grid):
     """Without autograd (nothing saved): the same outputs."""
-    options, weights, x, h0, c0, _ = inputs_and_masks(KERNEL_ARCHS["bi"], OPTIONS["layer_norm"], torch.float64)
+    options, weights, x, h0, c0, _ = layer_inputs(KERNEL_ARCHS["bi"], OPTIONS["layer_norm"], torch.float64)
     with torch.no_grad():
         ours = lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, None, training=False)
         theirs = reference.lstm_layer(x, LENGTHS["unequal"], h0, c0, weights, options, None, training=False)

@@ -9,7 +9,7 @@ import itertools
 
 import pytest
 import torch
-from twins import assert_runs_close, make_inputs, run_cell, run_lstm
+from tests.twins import assert_runs_close, make_inputs, run_cell, run_lstm
 
 import fastlstm
 

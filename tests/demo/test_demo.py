@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from fastlstm import demo
+from fastlstm.demo import corpus as demo_corpus
+from fastlstm.demo import model as demo_model
+from fastlstm.demo import training as demo_training
 
 # One row of the per-epoch table: epoch, step, elapsed, train loss, held-out loss, held-out bpc.
 ROW = re.compile(r"^\s*(\d+)\s+(\d+)\s+[\d.]+s\s+(\S+)\s+(\S+)\s+(\S+)\s*$", re.MULTILINE)
@@ -111,47 +114,47 @@ def test_variants_are_compared_with_plain_torch(capsys):
 
 
 def test_sample_streams_the_requested_number_of_characters():
-    vocab = demo.Vocab.from_text("abcabcabd\n", max_size=10)
+    vocab = demo_corpus.Vocab.from_text("abcabcabd\n", max_size=10)
     args = argparse.Namespace(
         seed=0, embed=8, hidden=12, layers=1, dropout=0.0, backend="auto", device=torch.device("cpu"),
         layer_norm=False, peephole=False, zoneout=0.0, recurrent_dropout=0.0, weight_drop=0.0,
     )
-    model = demo.build_model(args, len(vocab))
-    first = demo.sample(model, vocab, "ab", 33, 1.0, torch.Generator().manual_seed(3))
-    again = demo.sample(model, vocab, "ab", 33, 1.0, torch.Generator().manual_seed(3))
+    model = demo_model.build_model(args, len(vocab))
+    first = demo_training.sample(model, vocab, "ab", 33, 1.0, torch.Generator().manual_seed(3))
+    again = demo_training.sample(model, vocab, "ab", 33, 1.0, torch.Generator().manual_seed(3))
     assert len(first) == 33 and first == again  # seeded
-    assert demo.UNK_CHAR not in first  # the unknown token is never emitted
+    assert demo_corpus.UNK_CHAR not in first  # the unknown token is never emitted
     assert set(first) <= set("abcd\n")
-    greedy = demo.sample(model, vocab, "ab", 7, 0.0, torch.Generator())
+    greedy = demo_training.sample(model, vocab, "ab", 7, 0.0, torch.Generator())
     assert len(greedy) == 7
     assert model.training  # sampling restores the mode it found
 
 
 def test_stdlib_corpus_is_deterministic_and_holds_out_whole_files():
-    corpus = demo.load_stdlib(300_000)
-    again = demo.load_stdlib(300_000)
+    corpus = demo_corpus.load_stdlib(300_000)
+    again = demo_corpus.load_stdlib(300_000)
     assert (corpus.train, corpus.valid, corpus.train_files) == (again.train, again.valid, again.train_files)
     assert len(corpus.train) + len(corpus.valid) <= 300_000
     assert len(corpus.train_files) >= 9 and corpus.valid_files
     assert not set(corpus.train_files) & set(corpus.valid_files)
     for name in corpus.train_files + corpus.valid_files:
         assert name.endswith(".py")
-        assert not set(name.split("/")[:-1]) & demo.SKIPPED_DIRS, name
+        assert not set(name.split("/")[:-1]) & demo_corpus.SKIPPED_DIRS, name
     # Spread over the library, not just its alphabetical beginning.
     assert len({name.split("/")[0][:1].lower() for name in corpus.train_files}) > 5
 
 
 def test_vocab_round_trip_and_unknowns():
-    vocab = demo.Vocab.from_text("aaa bb  \u00e9\n", max_size=4)  # room for 3 characters and UNK
-    assert vocab.chars == [demo.UNK_CHAR, " ", "a", "b"]  # most frequent first, ties by code point
+    vocab = demo_corpus.Vocab.from_text("aaa bb  \u00e9\n", max_size=4)  # room for 3 characters and UNK
+    assert vocab.chars == [demo_corpus.UNK_CHAR, " ", "a", "b"]  # most frequent first, ties by code point
     ids = vocab.encode("ab z")
-    assert ids.tolist() == [2, 3, 1, demo.UNK]
-    assert vocab.decode(ids) == "ab " + demo.UNK_CHAR
+    assert ids.tolist() == [2, 3, 1, demo_corpus.UNK]
+    assert vocab.decode(ids) == "ab " + demo_corpus.UNK_CHAR
     assert vocab.encode("").numel() == 0
 
 
 def test_batchify_makes_contiguous_streams():
-    data = demo.batchify(torch.arange(23), 4)  # [5, 4], the last 3 tokens dropped
+    data = demo_corpus.batchify(torch.arange(23), 4)  # [5, 4], the last 3 tokens dropped
     assert data.shape == (5, 4)
     assert data[:, 1].tolist() == [5, 6, 7, 8, 9]  # stream 1 is the second slice of the text
 
@@ -175,7 +178,7 @@ def test_bad_flags_are_usage_errors(capsys):
 
 def test_chunks_shift_targets_and_restart_at_the_end():
     data = torch.arange(11).view(11, 1)  # one stream of 11 characters
-    stream = demo.chunks(data, 4)
+    stream = demo_training.chunks(data, 4)
     got = [next(stream) for _ in range(4)]
     assert [(x.flatten().tolist(), y.flatten().tolist(), restart) for x, y, restart in got] == [
         ([0, 1, 2, 3], [1, 2, 3, 4], True),

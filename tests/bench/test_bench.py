@@ -15,8 +15,11 @@ import types
 import pytest
 import torch
 
-from fastlstm import bench, cli, engines
-from fastlstm.bench_presets import PRESETS
+from fastlstm import bench, cli, functional
+from fastlstm.bench import check, impls
+from fastlstm.bench import run as bench_run
+from fastlstm.bench import timing
+from fastlstm.bench.presets import PRESETS
 
 ROW_FIELDS = {
     "device", "device_name", "dtype", "shape", "options", "engine", "mode", "median_ms", "spread", "repeats",
@@ -91,7 +94,7 @@ def test_plot_is_a_png(smoke_run):
 
 
 def _perturbed(layer, where: str):
-    """An engine that is wrong by 0.1 % in its output or in the gradient flowing into it."""
+    """Every engine's layer wrong by 0.1 % in its output or in the gradient flowing into it."""
 
     class ScaleGrad(torch.autograd.Function):
         @staticmethod
@@ -121,10 +124,9 @@ def _perturbed(layer, where: str):
     ],
 )
 def test_wrong_engine_is_caught_before_timing(monkeypatch, capsys, where, flags):
-    for name, engine in list(engines.ENGINES.items()):
-        monkeypatch.setitem(engines.ENGINES, name, dataclasses.replace(engine, layer=_perturbed(engine.layer, where)))
+    monkeypatch.setattr(functional, "layer_rows", _perturbed(functional.layer_rows, where))
     timed = []
-    monkeypatch.setattr(bench, "measure", lambda fn, device: timed.append(fn) or 1.0)
+    monkeypatch.setattr(bench_run, "measure", lambda fn, device: timed.append(fn) or 1.0)
 
     rc = bench.main(["-B", "3", "-T", "4", "-I", "5", "-H", "6", "--device", "cpu", *flags])
 
@@ -169,21 +171,21 @@ def test_presets_are_valid(name):
     configs = PRESETS[name].configs
     assert len({config.label for config in configs}) == len(configs)
     for config in configs:
-        bench._options(config)
-        assert config.dtype in bench.DTYPES
+        impls.layer_options(config)
+        assert config.dtype in impls.DTYPES
 
 
 def test_layer_norm_rows_are_checked_on_their_first_steps(monkeypatch, tmp_path):
     """A layer-norm row is checked on CHAOTIC_CHECK_STEPS steps, with the timed row's weights, and
     says so in its JSON; other rows are checked on all of their steps."""
-    assert bench.check_steps(PRESETS["smoke"].configs[0]) == PRESETS["smoke"].configs[0].steps
-    monkeypatch.setattr(bench, "measure", lambda fn, device: 1.0)
+    assert check.check_steps(PRESETS["smoke"].configs[0]) == PRESETS["smoke"].configs[0].steps
+    monkeypatch.setattr(bench_run, "measure", lambda fn, device: 1.0)
     rc = bench.main(["-B", "3", "-T", "40", "-I", "5", "-H", "6", "--device", "cpu", "--layer-norm",
                      "--repeats", "1", "--json", str(tmp_path / "rows.json")])
     assert rc == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
     checked = [row for row in rows if row["check"] is not None]
-    assert checked and all(f"first {bench.CHAOTIC_CHECK_STEPS} of 40 steps" in row["check"]["oracle"]
+    assert checked and all(f"first {check.CHAOTIC_CHECK_STEPS} of 40 steps" in row["check"]["oracle"]
                            for row in checked)
 
 
@@ -192,8 +194,8 @@ def test_modes_of_timed_runs():
     of a stochastic row runs the variants in eval mode and torch (cuDNN refuses an eval-mode
     backward; a plain LSTM is the same function in either mode) in train mode."""
     config = dataclasses.replace(PRESETS["smoke"].configs[0], options=(("zoneout", 0.1),))
-    impls = bench.build_impls(config, torch.device("cpu"))
-    bench._enter_mode(impls, bench.FWD)
-    assert not any(impl.module.training for impl in impls)
-    bench._enter_mode(impls, bench.FWD_BWD)
-    assert {impl.role: impl.module.training for impl in impls} == {"torch": True, "engine": False, "eager": False}
+    built = impls.build_impls(config, torch.device("cpu"))
+    timing.enter_mode(built, impls.FWD)
+    assert not any(impl.module.training for impl in built)
+    timing.enter_mode(built, impls.FWD_BWD)
+    assert {impl.role: impl.module.training for impl in built} == {"torch": True, "engine": False, "eager": False}

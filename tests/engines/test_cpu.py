@@ -13,20 +13,19 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
 from fastlstm import functional, reference
-from fastlstm.engines import cpu
-from fastlstm.engines.cpu import kernels, layer, threads as cpu_threads
+from fastlstm.engines.cpu import kernels, layer
+from fastlstm.engines.cpu import threads as cpu_threads
 from fastlstm.masks import DirectionMasks, sample_direction_masks
-from fastlstm.packing import Layout
 from fastlstm.options import make_options
+from fastlstm.packing import Layout
 from fastlstm.weights import DirectionWeights
 
-from engine_cases import (ARCHS, LENGTHS, OPTIONS, compare, compare_float32, compare_packed, inputs_and_masks, make_layer,
-                          run)
+from tests.engines.cases import (ARCHS, LENGTHS, OPTIONS, compare, compare_float32, compare_packed, layer_inputs,
+                                 make_layer, on, run)
 
 
 
-def lstm_layer(*args, **kwargs):
-    return functional.lstm_layer(*args, **kwargs, backend="cpu")
+lstm_layer = on("cpu")
 
 
 def lstm_cell(x, h0, c0, w, options, masks, *, training):
@@ -199,7 +198,7 @@ def test_cell_backend_cpu_matches_torch_cell():
 def test_inference_path_matches_reference(cfg, arch, some_threads):
     """Without autograd the engine keeps one step of buffers instead of all: same results."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
-    options, weights, x, h0, c0, masks = inputs_and_masks(arch, cfg, torch.float64, training=training)
+    options, weights, x, h0, c0, masks = layer_inputs(arch, cfg, torch.float64, training=training)
     lengths = LENGTHS["unequal"]
     with torch.no_grad():
         ours = lstm_layer(x, lengths, h0, c0, weights, options, masks, training=training)
@@ -410,7 +409,7 @@ def test_retained_graph_runs_backward_twice(cfg, arch, some_threads):
     torch.nn.LSTM does), checked against the reference engine."""
     options_cfg = {"plain": {}, "layer_norm": dict(layer_norm=True), "clip": dict(clip=0.4, cell_clip=0.5),
                    "zoneout": dict(zoneout=(0.3, 0.2))}[cfg]
-    options, weights, x, h0, c0, masks = inputs_and_masks(ARCHS[arch], options_cfg, torch.float64, training=True)
+    options, weights, x, h0, c0, masks = layer_inputs(ARCHS[arch], options_cfg, torch.float64, training=True)
     grads = {}
     for fn in (lstm_layer, reference.lstm_layer):
         leaves = [x, h0, c0] + [p for w in weights for p in w if p is not None]
