@@ -105,7 +105,8 @@ def lstm_cell(
     masks = draw_cell_masks(x, weights, options, training=training, given=masks)
     engine = engines.select_engine(backend, x.device, x.dtype, options)
     layout = packing.Layout.of_full(1, x.shape[0], x.device)
-    if engines.load(engine).fuses_input(layout, [weights], options):  # (which takes [B, .] states as they are)
+    fused = not contract.transformed() and engines.load(engine).fuses_input(layout, [weights], options)
+    if fused:  # (a single step that takes [B, .] states as they are)
         _, h, c = layer_rows(engine, x, layout, h0, c0, [weights], options, None if masks is None else [masks],
                              training=training)
         return h, c
@@ -152,7 +153,7 @@ def layer_rows(engine: str, x: Tensor, layout: packing.Layout, h0: Tensor, c0: T
     weights = list(weights)
     if masks is not None:
         masks = [_mask_rows(layout, m) for m in masks]
-    if engine == "reference":
+    if engine == "reference" or contract.transformed():
         return engines.load("reference").layer(x, layout, h0, c0, weights, options, masks, training=training)
     if masks is None:
         masks = [_NO_MASKS] * len(weights)

@@ -12,6 +12,8 @@ from fastlstm.engines import contract
 from fastlstm.options import make_options
 from fastlstm.testing import assert_within_twice
 
+from tests.engines.cases import layer_inputs, on, run
+
 
 class Tagger(torch.nn.Module):
     """A small sequence model: LSTM then a linear read-out of every step."""
@@ -169,3 +171,157 @@ def test_options_survive_the_op_encoding():
     call = contract.LayerCall("cpu", options, training=True, save=False, fused_input=True,
                               weights=(True, False) * 5, masks=(False, True, True, False))
     assert contract.decode(contract.encode(call)) == call
+
+
+# -- the op itself --------------------------------------------------------------------------------
+
+OP_CASES = {
+    "plain-uni": (dict(directions=1, proj=0, bias=True), {}, None),
+    "options-bi-proj-lengths": (dict(directions=2, proj=3, bias=True), dict(peephole=True, clip=0.7, cell_clip=0.9),
+                                torch.tensor([3, 6, 1, 4])),
+    "layer_norm-bi-nobias": (dict(directions=2, proj=0, bias=False), dict(layer_norm=True), None),
+    "zoneout-train": (dict(directions=1, proj=0, bias=True), dict(zoneout=(0.3, 0.4), recurrent_dropout=0.2), None),
+}
+
+
+def _op_arguments(arch, cfg, lengths, *, steps=6):
+    """The op's arguments for one layer call, as the shell builds them (functional.layer_rows)."""
+    from fastlstm import packing
+    from fastlstm.functional import input_gates
+
+    training = "zoneout" in cfg
+    options, weights, x, h0, c0, masks = layer_inputs(arch, cfg, torch.float64, training=training, steps=steps)
+    layout = packing.layout_of(x, lengths)
+    rows = input_gates(layout.rows(x), weights, options)
+    weights = [w._replace(weight_ih=None, layer_norm_ih_weight=None) for w in weights]
+    masks = [fastlstm.DirectionMasks()] * len(weights) if masks is None else [
+        fastlstm.DirectionMasks(layout.rows(m.zoneout_h), layout.rows(m.zoneout_c), layout.sort(m.recurrent, 0))
+        for m in masks]
+    call = contract.LayerCall("cpu", options, training, True, False, contract.presence(weights),
+                              contract.presence(masks))
+    return (contract.encode(call), rows, layout.batch_sizes, layout.sort(h0, 1), layout.sort(c0, 1),
+            contract.flat_weights(weights), contract.flat_masks(masks))
+
+
+STEP_CASES = {"plain": {}, "options": dict(peephole=True, clip=0.5, cell_clip=0.7, zoneout=(0.2, 0.3))}
+
+
+@pytest.mark.parametrize("case", OP_CASES)
+def test_opcheck(case):
+    """torch.library.opcheck: the schema, the fake implementation against the real one, the autograd
+    registration, and the op under AOT dispatch with dynamic shapes (which also requires every
+    output, the buffers kept for the backward included, to be the same run after run)."""
+    args = _op_arguments(*OP_CASES[case])
+    torch.library.opcheck(torch.ops.fastlstm.lstm_layer.default, args)
+
+
+@pytest.mark.parametrize("case", STEP_CASES)
+def test_opcheck_of_a_single_step(case):
+    """The CPU engine's fused form (one step, the input projection inside, [B, H] states)."""
+    options = make_options(**STEP_CASES[case])
+    cell = fastlstm.LSTMCell(5, 7, dtype=torch.float64, **STEP_CASES[case]).eval()
+    w = cell._weights(torch.float64)
+    x, h0, c0 = (torch.randn(3, n, dtype=torch.float64, requires_grad=True) for n in (5, 7, 7))
+    weights = [w]
+    call = contract.LayerCall("cpu", options, False, True, True, contract.presence(weights), (False,) * 4)
+    args = (contract.encode(call), x, torch.ones(1, dtype=torch.int64) * 3, h0, c0, contract.flat_weights(weights), [])
+    torch.library.opcheck(torch.ops.fastlstm.lstm_layer.default, args)
+
+
+def _forced_op(monkeypatch):
+    """Every layer call through the dispatcher (the op with its registered autograd), as in compile
+    and export, though in eager mode."""
+    monkeypatch.setattr(contract, "_traced", lambda: True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("case", OP_CASES)
+def test_the_op_path_matches_the_eager_path(case, backend, monkeypatch):
+    """The same engine functions behind the op (its fake, its register_autograd backward, its
+    backward op) and behind the eager autograd.Function: the same outputs and gradients, for a
+    layer of every kind (the Triton engine interpreted)."""
+    arch, cfg, lengths = OP_CASES[case]
+    training = "zoneout" in cfg
+    options, weights, x, h0, c0, masks = layer_inputs(arch, cfg, torch.float64, training=training)
+    eager = run(on(backend), x, lengths, h0, c0, weights, options, masks, training)
+    _forced_op(monkeypatch)
+    through_op = run(on(backend), x, lengths, h0, c0, weights, options, masks, training)
+    for a, b in zip(eager, through_op):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_a_cell_through_the_op(monkeypatch):
+    """A single step (the CPU engine's fused form: the input projection inside) through the op."""
+    cell = fastlstm.LSTMCell(5, 7, backend="cpu", peephole=True, dtype=torch.float64)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    hx = tuple(torch.randn(4, 7, dtype=torch.float64, requires_grad=True) for _ in range(2))
+
+    def results():
+        cell.zero_grad()
+        for t in (x, *hx):
+            t.grad = None
+        h, c = cell(x, hx)
+        (h.sum() + 2 * c.square().sum()).backward()
+        return [h, c, x.grad, *(t.grad for t in hx), *(p.grad for p in cell.parameters())]
+
+    eager = results()
+    _forced_op(monkeypatch)
+    for a, b in zip(eager, results()):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+# -- the other transforms -----------------------------------------------------------------------------
+
+
+def test_higher_order_gradients_of_a_cell_match_torch():
+    """create_graph=True then backward again (a gradient penalty) through LSTMCell on the CPU
+    engine: the step keeps its input, so its backward re-runs on the reference engine, differentiably.
+    Checked against torch.nn.LSTMCell's second-order gradients."""
+    ours = fastlstm.LSTMCell(5, 7, backend="cpu", dtype=torch.float64)
+    theirs = torch.nn.LSTMCell(5, 7, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    results = []
+    for module in (ours, theirs):
+        x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        h, c = module(x)
+        (gx,) = torch.autograd.grad(h.pow(2).sum() + c.sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+        results.append([x.grad] + [p.grad for p in module.parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_higher_order_gradients_of_a_layer_raise_a_clear_error():
+    """A layer of several steps does not keep its input gates (they would double its saved
+    memory): asked for second-order gradients, it says so instead of silently dropping them."""
+    lstm = fastlstm.LSTM(5, 7, backend="cpu", dtype=torch.float64)
+    x = torch.randn(4, 3, 5, dtype=torch.float64, requires_grad=True)
+    y, _ = lstm(x)
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+
+
+def test_torch_func_transforms_run_the_reference_engine():
+    """torch.func transforms (grad, jacrev, jvp, vmap) of a model on the CPU engine: the shell sends
+    them to the reference engine, which functorch transforms as plain torch ops; every result equals
+    the reference module's, and the CPU module's eager result equals it too."""
+    results = {}
+    for backend in ("cpu", "reference"):
+        torch.manual_seed(0)
+        lstm = fastlstm.LSTM(3, 4, backend=backend, dtype=torch.float64)
+        cell = fastlstm.LSTMCell(3, 4, backend=backend, dtype=torch.float64)
+        x = torch.randn(5, 2, 3, dtype=torch.float64)
+        params = dict(lstm.named_parameters())
+
+        def loss(p, x):
+            y, (h, c) = torch.func.functional_call(lstm, p, (x,))
+            return y.square().sum() + c.sum()
+
+        def output(x):
+            return lstm(x)[0].sum(1)
+
+        tangent = torch.ones_like(x)
+        results[backend] = [*torch.func.grad(loss)(params, x).values(), torch.func.jacrev(output)(x),
+                            *torch.func.jvp(output, (x,), (tangent,)), torch.func.vmap(cell)(x)[1], lstm(x)[0]]
+    for a, b in zip(results["cpu"], results["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

@@ -22,7 +22,10 @@ backward. The places to attach the other transforms:
 
 * higher-order gradients: :func:`_gradients` re-runs the layer on the reference engine with grad
   mode on, when the engine's backward keeps its input (else it raises);
-* ``vmap`` (``torch.func.jacrev``, batched gradients): :func:`_vmap_by_loop`, registered for both ops;
+* ``torch.func`` transforms (grad, vjp, jvp, vmap, jacrev): :func:`transformed` sends the shell to the
+  reference engine, which functorch transforms as plain torch ops, to any order (torch 2.13's
+  ``register_autograd`` generates no ``setup_context``, which functorch requires:
+  pytorch/pytorch#170834);
 * export lowerings (ONNX): the op's schema, with the options in ``call``.
 """
 
@@ -353,43 +356,12 @@ class _EagerLayer(torch.autograd.Function):
         return None, None, None, dx, dh0, dc0, *weight_grads, *([None] * ctx.counts[1])
 
 
-# -- vmap: a loop over the mapped dimension ---------------------------------------------------------
-
-
-def _vmap_by_loop(op):
-    """A vmap rule that runs ``op`` once per element of the mapped dimension and stacks the results:
-    correct for every engine (the kernels take one problem at a time), at the cost of a loop."""
-
-    def select(arg, dim, k):
-        if dim is None:
-            return arg
-        if isinstance(arg, (list, tuple)):
-            return [select(a, d, k) for a, d in zip(arg, dim)]
-        return arg.select(dim, k)
-
-    def stacked(values: list):
-        """The k results of one output (a tensor, or a list of them) stacked, and their out_dims."""
-        if isinstance(values[0], Tensor):
-            return torch.stack(values), 0
-        parts = [stacked(list(items)) for items in zip(*values)]
-        return [t for t, _ in parts], [d for _, d in parts]
-
-    def rule(info, in_dims, *args):
-        results = [op(*(select(a, d, k) for a, d in zip(args, in_dims))) for k in range(info.batch_size)]
-        if isinstance(results[0], tuple):
-            parts = [stacked([r[i] for r in results]) for i in range(len(results[0]))]
-            return tuple(t for t, _ in parts), tuple(d for _, d in parts)
-        return stacked(results)
-
-    return rule
-
-
-if hasattr(torch.library, "register_vmap"):
-    torch.library.register_vmap("fastlstm::lstm_layer", _vmap_by_loop(torch.ops.fastlstm.lstm_layer))
-    torch.library.register_vmap("fastlstm::lstm_layer_backward", _vmap_by_loop(torch.ops.fastlstm.lstm_layer_backward))
-
-
 # -- one layer call -----------------------------------------------------------------------------------
+
+
+def transformed() -> bool:
+    """Whether a ``torch.func`` transform is active (the layer then runs on the reference engine)."""
+    return torch._C._are_functorch_transforms_active()
 
 
 def _traced() -> bool:

@@ -75,8 +75,8 @@ def allocate(call: LayerCall, inputs: LayerInputs) -> list[Tensor]:
     for w, masks in zip(inputs.weights, inputs.masks):
         hidden, proj = w.weight_hh.shape[0] // 4, 0 if w.weight_hr is None else w.weight_hr.shape[0]
         floats, uint8 = buffer_sizes(call, layout.total, layout.batch, hidden, proj, carries_cell(call, masks), True)
-        saved += [inputs.h0.new_empty(max(arena_layout(floats)[1], 1), dtype=dtype),
-                  inputs.h0.new_empty(max(arena_layout(uint8)[1], 1), dtype=torch.uint8)]
+        saved += [inputs.h0.new_empty(arena_layout(floats)[1], dtype=dtype),
+                  inputs.h0.new_empty(arena_layout(uint8)[1], dtype=torch.uint8)]
     return saved
 
 

@@ -94,7 +94,9 @@ def allocate(call: LayerCall, inputs: LayerInputs) -> list[Tensor]:
     batch, hidden = inputs.x.shape[0], inputs.weights[0].weight_hh.shape[0] // 4
     item = torch.empty((), dtype=inputs.h0.dtype).element_size()
     sizes = _kept_sizes(call, batch, hidden, carries_cell(call, inputs.masks[0]), item)
-    return [inputs.h0.new_empty(max(arena_layout(sizes)[1], 1))]
+    # zeroed: the uint8 clip masks end inside an element, whose last bytes the step does not write
+    # (what the custom op returns must not depend on leftover memory)
+    return [inputs.h0.new_zeros(arena_layout(sizes)[1])]
 
 
 def _plan(template: _Template, kept: int, scratch: int | None, w: DirectionWeights, masks: DirectionMasks,
@@ -128,7 +130,7 @@ def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[
     kept_total, scratch_total = template.kept[1], template.scratch[1]
     if call.save:
         kept = saved[0].data_ptr()
-        scratch_tensor = torch.empty(max(scratch_total, 1), dtype=x.dtype)
+        scratch_tensor = torch.empty(scratch_total, dtype=x.dtype)
         scratch = scratch_tensor.data_ptr()
     else:  # one allocation for both
         scratch_tensor = torch.empty(kept_total + scratch_total, dtype=x.dtype)
