@@ -25,7 +25,7 @@ import time
 import torch
 
 import fastlstm
-from fastlstm.bench import git_revision, versions
+from fastlstm.bench.report import git_revision, versions
 
 OPTION_ROWS = {
     "plain": {},

@@ -1,6 +1,6 @@
 """torch.autograd.gradcheck (float64, small shapes) for every option: the gradients the reference's
 autograd produces are the derivatives of what it computes, inputs, states and every parameter.
-(The CPU engine's hand-written backward has its own gradcheck in test_cpu_engine.py.)"""
+(The CPU engine's hand-written backward has its own gradcheck in tests/engines/test_cpu.py.)"""
 
 import pytest
 import torch

@@ -105,10 +105,13 @@ def lstm_cell(
     masks = draw_cell_masks(x, weights, options, training=training, given=masks)
     engine = engines.select_engine(backend, x.device, x.dtype, options)
     layout = packing.Layout.of_full(1, x.shape[0], x.device)
-    fused = not contract.transformed() and engines.load(engine).fuses_input(layout, [weights], options)
-    if fused:  # (a single step that takes [B, .] states as they are)
-        _, h, c = layer_rows(engine, x, layout, h0, c0, [weights], options, None if masks is None else [masks],
-                             training=training)
+    if engine != "reference" and not contract.transformed() and engines.load(engine).fuses_input(layout, [weights],
+                                                                                                 options):
+        # a step that the engine takes whole (its input projection inside, [B, .] states as they are):
+        # where Python's cost per call is most of the step's, nothing else is prepared for it
+        if masks is None:
+            return contract.run_step(engine, options, training, x, layout, h0, c0, weights)
+        _, h, c = layer_rows(engine, x, layout, h0, c0, [weights], options, [masks], training=training)
         return h, c
     _, h, c = layer_rows(engine, x, layout, h0.unsqueeze(0), c0.unsqueeze(0), [weights], options,
                          None if masks is None else [masks], training=training)
@@ -161,9 +164,11 @@ def layer_rows(engine: str, x: Tensor, layout: packing.Layout, h0: Tensor, c0: T
         weights = [w if m.weight_hh is None else w._replace(weight_hh=(w.weight_hh * m.weight_hh).to(w.weight_hh.dtype))
                    for w, m in zip(weights, masks)]
         masks = [m if m.weight_hh is None else dataclasses.replace(m, weight_hh=None) for m in masks]
-    fused = engines.load(engine).fuses_input(layout, weights, options)
-    if not fused:
-        x = input_gates(x, weights, options)
+    module = engines.load(engine)
+    fused = module.fuses_input(layout, weights, options)
+    if not fused:  # (an engine may choose its GEMM for eager calls; traced ones take F.linear)
+        eager_linear = getattr(module, "linear", None)
+        x = input_gates(x, weights, options, linear=F.linear if eager_linear is None or contract.traced() else eager_linear)
         weights = [w._replace(weight_ih=None, layer_norm_ih_weight=None) for w in weights]
     flat = contract.flat_weights(weights)
     save = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
@@ -177,15 +182,17 @@ _NO_MASKS = DirectionMasks()  # (never changed: masks are replaced, not edited)
 _NO_MASKS_PRESENT = {d: (False,) * len(contract.MASK_FIELDS) * d for d in (1, 2)}
 
 
-def input_gates(x: Tensor, weights: Sequence[DirectionWeights], options: LSTMOptions) -> Tensor:
+def input_gates(x: Tensor, weights: Sequence[DirectionWeights], options: LSTMOptions, *,
+                linear=F.linear) -> Tensor:
     """Every direction's ``x W_ih^T`` for rows ``x [N, I]`` at once -> ``[N, D * 4H]``; under
     ``layer_norm`` each direction's is layer-normalised with its gain, in the accumulation dtype
-    (docs/equations.md, section 5). No bias: the engines add ``b_ih + b_hh``."""
+    (docs/equations.md, section 5). No bias: the engines add ``b_ih + b_hh``. ``linear(x, w)``
+    computes ``x w^T`` (the engine's GEMM)."""
     if not options.layer_norm:
         w_ih = weights[0].weight_ih if len(weights) == 1 else torch.cat([w.weight_ih for w in weights])
-        return F.linear(x, w_ih)
+        return linear(x, w_ih)
     acc = accumulation_dtype(x.dtype)
-    gates = [F.layer_norm(F.linear(x, w.weight_ih).to(acc), (w.weight_ih.shape[0],),
+    gates = [F.layer_norm(linear(x, w.weight_ih).to(acc), (w.weight_ih.shape[0],),
                           w.layer_norm_ih_weight.to(acc), None, LAYER_NORM_EPS) for w in weights]
     return gates[0] if len(gates) == 1 else torch.cat(gates, 1)
 

@@ -231,7 +231,7 @@ def test_opcheck_of_a_single_step(case):
 def _forced_op(monkeypatch):
     """Every layer call through the dispatcher (the op with its registered autograd), as in compile
     and export, though in eager mode."""
-    monkeypatch.setattr(contract, "_traced", lambda: True)
+    monkeypatch.setattr(contract, "traced", lambda: True)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])

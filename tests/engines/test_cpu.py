@@ -95,7 +95,7 @@ def test_engine_eval_and_train_modes(cfg, training, threads):
 
 @pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
 def test_engine_float32_error_is_at_most_twice_the_references(cfg, threads):
-    """float32 within twice the float32 reference's error (engine_cases.compare_float32)."""
+    """float32 within twice the float32 reference's error (tests/engines/cases.compare_float32)."""
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop"))
     compare_float32(lstm_layer, ARCHS["bi-proj"], cfg, training=training, lengths=LENGTHS["unequal"])
 

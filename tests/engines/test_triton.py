@@ -128,7 +128,7 @@ def test_eval_and_train_modes(cfg, training, grid):
 
 @pytest.mark.parametrize("cfg", ["plain", "activations", "peephole", "clip", "zoneout", "everything"])
 def test_float32_error_is_at_most_twice_the_references(cfg, grid):
-    """float32 within twice the float32 reference's error (engine_cases.compare_float32)."""
+    """float32 within twice the float32 reference's error (tests/engines/cases.compare_float32)."""
     cfg = KERNEL_OPTIONS[cfg]
     compare_float32(lstm_layer, KERNEL_ARCHS["bi"], cfg, training=_training(cfg),
                     lengths=LENGTHS["unequal"])

@@ -364,7 +364,7 @@ def transformed() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
-def _traced() -> bool:
+def traced() -> bool:
     """Whether this call is being traced or transformed (compile, export, torch.func, a dispatch
     mode): then the layer must be the op."""
     return (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
@@ -375,11 +375,42 @@ def run(call: LayerCall, inputs: LayerInputs, weights: list[Tensor] | None = Non
     """One layer on ``call.engine``: ``(y [N, D*H_out], h_n [D, B, H_out], c_n [D, B, H])``;
     ``weights``: ``flat_weights(inputs.weights)`` where the caller has it."""
     weights = flat_weights(inputs.weights) if weights is None else weights
-    masks = flat_masks(inputs.masks) if any(call.masks) else []
-    if _traced():
+    masks = flat_masks(inputs.masks) if True in call.masks else []
+    if traced():
         y, h_n, c_n, _ = torch.ops.fastlstm.lstm_layer(encode(call), inputs.x, inputs.layout.batch_sizes, inputs.h0,
                                                        inputs.c0, weights, masks)
         return y, h_n, c_n
     if not call.save:  # nothing requires grad: no graph is recorded, nothing is kept
         return engine_of(call).forward(call, inputs, [])
     return _EagerLayer.apply(call, inputs, len(weights), inputs.x, inputs.h0, inputs.c0, *weights, *masks)
+
+
+_STEP_CALLS: dict[tuple, LayerCall] = {}
+
+
+def _step_call(engine: str, options: LSTMOptions, training: bool, save: bool, weights: tuple[bool, ...]) -> LayerCall:
+    """The call of a step, made once per configuration: keyed by the options' identity (each module
+    holds its own; hashing them costs a tenth of a step), each entry holding its options alive."""
+    key = (engine, id(options), training, save, weights)
+    call = _STEP_CALLS.get(key)
+    if call is None or call.options is not options:
+        if len(_STEP_CALLS) >= 1024:  # (modules made and dropped in a loop)
+            _STEP_CALLS.clear()
+        call = _STEP_CALLS[key] = LayerCall(engine, options, training, save, True, weights,
+                                            (False,) * len(MASK_FIELDS))
+    return call
+
+
+_NO_MASKS_1 = [_NO_MASKS]
+
+
+def run_step(engine: str, options: LSTMOptions, training: bool, x: Tensor, layout: Layout, h0: Tensor, c0: Tensor,
+             w: DirectionWeights) -> tuple[Tensor, Tensor]:
+    """One step that ``engine`` takes whole (``fused_input``; one direction, no masks): ``x [B, I]``,
+    ``h0``/``c0 [B, H]`` -> ``(h_1, c_1)``. :func:`run` with the call prepared once per configuration."""
+    flat = [t for t in w if t is not None]
+    save = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
+                                        or any(t.requires_grad for t in flat))
+    call = _step_call(engine, options, training, save, tuple(t is not None for t in w))
+    _, h_1, c_1 = run(call, LayerInputs(x, layout, h0, c0, [w], _NO_MASKS_1), flat)
+    return h_1, c_1

@@ -3,7 +3,8 @@
 The engine contract (:mod:`fastlstm.engines.contract`) for two forms of a call:
 
 * a layer (:mod:`.layer`): the input gates come from the input projection outside (one GEMM for
-  every step and direction); per direction and step one recurrent GEMM of the kernels' own and one
+  every step and direction, oneDNN's or torch's by the rule of :mod:`.gemm`, which the shell asks
+  for through :func:`linear`); per direction and step one recurrent GEMM of the kernels' own and one
   fused, vectorised pointwise update, threads splitting rows or columns by fixed rules
   (:mod:`.threads`);
 * a single step (:mod:`.step`): the input product fused in, one C++ call each way.
@@ -21,8 +22,11 @@ from ...packing import Layout
 from ...weights import DirectionWeights
 from ..contract import LayerCall, LayerGrads, LayerInputs
 from . import layer, step
+from .gemm import linear
 
 name = "cpu"
+
+__all__ = ["name", "fuses_input", "reads", "linear", "allocate", "forward", "backward"]
 
 
 def fuses_input(layout: Layout, weights: list[DirectionWeights], options: LSTMOptions) -> bool:

@@ -43,6 +43,7 @@ class _Template:
     scratch: tuple[dict[str, int | None], int]  # the input and recurrent products, gone when the step returns
     pointers: tuple[tuple[int, str, int], ...]
     work: tuple[dict[str, int | None], int]  # the backward's: state gradients, dgates, scratch, peephole sums
+    call: LayerCall  # (held: its identity keys the template)
 
 
 _TEMPLATES: dict[tuple, _Template] = {}
@@ -62,6 +63,13 @@ def _template(call: LayerCall, inputs: LayerInputs) -> _Template:
     dtype, batch = inputs.h0.dtype, inputs.x.shape[0]
     hidden = inputs.weights[0].weight_hh.shape[0] // 4
     carried = carries_cell(call, inputs.masks[0])
+    # keyed by the call's identity where it can be (contract.run_step's calls are made once per
+    # configuration and live as long as it caches them), else by the call: hashing the options is
+    # a tenth of a step's Python
+    key = (id(call), dtype, batch, hidden, carried)
+    template = _TEMPLATES.get(key)
+    if template is not None and template.call is call:
+        return template
     key = (call, dtype, batch, hidden, carried)
     template = _TEMPLATES.get(key)
     if template is not None:
@@ -84,7 +92,8 @@ def _template(call: LayerCall, inputs: LayerInputs) -> _Template:
     work = arena_layout({"dh_state": batch * hidden, "dc_state": batch * hidden, "dgates": batch * G,
                          "dm": batch * hidden, "dh_in": batch * hidden, "work": 2 * hidden,
                          "dpeep": 3 * hidden if call.options.peephole else 0, "dy": batch * hidden})
-    template = _TEMPLATES.setdefault(key, _Template(plan, layout, kept, scratch, pointers, work))
+    template = _TEMPLATES.setdefault(key, _Template(plan, layout, kept, scratch, pointers, work, call))
+    _TEMPLATES[(id(call), dtype, batch, hidden, carried)] = template
     return template
 
 
@@ -138,7 +147,9 @@ def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[
         scratch = kept + kept_total * scratch_tensor.element_size()
     keep: list = [scratch_tensor]
     p = _plan(template, kept, scratch, w, inputs.masks[0], inputs.c0, keep)
-    y, h_n, c_n = x.new_empty(batch, hidden), x.new_empty(inputs.h0.shape), x.new_empty(inputs.c0.shape)
+    # (sizes as ints: a torch.Size takes torch's slow argument parsing, a fifth of a step's cost)
+    states = (batch, hidden) if inputs.h0.dim() == 2 else (1, batch, hidden)
+    y, h_n, c_n = x.new_empty(batch, hidden), x.new_empty(*states), x.new_empty(*states)
     p.y, p.h_state, p.c_state = y.data_ptr(), h_n.data_ptr(), c_n.data_ptr()
     h0, w_ih = inputs.h0.contiguous(), w.weight_ih.contiguous()
     b_ih = b_hh = 0  # 0: no bias
