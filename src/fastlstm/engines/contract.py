@@ -258,7 +258,8 @@ def _remember(ctx, call: LayerCall, inputs: LayerInputs, y: Tensor, saved: Seque
                           *masks, *saved)
 
 
-def _recall(ctx) -> tuple[LayerInputs, Tensor | None, list[Tensor]]:
+def _recall(ctx) -> tuple[LayerInputs, list[Tensor], Tensor | None, list[Tensor]]:
+    """The layer's inputs, its flat weights, ``y`` and the engine's saved tensors."""
     x, h0, c0, y, *rest = ctx.saved_tensors
     n_weights, n_masks = ctx.counts
     if x is None:  # a stand-in of no rows: the engine does not read x, the op's fake sizes dx from it
@@ -267,7 +268,7 @@ def _recall(ctx) -> tuple[LayerInputs, Tensor | None, list[Tensor]]:
     weights, masks, saved = rest[:n_weights], rest[n_weights : n_weights + n_masks], rest[n_weights + n_masks :]
     unmasked = [_NO_MASKS] * ctx.call.directions if not n_masks else unflatten_masks(ctx.call, masks)
     inputs = LayerInputs(x, ctx.layout, h0, c0, unflatten_weights(ctx.call, weights), unmasked)
-    return inputs, y, list(saved)
+    return inputs, list(weights), y, list(saved)
 
 
 _NO_MASKS = DirectionMasks()  # (never changed)
@@ -275,10 +276,9 @@ _NO_MASKS = DirectionMasks()  # (never changed)
 
 def _gradients(ctx, dy: Tensor, dh_n: Tensor, dc_n: Tensor, *, through_op: bool) -> tuple:
     """``(dx, dh0, dc0, weight gradients (flat))`` for autograd."""
-    inputs, y, saved = _recall(ctx)
+    inputs, weights, y, saved = _recall(ctx)
     call = ctx.call
     needs_x, needs_weights = ctx.needs
-    weights = flat_weights(inputs.weights)
     if torch.is_grad_enabled():  # create_graph: a backward that autograd can differentiate again
         return _differentiable_gradients(call, inputs, weights, (dy, dh_n, dc_n))
     if through_op:
@@ -408,9 +408,10 @@ def run_step(engine: str, options: LSTMOptions, training: bool, x: Tensor, layou
              w: DirectionWeights) -> tuple[Tensor, Tensor]:
     """One step that ``engine`` takes whole (``fused_input``; one direction, no masks): ``x [B, I]``,
     ``h0``/``c0 [B, H]`` -> ``(h_1, c_1)``. :func:`run` with the call prepared once per configuration."""
+    # (list comprehensions, not generators: this runs once per step, where every call counts)
     flat = [t for t in w if t is not None]
     save = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
-                                        or any(t.requires_grad for t in flat))
-    call = _step_call(engine, options, training, save, tuple(t is not None for t in w))
+                                        or True in [t.requires_grad for t in flat])
+    call = _step_call(engine, options, training, save, tuple([t is not None for t in w]))
     _, h_1, c_1 = run(call, LayerInputs(x, layout, h0, c0, [w], _NO_MASKS_1), flat)
     return h_1, c_1

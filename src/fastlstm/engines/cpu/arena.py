@@ -26,6 +26,7 @@ class Arena:
     def __init__(self, tensor: Tensor, offsets: dict[str, int | None]):
         self.tensor, self.offsets = tensor, offsets
         self._base, self._item = tensor.data_ptr(), tensor.element_size()
+        self._start = tensor.storage_offset()
 
     @staticmethod
     def allocate(dtype: torch.dtype, sizes: dict[str, int], *, zero: bool = False) -> Arena:
@@ -37,12 +38,15 @@ class Arena:
         return None if offset is None else self._base + offset * self._item
 
     def view(self, name: str, *shape: int) -> Tensor:
-        offset, count = self.offsets[name], 1
-        for extent in shape:
-            count *= extent
+        offset = self.offsets[name]
         if offset is None:  # a buffer of no elements (B = 0, say)
             return self.tensor[:0].view(shape)
-        return self.tensor[offset : offset + count].view(shape)
+        # (as_strided: half the cost of a slice and a view, paid twice in each single step's backward)
+        strides, stride = [], 1
+        for extent in reversed(shape):
+            strides.append(stride)
+            stride *= extent
+        return self.tensor.as_strided(shape, strides[::-1], self._start + offset)
 
     def point(self, plan, names) -> None:
         """Set the plan's fields ``names`` to these buffers (null where a buffer is empty)."""

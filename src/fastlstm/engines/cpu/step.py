@@ -62,18 +62,17 @@ def _kept_sizes(call: LayerCall, batch: int, hidden: int, carried: bool, item: i
 def _template(call: LayerCall, inputs: LayerInputs) -> _Template:
     dtype, batch = inputs.h0.dtype, inputs.x.shape[0]
     hidden = inputs.weights[0].weight_hh.shape[0] // 4
-    carried = carries_cell(call, inputs.masks[0])
     # keyed by the call's identity where it can be (contract.run_step's calls are made once per
     # configuration and live as long as it caches them), else by the call: hashing the options is
-    # a tenth of a step's Python
-    key = (id(call), dtype, batch, hidden, carried)
-    template = _TEMPLATES.get(key)
+    # a tenth of a step's Python (the call says which masks are given, so it fixes everything else)
+    template = _TEMPLATES.get((id(call), dtype, batch, hidden))
     if template is not None and template.call is call:
         return template
-    key = (call, dtype, batch, hidden, carried)
+    key = (call, dtype, batch, hidden)
     template = _TEMPLATES.get(key)
     if template is not None:
         return template
+    carried = carries_cell(call, inputs.masks[0])
     layout = Layout.of_full(1, batch, torch.device("cpu"))
     layout.offsets()
     direction = Direction(call, inputs._replace(layout=layout, h0=inputs.h0.reshape(1, batch, hidden),
@@ -93,7 +92,7 @@ def _template(call: LayerCall, inputs: LayerInputs) -> _Template:
                          "dm": batch * hidden, "dh_in": batch * hidden, "work": 2 * hidden,
                          "dpeep": 3 * hidden if call.options.peephole else 0, "dy": batch * hidden})
     template = _TEMPLATES.setdefault(key, _Template(plan, layout, kept, scratch, pointers, work, call))
-    _TEMPLATES[(id(call), dtype, batch, hidden, carried)] = template
+    _TEMPLATES[(id(call), dtype, batch, hidden)] = template
     return template
 
 
@@ -101,11 +100,19 @@ def allocate(call: LayerCall, inputs: LayerInputs) -> list[Tensor]:
     if not call.save:
         return []
     batch, hidden = inputs.x.shape[0], inputs.weights[0].weight_hh.shape[0] // 4
-    item = torch.empty((), dtype=inputs.h0.dtype).element_size()
-    sizes = _kept_sizes(call, batch, hidden, carries_cell(call, inputs.masks[0]), item)
-    # zeroed: the uint8 clip masks end inside an element, whose last bytes the step does not write
-    # (what the custom op returns must not depend on leftover memory)
-    return [inputs.h0.new_zeros(arena_layout(sizes)[1])]
+    symbolic = not (isinstance(batch, int) and isinstance(hidden, int))  # (fake tensors' SymInts: no hash)
+    template = None if symbolic else _TEMPLATES.get((id(call), inputs.h0.dtype, batch, hidden))
+    if template is not None and template.call is call:  # (a step's forward already ran on this call)
+        total = template.kept[1]
+    else:  # (fake tensors too: no plan is built for them)
+        item = torch.empty((), dtype=inputs.h0.dtype).element_size()
+        sizes = _kept_sizes(call, batch, hidden, carries_cell(call, inputs.masks[0]), item)
+        total = arena_layout(sizes)[1]
+    # the step writes every element but the last bytes of an element where a uint8 clip mask ends:
+    # zeroed then (what the custom op returns must not depend on leftover memory)
+    o = call.options
+    return [inputs.h0.new_zeros(total) if o.clip is not None or o.cell_clip is not None
+            else inputs.h0.new_empty(total)]
 
 
 def _plan(template: _Template, kept: int, scratch: int | None, w: DirectionWeights, masks: DirectionMasks,
