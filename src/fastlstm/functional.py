@@ -61,6 +61,12 @@ def lstm(
         ``(y, h_n [L * D, B, H_out], c_n [L * D, B, H])``; ``y`` is ``[T, B, D * H_out]``, or the
         packed rows ``[N, D * H_out]`` for a PackedSequence input.
     """
+    if torch.jit.is_tracing():
+        raise RuntimeError(
+            "fastlstm.LSTM cannot be traced by torch.jit.trace: a trace would fix the number of steps and "
+            "silently compute wrong results for other lengths; use torch.export.export (T and B dynamic) or "
+            "torch.compile"
+        )
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     engine = engines.select_engine(backend, data.device, data.dtype, options)
@@ -103,7 +109,8 @@ def lstm_cell(
     Gal & Ghahramani's per-sequence dropout.
     """
     masks = draw_cell_masks(x, weights, options, training=training, given=masks)
-    engine = engines.select_engine(backend, x.device, x.dtype, options)
+    # torch.jit.trace records torch ops: the reference's step (a step has no length to fix)
+    engine = engines.select_engine("reference" if torch.jit.is_tracing() else backend, x.device, x.dtype, options)
     layout = packing.Layout.of_full(1, x.shape[0], x.device)
     if engine != "reference" and not contract.transformed() and engines.load(engine).fuses_input(layout, [weights],
                                                                                                  options):
@@ -166,7 +173,9 @@ def layer_rows(engine: str, x: Tensor, layout: packing.Layout, h0: Tensor, c0: T
         masks = [m if m.weight_hh is None else dataclasses.replace(m, weight_hh=None) for m in masks]
     module = engines.load(engine)
     fused = module.fuses_input(layout, weights, options)
+    source = None
     if not fused:  # (an engine may choose its GEMM for eager calls; traced ones take F.linear)
+        source = contract.GatesSource(x, weights)
         eager_linear = getattr(module, "linear", None)
         x = input_gates(x, weights, options, linear=F.linear if eager_linear is None or contract.traced() else eager_linear)
         weights = [w._replace(weight_ih=None, layer_norm_ih_weight=None) for w in weights]
@@ -175,7 +184,7 @@ def layer_rows(engine: str, x: Tensor, layout: packing.Layout, h0: Tensor, c0: T
                                         or any(t.requires_grad for t in flat))
     call = contract.LayerCall(engine, options, training, save, fused, contract.presence(weights),
                               _NO_MASKS_PRESENT[len(masks)] if masks[0] is _NO_MASKS else contract.presence(masks))
-    return contract.run(call, contract.LayerInputs(x, layout, h0, c0, weights, masks), flat)
+    return contract.run(call, contract.LayerInputs(x, layout, h0, c0, weights, masks), flat, source)
 
 
 _NO_MASKS = DirectionMasks()  # (never changed: masks are replaced, not edited)

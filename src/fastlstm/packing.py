@@ -68,8 +68,10 @@ class Layout:
 
     @staticmethod
     def of_packed(packed: PackedSequence) -> Layout:
-        """A PackedSequence's rows are this layout already."""
+        """A PackedSequence's rows are this layout already (checked: :func:`check_batch_sizes`)."""
         batch_sizes = packed.batch_sizes
+        if not torch.compiler.is_compiling():  # (traced, the op checks them when it runs)
+            check_batch_sizes(batch_sizes, packed.data.shape[0])
         return Layout(batch_sizes.numel(), int(batch_sizes[0]), packed.data.shape[0], packed.data.device,
                       batch_sizes=batch_sizes, order=packed.sorted_indices)
 
@@ -141,6 +143,18 @@ class Layout:
         if self.order is None:
             return per_sequence
         return torch.zeros_like(per_sequence).index_copy(dim, self.order, per_sequence)
+
+
+def check_batch_sizes(batch_sizes: Tensor, rows: int) -> None:
+    """A PackedSequence's ``batch_sizes`` must describe its rows (a hand-made one may not, and the
+    compiled engines index rows by them): else a RuntimeError, as torch's."""
+    if batch_sizes.dim() != 1 or not batch_sizes.numel() or int(batch_sizes.sum()) != rows \
+            or bool((batch_sizes[1:] > batch_sizes[:-1]).any()) or int(batch_sizes[-1]) < 1:
+        raise RuntimeError(
+            f"input: a PackedSequence's batch_sizes should be positive and non-increasing and sum to its data's "
+            f"{rows} rows, got batch_sizes {batch_sizes.tolist()}; build it with "
+            "torch.nn.utils.rnn.pack_padded_sequence with lengths <= T (torch does not check them)"
+        )
 
 
 def layout_of(input: Tensor | PackedSequence, lengths: Tensor | None) -> Layout:

@@ -20,8 +20,11 @@ per layer and nothing in Python objects. Eager calls run the same functions thro
 40-100 us per call through it, as much as a whole single step), with the same saving and the same
 backward. The places to attach the other transforms:
 
-* higher-order gradients: :func:`_gradients` re-runs the layer on the reference engine with grad
-  mode on, when the engine's backward keeps its input (else it raises);
+* higher-order gradients and batched cotangents (``create_graph=True``, ``is_grads_batched=True``):
+  :func:`_gradients` re-runs the layer on the reference engine, differentiably. Where the engine's
+  backward does not read its input gates, the eager layer keeps their source instead (the layer's
+  input rows and ``weight_ih``, which the input projection's own node keeps anyway) and recomputes
+  them;
 * ``torch.func`` transforms (grad, vjp, jvp, vmap, jacrev): :func:`transformed` sends the shell to the
   reference engine, which functorch transforms as plain torch ops, to any order (torch 2.13's
   ``register_autograd`` generates no ``setup_context``, which functorch requires:
@@ -41,9 +44,10 @@ import torch
 from torch import Tensor
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
+from .. import reference
 from ..masks import MASK_FIELDS, DirectionMasks
 from ..options import LSTMOptions
-from ..packing import Layout
+from ..packing import Layout, check_batch_sizes
 from ..weights import DirectionWeights
 from . import constant_result, load
 
@@ -206,6 +210,7 @@ def _layer_op(call: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor,
               masks: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """One layer on ``call``'s engine -> ``(y [N, D*H_out], h_n, c_n, saved)``; see :class:`LayerInputs`."""
     layer_call = decode(call)
+    check_batch_sizes(batch_sizes, x.shape[0])  # (a traced PackedSequence's were not checked)
     inputs = _inputs(layer_call, x, batch_sizes, h0, c0, weights, masks, x.shape[0])
     engine = engine_of(layer_call)
     saved = engine.allocate(layer_call, inputs)
@@ -244,31 +249,59 @@ def _layer_backward_fake(call, x, batch_sizes, h0, c0, weights, masks, y, saved,
 # -- autograd: what the forward keeps, and the backward (shared by the op and the eager Function) -----
 
 
+class GatesSource(NamedTuple):
+    """Where a layer's input gates came from (:func:`fastlstm.functional.input_gates`): its input
+    rows ``[N, I]`` and each direction's ``weight_ih`` and ``layer_norm_ih_weight`` (or None)."""
+
+    rows: Tensor
+    weights: list[DirectionWeights]
+
+    def tensors(self) -> list[Tensor]:
+        return [self.rows, *(t for w in self.weights for t in (w.weight_ih, w.layer_norm_ih_weight) if t is not None)]
+
+    @staticmethod
+    def of_tensors(options: LSTMOptions, tensors: Sequence[Tensor]) -> GatesSource:
+        rows, *rest = tensors
+        step = 2 if options.layer_norm else 1
+        return GatesSource(rows, [DirectionWeights(weight_ih=rest[k], weight_hh=None,
+                                                   layer_norm_ih_weight=rest[k + 1] if step == 2 else None)
+                                  for k in range(0, len(rest), step)])
+
+    def gates(self, options: LSTMOptions) -> Tensor:
+        """The input gates ``[N, D*4H]`` again, differentiably (the reference's projection)."""
+        gates = [reference.input_gates(self.rows, w, options) for w in self.weights]
+        return gates[0] if len(gates) == 1 else torch.cat(gates, -1)
+
+
 def _remember(ctx, call: LayerCall, inputs: LayerInputs, y: Tensor, saved: Sequence[Tensor],
-              weights: Sequence[Tensor], masks: Sequence[Tensor]) -> None:
+              weights: Sequence[Tensor], masks: Sequence[Tensor], source: GatesSource | None = None) -> None:
     """What the backward needs: tensors in autograd's saved tensors (so that saved-tensor hooks see
-    them and autograd checks them for in-place changes), the rest static."""
+    them and autograd checks them for in-place changes), the rest static. ``source``: where the input
+    gates came from, kept where the engine does not keep the gates themselves (for higher-order
+    gradients; the input projection's node keeps the same tensors, so they cost no memory)."""
     reads_x, reads_y = engine_of(call).reads(call)
+    source = [] if reads_x or source is None else source.tensors()
     ctx.call, ctx.layout = call, inputs.layout
-    ctx.counts = (len(weights), len(masks))
+    ctx.counts = (len(weights), len(masks), len(source))
     ctx.x_like = (inputs.x.shape[1], inputs.x.dtype)  # where x is not kept, dx's width and dtype
     ctx.needs = (inputs.x.requires_grad, [t.requires_grad for t in weights])
     # c0 is kept even where the backward reads it through a pointer: autograd then sees it changed in place
     ctx.save_for_backward(inputs.x if reads_x else None, inputs.h0, inputs.c0, y if reads_y else None, *weights,
-                          *masks, *saved)
+                          *masks, *source, *saved)
 
 
-def _recall(ctx) -> tuple[LayerInputs, list[Tensor], Tensor | None, list[Tensor]]:
-    """The layer's inputs, its flat weights, ``y`` and the engine's saved tensors."""
+def _recall(ctx) -> tuple[LayerInputs, list[Tensor], Tensor | None, list[Tensor], GatesSource | None]:
+    """The layer's inputs, its flat weights, ``y``, the engine's saved tensors and the gates' source."""
     x, h0, c0, y, *rest = ctx.saved_tensors
-    n_weights, n_masks = ctx.counts
+    n_weights, n_masks, n_source = ctx.counts
     if x is None:  # a stand-in of no rows: the engine does not read x, the op's fake sizes dx from it
         width, dtype = ctx.x_like
         x = h0.new_empty(0, width, dtype=dtype)
-    weights, masks, saved = rest[:n_weights], rest[n_weights : n_weights + n_masks], rest[n_weights + n_masks :]
+    weights, masks = rest[:n_weights], rest[n_weights : n_weights + n_masks]
+    source, saved = rest[n_weights + n_masks : n_weights + n_masks + n_source], rest[n_weights + n_masks + n_source :]
     unmasked = [_NO_MASKS] * ctx.call.directions if not n_masks else unflatten_masks(ctx.call, masks)
     inputs = LayerInputs(x, ctx.layout, h0, c0, unflatten_weights(ctx.call, weights), unmasked)
-    return inputs, list(weights), y, list(saved)
+    return inputs, list(weights), y, list(saved), GatesSource.of_tensors(ctx.call.options, source) if source else None
 
 
 _NO_MASKS = DirectionMasks()  # (never changed)
@@ -276,11 +309,13 @@ _NO_MASKS = DirectionMasks()  # (never changed)
 
 def _gradients(ctx, dy: Tensor, dh_n: Tensor, dc_n: Tensor, *, through_op: bool) -> tuple:
     """``(dx, dh0, dc0, weight gradients (flat))`` for autograd."""
-    inputs, weights, y, saved = _recall(ctx)
+    inputs, weights, y, saved, source = _recall(ctx)
     call = ctx.call
     needs_x, needs_weights = ctx.needs
-    if torch.is_grad_enabled():  # create_graph: a backward that autograd can differentiate again
-        return _differentiable_gradients(call, inputs, weights, (dy, dh_n, dc_n))
+    # create_graph (a backward that autograd can differentiate again), or cotangents batched by vmap
+    # (is_grads_batched, jacobian(vectorize=True)), which the engines' kernels cannot take
+    if torch.is_grad_enabled() or transformed() or _batched(dy, dh_n, dc_n):
+        return _differentiable_gradients(call, inputs, weights, source, (dy, dh_n, dc_n))
     if through_op:
         dy, dh_n, dc_n = dy.contiguous(), dh_n.contiguous(), dc_n.contiguous()
         flat = torch.ops.fastlstm.lstm_layer_backward(
@@ -296,20 +331,22 @@ def _gradients(ctx, dy: Tensor, dh_n: Tensor, dc_n: Tensor, *, through_op: bool)
     return dx, dh0, dc0, weight_grads
 
 
-def _differentiable_gradients(call: LayerCall, inputs: LayerInputs, weights: list[Tensor], cotangents) -> tuple:
+def _differentiable_gradients(call: LayerCall, inputs: LayerInputs, weights: list[Tensor],
+                              source: GatesSource | None, cotangents) -> tuple:
     """The layer re-run on the reference engine (plain torch ops) and differentiated with
-    ``create_graph``: gradients that autograd can differentiate again."""
-    if inputs.x.shape[0] != inputs.layout.total:  # (the stand-in: x was not kept)
+    ``create_graph``: gradients that autograd can differentiate again (and that vmap can batch)."""
+    kept = inputs.x.shape[0] == inputs.layout.total  # (else the stand-in: x was not kept)
+    if not kept and source is None:  # (only the op, under a dispatch mode, neither keeps x nor knows its source)
         raise RuntimeError(
-            f"fastlstm: the {call.engine} engine does not keep its layer's input, so it cannot give higher-order "
-            "gradients (create_graph=True) through a layer of more than one step; use backend='reference' "
-            "for those (LSTMCell and single steps give them on every engine)"
+            f"fastlstm: the {call.engine} engine's op does not keep its layer's input gates, so it cannot give "
+            "higher-order or batched gradients here; run the model eagerly or with backend='reference'"
         )
     from .reference import layer_of_call
 
     with torch.enable_grad():
-        outputs = layer_of_call(call, inputs)
-        leaves = [inputs.x, inputs.h0, inputs.c0, *weights]
+        x = inputs.x if kept else source.gates(call.options)
+        outputs = layer_of_call(call, inputs._replace(x=x))
+        leaves = [x, inputs.h0, inputs.c0, *weights]
         used = [(o, g) for o, g in zip(outputs, cotangents) if g is not None]
         grads = torch.autograd.grad([o for o, _ in used], [t for t in leaves if t.requires_grad], [g for _, g in used],
                                     create_graph=True, allow_unused=True)
@@ -342,18 +379,18 @@ class _EagerLayer(torch.autograd.Function):
     nothing used arrive as None (engines take them as zeros)."""
 
     @staticmethod
-    def forward(ctx, call, inputs, n_weights, x, h0, c0, *tensors):
+    def forward(ctx, call, inputs, source, n_weights, x, h0, c0, *tensors):
         ctx.set_materialize_grads(False)
         engine = engine_of(call)
         saved = engine.allocate(call, inputs)
         y, h_n, c_n = engine.forward(call, inputs, saved)
-        _remember(ctx, call, inputs, y, saved, tensors[:n_weights], tensors[n_weights:])
+        _remember(ctx, call, inputs, y, saved, tensors[:n_weights], tensors[n_weights:], source)
         return y, h_n, c_n
 
     @staticmethod
     def backward(ctx, dy, dh_n, dc_n):
         dx, dh0, dc0, weight_grads = _gradients(ctx, dy, dh_n, dc_n, through_op=False)
-        return None, None, None, dx, dh0, dc0, *weight_grads, *([None] * ctx.counts[1])
+        return None, None, None, None, dx, dh0, dc0, *weight_grads, *([None] * ctx.counts[1])
 
 
 # -- one layer call -----------------------------------------------------------------------------------
@@ -364,6 +401,12 @@ def transformed() -> bool:
     return torch._C._are_functorch_transforms_active()
 
 
+def _batched(*cotangents: Tensor | None) -> bool:
+    """Whether autograd batches the cotangents (``is_grads_batched=True`` runs the backward under
+    torch's older vmap, which functorch's flag does not report)."""
+    return any(t is not None and torch._C._functorch.is_legacy_batchedtensor(t) for t in cotangents)
+
+
 def traced() -> bool:
     """Whether this call is being traced or transformed (compile, export, torch.func, a dispatch
     mode): then the layer must be the op."""
@@ -371,9 +414,11 @@ def traced() -> bool:
             or _get_current_dispatch_mode() is not None)
 
 
-def run(call: LayerCall, inputs: LayerInputs, weights: list[Tensor] | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def run(call: LayerCall, inputs: LayerInputs, weights: list[Tensor] | None = None,
+        source: GatesSource | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """One layer on ``call.engine``: ``(y [N, D*H_out], h_n [D, B, H_out], c_n [D, B, H])``;
-    ``weights``: ``flat_weights(inputs.weights)`` where the caller has it."""
+    ``weights``: ``flat_weights(inputs.weights)`` where the caller has it; ``source``: where the
+    input gates came from (higher-order gradients recompute them)."""
     weights = flat_weights(inputs.weights) if weights is None else weights
     masks = flat_masks(inputs.masks) if True in call.masks else []
     if traced():
@@ -382,7 +427,7 @@ def run(call: LayerCall, inputs: LayerInputs, weights: list[Tensor] | None = Non
         return y, h_n, c_n
     if not call.save:  # nothing requires grad: no graph is recorded, nothing is kept
         return engine_of(call).forward(call, inputs, [])
-    return _EagerLayer.apply(call, inputs, len(weights), inputs.x, inputs.h0, inputs.c0, *weights, *masks)
+    return _EagerLayer.apply(call, inputs, source, len(weights), inputs.x, inputs.h0, inputs.c0, *weights, *masks)
 
 
 _STEP_CALLS: dict[tuple, LayerCall] = {}

@@ -8,6 +8,7 @@ calls here with grad mode on (:mod:`fastlstm.engines.contract`).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
@@ -45,10 +46,12 @@ def layer(x: Tensor, layout: Layout, h0: Tensor, c0: Tensor, weights: Sequence[D
 def layer_of_call(call, inputs) -> tuple[Tensor, Tensor, Tensor]:
     """A compiled engine's layer call (:class:`fastlstm.engines.contract.LayerCall` and its inputs)
     computed here, differentiably."""
-    masks = inputs.masks if call.training and call.options.is_stochastic else None
+    # the call's weight_hh has DropConnect applied already (by the shell, as a torch op)
+    options = dataclasses.replace(call.options, weight_drop=0.0) if call.options.weight_drop else call.options
+    masks = inputs.masks if call.training and options.is_stochastic else None
     cell = inputs.h0.dim() == 2  # (a single step's states, [B, .])
     h0, c0 = (inputs.h0.unsqueeze(0), inputs.c0.unsqueeze(0)) if cell else (inputs.h0, inputs.c0)
-    y, h_n, c_n = layer(inputs.x, inputs.layout, h0, c0, inputs.weights, call.options, masks, training=call.training,
+    y, h_n, c_n = layer(inputs.x, inputs.layout, h0, c0, inputs.weights, options, masks, training=call.training,
                         from_input_gates=not call.fused_input)
     return (y, h_n[0], c_n[0]) if cell else (y, h_n, c_n)
 

@@ -1,0 +1,215 @@
+"""The autograd features beyond a first-order backward, on every engine (engines/contract.py):
+second-order gradients (``create_graph=True``), batched cotangents (``is_grads_batched=True``,
+``jacobian(vectorize=True)``) and ``torch.func`` transforms.
+
+Oracles: torch.nn.LSTM / LSTMCell in float64 where torch computes the same thing, and
+``torch.autograd.gradgradcheck`` (finite differences of the first-order gradients) for the
+variants torch does not have. Triton runs in its interpreter.
+"""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+
+from tests.test_gradcheck import OPTIONS
+
+F64 = torch.float64
+ENGINES = ["cpu", "reference", "triton"]
+ARCHS = {
+    "plain": dict(),
+    "bidirectional-2-layers": dict(bidirectional=True, num_layers=2),
+    "proj": dict(proj_size=2),
+}
+FORMS = {"padded": None, "one-step": None, "packed": [2, 5, 3]}
+
+
+def _pair(backend, **arch):
+    """A fastlstm.LSTM on ``backend`` and a torch.nn.LSTM with the same weights, float64."""
+    ours = fastlstm.LSTM(3, 4, dtype=F64, backend=backend, **arch)
+    theirs = torch.nn.LSTM(3, 4, dtype=F64, **arch)
+    theirs.load_state_dict(ours.state_dict())
+    return ours, theirs
+
+
+def _input(form):
+    steps = 1 if form == "one-step" else 5
+    return torch.randn(steps, 3, 3, dtype=F64, generator=torch.Generator().manual_seed(7))
+
+
+def _outputs(module, x, form):
+    """``(y, h_n, c_n)`` of ``module`` on ``x [T, B, I]`` in ``form`` (the packed output as its rows)."""
+    if form == "packed":
+        y, (h, c) = module(pack_padded_sequence(x, FORMS["packed"], enforce_sorted=False))
+        return y.data, h, c
+    y, (h, c) = module(x)
+    return y, h, c
+
+
+def _second_order(module, x, form):
+    """A gradient penalty: d/d(x, params) of |d/dx loss|^2, with loss using every output."""
+    x = x.detach().requires_grad_()
+    y, h, c = _outputs(module, x, form)
+    (gx,) = torch.autograd.grad(y.pow(2).sum() + h.sum() + c.pow(2).sum(), x, create_graph=True)
+    gx.pow(2).sum().backward()
+    return [x.grad] + [p.grad for p in module.parameters()]
+
+
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+@pytest.mark.parametrize("backend", ENGINES)
+def test_second_order_gradients_match_torch(backend, arch, form):
+    ours, theirs = _pair(backend, **arch)
+    x = _input(form)
+    for name, a, b in zip(["x", *dict(ours.named_parameters())], _second_order(ours, x, form),
+                          _second_order(theirs, x, form)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_second_order_gradients_of_a_cell_match_torch(backend):
+    ours = fastlstm.LSTMCell(3, 4, backend=backend, dtype=F64)
+    theirs = torch.nn.LSTMCell(3, 4, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    results = []
+    for module in (ours, theirs):
+        x = _input("one-step")[0].requires_grad_()
+        hx = [torch.ones(3, 4, dtype=F64, requires_grad=True) for _ in range(2)]
+        h, c = module(x, hx)
+        (gx,) = torch.autograd.grad(h.pow(2).sum() + c.sum(), x, create_graph=True)
+        gx.pow(2).sum().backward()
+        results.append([x.grad, *(t.grad for t in hx), *(p.grad for p in module.parameters())])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _functional(module, lengths, masks):
+    """The module as a function of its input, states and parameters, its input packed with ``lengths``."""
+    names = [n for n, _ in module.named_parameters()]
+    kwargs = {} if masks is None else {"masks": masks}
+
+    def f(x, h0, c0, *params):
+        inputs = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        y, (h, c) = torch.func.functional_call(module, dict(zip(names, params)), (inputs, (h0, c0)), kwargs)
+        return y.data, h, c
+
+    return f
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
+def test_gradgradcheck_every_option_on_the_cpu_engine(cfg, training):
+    """Every variant, both directions, packed input: the second-order gradients are the
+    derivatives of the first-order ones (finite differences; fast mode, a random projection)."""
+    module = fastlstm.LSTM(2, 3, bidirectional=True, dtype=F64, backend="cpu", **cfg).train(training)
+    h_out = cfg.get("proj_size") or 3
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 3, 2, dtype=F64, generator=g)
+    h0 = torch.randn(2, 3, h_out, dtype=F64, generator=g)
+    c0 = torch.randn(2, 3, 3, dtype=F64, generator=g)
+    masks = module.sample_masks(x) if training else None
+    f = _functional(module, [2, 3, 1], masks)
+    params = [p.detach().clone() for p in module.parameters()]
+    inputs = [t.requires_grad_() for t in (x, h0, c0, *params)]
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("cfg", [c for c in OPTIONS.values() if "proj_size" not in c],
+                         ids=[k for k, c in OPTIONS.items() if "proj_size" not in c])
+def test_gradgradcheck_every_option_of_a_cell_on_the_cpu_engine(cfg):
+    cell = fastlstm.LSTMCell(2, 3, dtype=F64, backend="cpu", **cfg).train()
+    g = torch.Generator().manual_seed(12)
+    x, h0, c0 = (torch.randn(2, n, dtype=F64, generator=g) for n in (2, 3, 3))
+    masks = cell.sample_masks(x) if cell.options.is_stochastic else None
+    names = [n for n, _ in cell.named_parameters()]
+    kwargs = {} if masks is None else {"masks": masks}
+
+    def f(x, h0, c0, *params):
+        return torch.func.functional_call(cell, dict(zip(names, params)), (x, (h0, c0)), kwargs)
+
+    inputs = [t.requires_grad_() for t in (x, h0, c0, *(p.detach().clone() for p in cell.parameters()))]
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("form", ["padded", "packed"])
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+@pytest.mark.parametrize("backend", ENGINES)
+def test_batched_cotangents_match_torch(backend, arch, form):
+    """``is_grads_batched=True`` (autograd vmaps the backward over a batch of cotangents): four
+    vector-Jacobian products at once, against torch.nn.LSTM's."""
+    ours, theirs = _pair(backend, **arch)
+    x = _input(form)
+    results = []
+    for module in (ours, theirs):
+        leaf = x.clone().requires_grad_()
+        y, h, c = _outputs(module, leaf, form)
+        g = torch.Generator().manual_seed(5)
+        cotangents = [torch.randn(4, *t.shape, dtype=F64, generator=g) for t in (y, h, c)]
+        results.append(torch.autograd.grad((y, h, c), [leaf, *module.parameters()], cotangents, is_grads_batched=True))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_vectorized_jacobian_matches_torch(backend):
+    ours, theirs = _pair(backend, bidirectional=True)
+    x = _input("padded")[:3]
+    jacobians = [torch.autograd.functional.jacobian(lambda x, m=m: m(x)[0], x, vectorize=True) for m in (ours, theirs)]
+    torch.testing.assert_close(*jacobians, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_torch_func_transforms_match_torch(backend):
+    """grad, jacrev and jacfwd of a model on each engine against torch.nn.LSTM's (torch cannot vmap its
+    own LSTM: vmap is checked against a loop over the batch)."""
+    ours, theirs = _pair(backend, bidirectional=True, num_layers=2)
+    x = _input("padded")[:3]
+    results = []
+    for module in (ours, theirs):
+        params = dict(module.named_parameters())
+
+        def loss(p, x, module=module):
+            y, (h, c) = torch.func.functional_call(module, p, (x,))
+            return y.square().sum() + c.sum()
+
+        def output(x, module=module):
+            return module(x)[0].sum(1)
+
+        results.append([*torch.func.grad(loss, argnums=(0, 1))(params, x)[0].values(),
+                        torch.func.grad(loss, argnums=1)(params, x), torch.func.jacrev(output)(x),
+                        torch.func.jacfwd(output)(x)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    batch = torch.randn(4, 3, 2, 3, dtype=F64)
+    mapped = torch.func.vmap(lambda x: ours(x)[0])(batch)
+    torch.testing.assert_close(mapped, torch.stack([theirs(b)[0] for b in batch]), rtol=1e-10, atol=1e-10)
+
+
+def test_torch_func_of_a_cell_matches_torch():
+    ours = fastlstm.LSTMCell(3, 4, backend="cpu", dtype=F64)
+    theirs = torch.nn.LSTMCell(3, 4, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    x = _input("padded")[0]
+    jac = [torch.func.jacrev(lambda x, m=m: m(x)[1])(x) for m in (ours, theirs)]
+    torch.testing.assert_close(*jac, rtol=1e-10, atol=1e-10)
+    mapped = torch.func.vmap(ours)(x)[1]
+    torch.testing.assert_close(mapped, torch.stack([theirs(r)[1] for r in x]), rtol=1e-10, atol=1e-10)
+
+
+def test_a_failed_transform_leaves_later_calls_unaffected():
+    """vmap of a training-mode stochastic model fails (random masks under randomness='error'); every
+    later call of the CPU engine, in every form and shape, still equals the reference engine's."""
+    noisy = fastlstm.LSTM(3, 4, zoneout=0.3, backend="cpu").train()
+    with pytest.raises(RuntimeError, match="randomness"):
+        torch.func.vmap(lambda x: noisy(x)[0])(torch.randn(2, 5, 3, 3))
+    ours, _ = _pair("cpu", bidirectional=True)
+    reference = fastlstm.LSTM(3, 4, dtype=F64, backend="reference", bidirectional=True)
+    reference.load_state_dict(ours.state_dict())
+    for steps, batch in [(5, 3), (1, 3), (5, 1), (2, 7)]:
+        x = torch.randn(steps, batch, 3, dtype=F64)
+        (y, (h, c)), (y_ref, (h_ref, c_ref)) = ours(x), reference(x)
+        for a, b in ((y, y_ref), (h, h_ref), (c, c_ref)):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    cell = fastlstm.LSTMCell(3, 4, backend="cpu")
+    assert cell(torch.randn(3, 3))[0].shape == (3, 4)
