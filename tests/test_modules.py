@@ -4,6 +4,7 @@ import copy
 import io
 import math
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -232,3 +233,49 @@ def test_functional_call_and_parametrizations_see_the_substituted_weights(backen
         lstm.parametrizations.weight_hh_l0.original0.mul_(0.5)
         reference.parametrizations.weight_hh_l0.original0.mul_(0.5)
     torch.testing.assert_close(lstm(x)[0], reference(x)[0], rtol=1e-5, atol=1e-6)
+
+
+# -- tools the modules do not support: a clear error, never a silently wrong model -------------------
+
+
+@pytest.mark.parametrize("make", [lambda: fastlstm.LSTM(3, 4), lambda: fastlstm.LSTMCell(3, 4)], ids=["LSTM", "LSTMCell"])
+def test_torchscript_refuses_and_names_what_works(make):
+    model = torch.nn.Sequential(make())
+    with pytest.raises(RuntimeError, match="torch.jit.script.*torch.export"):
+        torch.jit.script(model)
+
+
+def test_tracing_an_lstm_refuses_instead_of_fixing_the_length():
+    with pytest.raises(RuntimeError, match="torch.jit.trace.*number of steps"):
+        torch.jit.trace(fastlstm.LSTM(3, 4), torch.randn(5, 2, 3))
+
+
+def test_a_traced_cell_runs_the_reference_step_and_generalises_over_the_batch():
+    cell = fastlstm.LSTMCell(3, 4, peephole=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # (its shape checks become constants)
+        traced = torch.jit.trace(cell, (torch.randn(2, 3),))
+    x = torch.randn(5, 3)
+    for a, b in zip(traced(x), cell(x)):
+        torch.testing.assert_close(a, b)
+
+
+def test_quantization_asked_for_a_module_raises():
+    model = torch.nn.Sequential(fastlstm.LSTM(3, 4), torch.nn.Linear(4, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.raises(RuntimeError, match="fastlstm.LSTM cannot be quantized"):
+            torch.ao.quantization.quantize_dynamic(model, {fastlstm.LSTM})
+
+
+def test_quantization_of_other_modules_warns_that_fastlstm_stays_in_float():
+    model = torch.nn.Sequential(fastlstm.LSTM(3, 4), torch.nn.Linear(4, 2))
+    x = torch.randn(5, 2, 3)
+    expected = model[0](x)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        with pytest.warns(UserWarning, match="leaves fastlstm.LSTM in float"):
+            quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear, torch.nn.LSTM})
+    assert type(quantized[1]) is not torch.nn.Linear  # the Linear was converted
+    torch.testing.assert_close(quantized[0](x)[0], expected, rtol=0, atol=0)
+    assert not hasattr(quantized[0], "qconfig")

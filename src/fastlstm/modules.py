@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import functional
+from . import checks, functional
 from .engines import check_backend
 from .masks import DirectionMasks, LSTMMasks
 from .options import DEFAULT_ACTIVATIONS, LSTMOptions, make_options
@@ -91,37 +91,38 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def _check_input_tensor(input) -> None:
-    if not isinstance(input, Tensor):
-        raise TypeError(f"input should be a Tensor or a PackedSequence, got {type(input).__name__}")
+class _Deployment:
+    """What the modules say to tools they do not support (README, "TorchScript and quantization").
 
+    * ``torch.jit.script`` cannot compile them (their engines run behind a custom op and Python
+      records): it calls ``__prepare_scriptable__``, which raises and names what does work.
+    * ``torch.ao.quantization`` (``quantize_dynamic``, ``prepare``) has no int8 path for them: it
+      walks every module and sets ``qconfig``. A qconfig asked for them raises; walking past them
+      (a spec of other types) warns that they stay in float.
+    """
 
-def _check_state_pair(hx, module_name: str) -> tuple[Tensor, Tensor]:
-    """``hx`` must be ``(h_0, c_0)``; the exception types follow what torch raises for each misuse."""
-    if isinstance(hx, Tensor):
-        raise RuntimeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")
-    if not isinstance(hx, (tuple, list)):
-        raise TypeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
-    if len(hx) < 2:
-        raise IndexError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} element(s)")
-    if len(hx) > 2:
-        raise ValueError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} elements")
-    for idx, value in enumerate(hx):
-        if not isinstance(value, Tensor):
-            raise TypeError(f"{module_name}: hx[{idx}] should be a Tensor, got {type(value).__name__}")
-    return hx[0], hx[1]
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"fastlstm.{type(self).__name__} cannot be compiled by torch.jit.script (TorchScript cannot call "
+            "its engines); use torch.export.export (or torch.onnx.export(..., dynamo=True)) or torch.compile; "
+            "torch.jit.trace traces LSTMCell only"
+        )
 
+    @property
+    def qconfig(self):
+        raise AttributeError("qconfig")  # (never set: to torch.ao.quantization the attribute is missing)
 
-def _check_state_dtype_device(states: tuple[Tensor, Tensor], x: Tensor, module_name: str) -> None:
-    for idx, state in enumerate(states):
-        if state.dtype != x.dtype:
+    @qconfig.setter
+    def qconfig(self, value):
+        if value is not None:
             raise RuntimeError(
-                f"{module_name}: hx[{idx}] has dtype {state.dtype} but input has dtype {x.dtype}; they must match"
+                f"fastlstm.{type(self).__name__} cannot be quantized by torch.ao.quantization (it has no int8 path); "
+                "leave it out of qconfig_spec (e.g. quantize_dynamic(model, {torch.nn.Linear})) to keep it in float"
             )
-        if state.device != x.device:
-            raise RuntimeError(
-                f"{module_name}: hx[{idx}] is on {state.device} but input is on {x.device}; they must match"
-            )
+        warnings.warn(
+            f"torch.ao.quantization leaves fastlstm.{type(self).__name__} in float (it has no int8 path)",
+            UserWarning, stacklevel=2,
+        )
 
 
 @dataclass
@@ -140,7 +141,7 @@ class _ParsedInput:
         return self.packed.data.dtype if self.packed is not None else self.x.dtype
 
 
-class LSTM(nn.Module):
+class LSTM(_Deployment, nn.Module):
     r"""A drop-in ``torch.nn.LSTM`` with optional variants.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -302,8 +303,12 @@ class LSTM(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def forward(self, input, hx=None, *, masks: LSTMMasks | None = None):
-        parsed = self._parse(input, hx)
+    def forward(self, input, hx=None, *, lengths: Tensor | None = None, masks: LSTMMasks | None = None):
+        """``lengths``: int64 ``[B]`` (a 0-d tensor for unbatched input), each sequence's number of
+        steps in padded ``input``, any batch order: the result is that of a ``PackedSequence`` of
+        those lengths, padded (outputs zero past each end, ``h_n``/``c_n`` at each last step, the
+        reverse direction starting at each end). A length of 0 keeps the sequence's initial state."""
+        parsed = self._parse(input, hx, lengths)
         weights = self._weights(parsed.dtype)
         y, h_n, c_n = functional.lstm(
             parsed.packed if parsed.packed is not None else parsed.x,
@@ -353,7 +358,7 @@ class LSTM(nn.Module):
             for layer in range(self.num_layers)
         ]
 
-    def _parse(self, input, hx) -> _ParsedInput:
+    def _parse(self, input, hx, lengths=None) -> _ParsedInput:
         weight_dtype = self.weight_ih_l0.dtype
         num_directions = 2 if self.bidirectional else 1
         h_out = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -363,17 +368,18 @@ class LSTM(nn.Module):
             packed = input
             x = input.data  # [N, I]: only its batch size, dtype and device are read below
             self._check_input(x, weight_dtype, expected_dim=2)
-            lengths = None
+            if lengths is not None:
+                raise ValueError("lengths: a PackedSequence input carries its own lengths; pass lengths with padded input")
             batched = True
             if hx is not None:
-                hx = _check_state_pair(hx, "LSTM")
+                hx = checks.check_state_pair(hx, "LSTM")
         else:
-            _check_input_tensor(input)
+            checks.check_input_tensor(input)
             if input.dim() not in (2, 3):
                 raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
             batched = input.dim() == 3
             if hx is not None:
-                hx = _check_state_pair(hx, "LSTM")
+                hx = checks.check_state_pair(hx, "LSTM")
                 if batched and (hx[0].dim() != 3 or hx[1].dim() != 3):
                     raise RuntimeError(
                         "For batched 3-D input, hx and cx should also be 3-D but got "
@@ -391,8 +397,9 @@ class LSTM(nn.Module):
                 x = input.transpose(0, 1) if self.batch_first else input
             self._check_input(x, weight_dtype, expected_dim=3)
             if x.shape[0] == 0:
-                raise RuntimeError("LSTM: Expected sequence length to be larger than 0 in RNN (input has 0 steps)")
-            lengths = None
+                raise RuntimeError("Expected sequence length to be larger than 0 in RNN")  # (torch's words)
+            if lengths is not None:
+                lengths = checks.check_lengths(lengths, x.shape[0], x.shape[1], batched)
 
         batch = int(packed.batch_sizes[0]) if packed is not None else x.shape[1]
         expected_h = (self.num_layers * num_directions, batch, h_out)
@@ -403,16 +410,10 @@ class LSTM(nn.Module):
         else:
             h0, c0 = hx
             if tuple(h0.shape) != expected_h:
-                raise RuntimeError(
-                    f"Expected hidden[0] size {expected_h}, got {list(h0.shape)} "
-                    "(h_0 should be [num_layers * num_directions, batch, proj_size or hidden_size])"
-                )
+                raise RuntimeError(f"Expected hidden[0] size {expected_h}, got {list(h0.shape)}")
             if tuple(c0.shape) != expected_c:
-                raise RuntimeError(
-                    f"Expected hidden[1] size {expected_c}, got {list(c0.shape)} "
-                    "(c_0 should be [num_layers * num_directions, batch, hidden_size])"
-                )
-            _check_state_dtype_device((h0, c0), x, "LSTM")
+                raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(c0.shape)}")
+            checks.check_state_dtype_device((h0, c0), x, "LSTM")
 
         cast = _autocast_dtype(x.device)
         if cast is not None and x.is_floating_point():
@@ -437,7 +438,7 @@ class LSTM(nn.Module):
             )
 
 
-class LSTMCell(nn.Module):
+class LSTMCell(_Deployment, nn.Module):
     r"""A drop-in ``torch.nn.LSTMCell`` with optional variants.
 
     ``LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, <options>, backend="auto")``
@@ -536,11 +537,11 @@ class LSTMCell(nn.Module):
         return _direction_weights(self, self._direction_names, dtype)
 
     def _parse(self, input, hx) -> tuple[Tensor, Tensor, Tensor, bool]:
-        _check_input_tensor(input)
+        checks.check_input_tensor(input)
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
-            hx = _check_state_pair(hx, "LSTMCell")
+            hx = checks.check_state_pair(hx, "LSTMCell")
             for idx, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")
@@ -552,21 +553,17 @@ class LSTMCell(nn.Module):
         else:
             h0, c0 = (hx[0], hx[1]) if batched else (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
 
+        # torch's checks, in torch's order and words (its tests match them)
         if x.shape[1] != self.input_size:
-            raise RuntimeError(
-                f"LSTMCell: input has inconsistent input_size: got {x.shape[1]}, expected {self.input_size}"
-            )
+            raise RuntimeError(f"input has inconsistent input_size: got {x.shape[1]} expected {self.input_size}")
         for idx, state in enumerate((h0, c0)):
-            if state.dim() != 2 or state.shape[0] != x.shape[0]:
-                raise RuntimeError(
-                    f"LSTMCell: Input batch size {x.shape[0]} doesn't match hidden{idx} batch size "
-                    f"{state.shape[0] if state.dim() == 2 else list(state.shape)} (hx[{idx}] should be [batch, hidden_size])"
-                )
+            if state.shape[0] != x.shape[0]:
+                raise RuntimeError(f"Input batch size {x.shape[0]} doesn't match hidden{idx} batch size {state.shape[0]}")
             if state.shape[1] != self.hidden_size:
                 raise RuntimeError(
-                    f"LSTMCell: hidden{idx} has inconsistent hidden_size: got {state.shape[1]}, "
-                    f"expected {self.hidden_size} (hx[{idx}] should be [batch, hidden_size])"
-                )
+                    f"hidden{idx} has inconsistent hidden_size: got {state.shape[1]}, expected {self.hidden_size}")
+            if state.dim() != 2:  # (an unbatched input with [1, B, H] states: torch fails later, in its kernel)
+                raise RuntimeError(f"LSTMCell: for unbatched 1-D input, hx[{idx}] should be 1-D, got {state.dim() - 1}-D")
         cast = _autocast_dtype(x.device)
         if cast is not None and x.is_floating_point():
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
@@ -575,5 +572,5 @@ class LSTMCell(nn.Module):
                 f"LSTMCell: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype}); "
                 f"convert input: input.to({self.weight_ih.dtype}), or convert model: model.to({x.dtype})"
             )
-        _check_state_dtype_device((h0, c0), x, "LSTMCell")
+        checks.check_state_dtype_device((h0, c0), x, "LSTMCell")
         return x, h0, c0, batched

@@ -123,12 +123,12 @@ def check_row(impls: list[Impl], inputs: Inputs, generator: torch.Generator) -> 
     # The check is of the math: float32 products are IEEE in every implementation while it runs
     # (torch.nn.LSTM's cuDNN recurrence and fastlstm's Triton kernels would otherwise take TF32,
     # torch's default, and the reference engine's matmuls would not). Timing keeps the user's setting.
-    tf32 = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    try:
+    # (cudnn's flags() context, not an assignment: torch's test utilities forbid bare assignments
+    # to these flags once imported, and a test process may have imported them)
+    cudnn = torch.backends.cudnn
+    with cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                     allow_tf32=False):
         return _check_row(impls, inputs, generator)
-    finally:
-        torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _check_row(impls: list[Impl], inputs: Inputs, generator: torch.Generator) -> CheckResult:

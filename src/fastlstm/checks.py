@@ -1,0 +1,57 @@
+"""The modules' checks of their inputs: torch's exception types, and torch's words where torch has
+a check of its own (its tests match them); elsewhere a message that names the argument and what
+it should be."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def check_input_tensor(input) -> None:
+    if not isinstance(input, Tensor):
+        raise TypeError(f"input should be a Tensor or a PackedSequence, got {type(input).__name__}")
+
+
+def check_state_pair(hx, module_name: str) -> tuple[Tensor, Tensor]:
+    """``hx`` must be ``(h_0, c_0)``; the exception types follow what torch raises for each misuse."""
+    if isinstance(hx, Tensor):
+        raise RuntimeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")
+    if not isinstance(hx, (tuple, list)):
+        raise TypeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
+    if len(hx) < 2:
+        raise IndexError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} element(s)")
+    if len(hx) > 2:
+        raise ValueError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} elements")
+    for idx, value in enumerate(hx):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{module_name}: hx[{idx}] should be a Tensor, got {type(value).__name__}")
+    return hx[0], hx[1]
+
+
+def check_state_dtype_device(states: tuple[Tensor, Tensor], x: Tensor, module_name: str) -> None:
+    for idx, state in enumerate(states):
+        if state.dtype != x.dtype:
+            raise RuntimeError(
+                f"{module_name}: hx[{idx}] has dtype {state.dtype} but input has dtype {x.dtype}; they must match"
+            )
+        if state.device != x.device:
+            raise RuntimeError(
+                f"{module_name}: hx[{idx}] is on {state.device} but input is on {x.device}; they must match"
+            )
+
+
+def check_lengths(lengths, steps: int, batch: int, batched: bool) -> Tensor:
+    """``lengths`` as int64 ``[B]`` on the CPU, or a TypeError/ValueError that names it."""
+    if not isinstance(lengths, Tensor):
+        raise TypeError(f"lengths should be an int64 Tensor of shape [batch], got {type(lengths).__name__}")
+    if lengths.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        raise TypeError(f"lengths should be an int64 Tensor, got dtype {lengths.dtype}")
+    expected = (batch,) if batched else ()
+    if tuple(lengths.shape) != expected and not (not batched and tuple(lengths.shape) == (1,)):
+        raise ValueError(f"lengths should have shape {list(expected)} (one length per sequence of the input), "
+                         f"got {list(lengths.shape)}")
+    lengths = lengths.reshape(batch).to(device="cpu", dtype=torch.int64)
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > steps):
+        raise ValueError(f"lengths should be between 0 and the input's {steps} steps, got {lengths.tolist()}")
+    return lengths

@@ -1,0 +1,88 @@
+"""Reproducible by construction: no engine draws from torch's global generator unless an option
+asks for randomness, and every implementation choice (GEMM library, thread split) is a fixed
+function of shape, dtype and machine, so two processes give bitwise equal results."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import fastlstm
+
+ENGINES = ["cpu", "reference", "triton"]
+# (T, B, I, H): small, and one whose input product the fixed rule gives to oneDNN (K >= 256)
+SHAPES = [(3, 2, 4, 5), (2, 3, 300, 8), (1, 1, 4, 5)]
+
+
+@pytest.mark.parametrize("backend", ENGINES)
+def test_calls_leave_torchs_random_state_unchanged(backend):
+    """First and later calls, every shape, forward and backward, eval and training mode (no
+    stochastic option): torch.get_rng_state() is what it was."""
+    for steps, batch, inputs, hidden in SHAPES:
+        torch.manual_seed(0)
+        lstm = fastlstm.LSTM(inputs, hidden, num_layers=2, bidirectional=True, backend=backend)
+        cell = fastlstm.LSTMCell(inputs, hidden, backend=backend)
+        x = torch.randn(steps, batch, inputs, requires_grad=True)
+        for training in (False, True, True):
+            lstm.train(training)
+            cell.train(training)
+            state = torch.get_rng_state()
+            y, (h, c) = lstm(x)
+            h1, c1 = cell(x[0])
+            (y.sum() + c.sum() + h1.sum() + c1.sum()).backward()
+            assert torch.equal(torch.get_rng_state(), state), (backend, steps, batch, inputs, hidden, training)
+
+
+def test_a_seeded_training_run_draws_what_torchs_draws():
+    """A seeded script that shuffles and applies dropout around an LSTM: with fastlstm.LSTM it
+    draws the same random numbers as with torch.nn.LSTM (same initial weights, same stream
+    after every step), so its batches and masks are the same."""
+    def train(lstm_class):
+        torch.manual_seed(3)
+        lstm = lstm_class(6, 16, num_layers=2)
+        head = torch.nn.Sequential(torch.nn.Dropout(0.3), torch.nn.Linear(16, 1))
+        params = [*lstm.parameters(), *head.parameters()]
+        optimizer = torch.optim.SGD(params, lr=0.1)
+        data = torch.randn(32, 8, 6)
+        states = [[p.detach().clone() for p in lstm.parameters()]]
+        for _ in range(3):
+            order = torch.randperm(32)
+            x = data[order[:8]].transpose(0, 1)
+            loss = head(lstm(x)[0]).square().mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            states.append(torch.get_rng_state())
+        return states
+
+    ours, theirs = train(fastlstm.LSTM), train(torch.nn.LSTM)
+    for a, b in zip(ours[0], theirs[0]):
+        assert torch.equal(a, b)  # the same initial weights
+    for a, b in zip(ours[1:], theirs[1:]):
+        assert torch.equal(a, b)
+
+
+_SCRIPT = textwrap.dedent("""
+    import hashlib, torch, fastlstm
+    torch.manual_seed(0)
+    digest = hashlib.sha256()
+    for steps, batch, inputs, hidden in [(7, 5, 300, 64), (4, 3, 5, 16), (1, 1, 5, 16)]:
+        lstm = fastlstm.LSTM(inputs, hidden, num_layers=2, bidirectional=True, backend="cpu")
+        x = torch.randn(steps, batch, inputs, requires_grad=True)
+        y, (h, c) = lstm(x)
+        (y.square().sum() + c.sum()).backward()
+        for t in [y, h, c, x.grad, *(p.grad for p in lstm.parameters())]:
+            digest.update(t.detach().numpy().tobytes())
+    print(digest.hexdigest())
+""")
+
+
+def test_two_processes_give_bitwise_equal_results():
+    """The CPU engine in two fresh processes (two threads, float32, shapes on both sides of the GEMM
+    rule): outputs, states and every gradient bitwise equal."""
+    digests = [subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout for _ in range(2)]
+    assert digests[0] == digests[1] and len(digests[0].strip()) == 64
