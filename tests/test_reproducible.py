@@ -67,6 +67,7 @@ def test_a_seeded_training_run_draws_what_torchs_draws():
 
 _SCRIPT = textwrap.dedent("""
     import hashlib, torch, fastlstm
+    torch.use_deterministic_algorithms(True)
     torch.manual_seed(0)
     digest = hashlib.sha256()
     for steps, batch, inputs, hidden in [(7, 5, 300, 64), (4, 3, 5, 16), (1, 1, 5, 16)]:
@@ -82,7 +83,7 @@ _SCRIPT = textwrap.dedent("""
 
 def test_two_processes_give_bitwise_equal_results():
     """The CPU engine in two fresh processes (two threads, float32, shapes on both sides of the GEMM
-    rule): outputs, states and every gradient bitwise equal."""
+    rule, torch.use_deterministic_algorithms on): outputs, states and every gradient bitwise equal."""
     digests = [subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True,
                               env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout for _ in range(2)]
     assert digests[0] == digests[1] and len(digests[0].strip()) == 64

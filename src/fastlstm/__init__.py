@@ -3,7 +3,8 @@
 from .masks import DirectionMasks, LSTMMasks
 from .modules import LSTM, LSTMCell
 from .options import LSTMOptions
+from .streaming import LSTMState, StreamingLSTM
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "LSTMCell", "LSTMOptions", "LSTMMasks", "DirectionMasks", "__version__"]
+__all__ = ["LSTM", "LSTMCell", "LSTMOptions", "LSTMMasks", "DirectionMasks", "LSTMState", "StreamingLSTM", "__version__"]

@@ -20,6 +20,7 @@ from . import checks, functional
 from .engines import check_backend
 from .masks import DirectionMasks, LSTMMasks
 from .options import DEFAULT_ACTIVATIONS, LSTMOptions, make_options
+from .streaming import Streaming
 from .weights import TORCH_FIELDS, DirectionWeights, direction_shapes, parameter_name
 
 _LAYER_NORM_ONES = ("layer_norm_ih_weight", "layer_norm_hh_weight", "layer_norm_cell_weight")
@@ -141,7 +142,7 @@ class _ParsedInput:
         return self.packed.data.dtype if self.packed is not None else self.x.dtype
 
 
-class LSTM(_Deployment, nn.Module):
+class LSTM(_Deployment, Streaming, nn.Module):
     r"""A drop-in ``torch.nn.LSTM`` with optional variants.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,

@@ -1,0 +1,124 @@
+"""Streaming: an LSTM's state carried from one chunk of a sequence to the next.
+
+:class:`LSTMState` is what :meth:`fastlstm.LSTM.step` takes and returns; :class:`StreamingLSTM`
+keeps one state per stream and runs the chunks of many streams, of unequal lengths, as one batch
+(the rows of a stream whose chunk has ended keep their state: ``lengths=``). Running a sequence
+chunk by chunk gives the outputs and final state of one forward over the whole sequence.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+
+class LSTMState(NamedTuple):
+    """An LSTM's state between chunks: ``h [L, B, H_out]``, ``c [L, B, H]`` (``hx`` of ``forward``).
+
+    The batch dimension is dimension 1: :meth:`stack` joins states of several streams into one
+    batch, :meth:`unstack` splits one into its streams, :meth:`select` takes some of its rows.
+    """
+
+    h: Tensor
+    c: Tensor
+
+    @staticmethod
+    def stack(states: Sequence[LSTMState]) -> LSTMState:
+        """One batch of the streams' states, in the given order (each may hold several rows)."""
+        if not states:
+            raise ValueError("states: stack needs at least one state")
+        return LSTMState(torch.cat([s.h for s in states], 1), torch.cat([s.c for s in states], 1))
+
+    def unstack(self) -> list[LSTMState]:
+        """Each row of the batch as a state of batch 1."""
+        return [LSTMState(h, c) for h, c in zip(self.h.split(1, 1), self.c.split(1, 1))]
+
+    def select(self, index: int | Sequence[int] | Tensor) -> LSTMState:
+        """The rows ``index`` (an int keeps a batch dimension of 1)."""
+        if isinstance(index, int):
+            return LSTMState(self.h[:, index : index + 1], self.c[:, index : index + 1])
+        index = torch.as_tensor(index, dtype=torch.int64, device=self.h.device)
+        return LSTMState(self.h.index_select(1, index), self.c.index_select(1, index))
+
+
+class Streaming:
+    """``LSTM``'s streaming methods (a mixin: the module owns the parameters and ``forward``)."""
+
+    def _check_streaming(self) -> None:
+        if self.bidirectional:
+            raise ValueError("streaming (initial_state, step) needs a unidirectional LSTM: a reverse direction "
+                             "needs the whole sequence")
+
+    def initial_state(self, batch_size: int, *, device=None, dtype=None) -> LSTMState:
+        """Zeros, ``h [L, batch_size, H_out]`` and ``c [L, batch_size, H]``, on the parameters' device
+        and in their dtype unless given."""
+        self._check_streaming()
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 0:
+            raise TypeError(f"batch_size should be a non-negative int, got {batch_size!r}")
+        like = self.weight_ih_l0
+        device = like.device if device is None else device
+        dtype = like.dtype if dtype is None else dtype
+        h_out = self.proj_size or self.hidden_size
+        return LSTMState(torch.zeros(self.num_layers, batch_size, h_out, device=device, dtype=dtype),
+                         torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype))
+
+    def step(self, input: Tensor, state: LSTMState | None = None, *,
+             lengths: Tensor | None = None) -> tuple[Tensor, LSTMState]:
+        """The next chunk of a stream: ``input`` in the module's layout (``[T, B, I]``, or ``[B, T, I]``
+        with ``batch_first``; ``T >= 1``), ``state`` from the previous chunk (zeros if None) ->
+        ``(output, new state)``. ``lengths [B]``: each row's steps in this chunk (0 keeps its state).
+        Chunk after chunk, the outputs are those of one forward over the whole sequence."""
+        self._check_streaming()
+        output, (h, c) = self(input, state, lengths=lengths)
+        return output, LSTMState(h, c)
+
+
+class StreamingLSTM:
+    """One state per stream id for a unidirectional ``fastlstm.LSTM`` (in eval mode for serving).
+
+    ``holder(chunks)`` takes ``{stream_id: chunk}``, each chunk ``[T_s, I]`` (a stream's next
+    ``T_s >= 0`` steps; the streams' lengths may differ), runs them as one padded batch with
+    ``lengths=``, and returns ``{stream_id: output [T_s, H_out]}``; each stream's state moves on by
+    its own ``T_s`` steps. A stream is opened on its first chunk (or by :meth:`open`), and
+    :meth:`reset` / :meth:`close` start it again / forget it.
+    """
+
+    def __init__(self, module):
+        if getattr(module, "bidirectional", False):
+            raise ValueError("module: streaming needs a unidirectional LSTM (a reverse direction needs the "
+                             "whole sequence)")
+        self.module = module
+        self.states: dict[Hashable, LSTMState] = {}
+
+    def open(self, stream: Hashable, state: LSTMState | None = None) -> None:
+        """Start ``stream`` from ``state`` (zeros if None)."""
+        self.states[stream] = self.module.initial_state(1) if state is None else state
+
+    def reset(self, stream: Hashable) -> None:
+        self.open(stream)
+
+    def close(self, stream: Hashable) -> None:
+        del self.states[stream]
+
+    def __call__(self, chunks: Mapping[Hashable, Tensor]) -> dict[Hashable, Tensor]:
+        streams = list(chunks)
+        if not streams:
+            return {}
+        for stream in streams:
+            if stream not in self.states:
+                self.open(stream)
+        lengths = [chunks[s].shape[0] for s in streams]
+        steps = max(lengths)
+        if steps == 0:  # (nothing to run: every chunk is empty)
+            return {s: chunks[s].new_zeros(0, self.module.proj_size or self.module.hidden_size) for s in streams}
+        rows = [torch.nn.functional.pad(chunks[s], (0, 0, 0, steps - n)) for s, n in zip(streams, lengths)]
+        x = torch.stack(rows, 0 if self.module.batch_first else 1)
+        state = LSTMState.stack([self.states[s] for s in streams])
+        y, state = self.module.step(x, state, lengths=torch.tensor(lengths))
+        outputs = y.unbind(0 if self.module.batch_first else 1)
+        for stream, new_state in zip(streams, state.unstack()):
+            self.states[stream] = new_state
+        return {stream: output[:n] for stream, output, n in zip(streams, outputs, lengths)}
