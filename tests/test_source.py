@@ -29,12 +29,13 @@ def test_module_and_function_sizes(path):
 
 # What each layer may import from the library (docs/architecture.md).
 ALLOWED = {
-    "options": set(), "weights": set(), "masks": {"options"}, "packing": set(), "checks": set(), "streaming": set(),
+    "options": set(), "weights": set(), "masks": {"options"}, "packing": set(), "checks": set(), "streaming": set(), "conversion": set(),
     "reference": {"masks", "options", "weights"}, "testing": {"masks", "options", "weights"},
     "convert": {"options", "weights"},
     "engines": {"engines", "masks", "options", "packing", "reference", "weights"},
     "functional": {"engines", "masks", "options", "packing", "reference", "weights"},
-    "modules": {"checks", "functional", "engines", "masks", "options", "streaming", "weights"},
+    "modules": {"checks", "conversion", "functional", "engines", "masks", "options", "streaming", "weights"},
+    "interop": {"modules"},
     "cli": {"modules", "bench", "demo"},
     "bench": {"bench", "engines", "modules", "options", "weights", "testing"},
     "demo": {"demo", "engines", "modules"},

@@ -1,5 +1,6 @@
 """fastlstm: drop-in ``torch.nn.LSTM`` / ``torch.nn.LSTMCell`` with every classic variant."""
 
+from .interop import convert_lstms
 from .masks import DirectionMasks, LSTMMasks
 from .modules import LSTM, LSTMCell
 from .options import LSTMOptions
@@ -7,4 +8,4 @@ from .streaming import LSTMState, StreamingLSTM
 
 __version__ = "0.1.0"
 
-__all__ = ["LSTM", "LSTMCell", "LSTMOptions", "LSTMMasks", "DirectionMasks", "LSTMState", "StreamingLSTM", "__version__"]
+__all__ = ["LSTM", "LSTMCell", "LSTMOptions", "LSTMMasks", "DirectionMasks", "LSTMState", "StreamingLSTM", "convert_lstms", "__version__"]

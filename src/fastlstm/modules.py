@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from . import checks, functional
+from .conversion import Convertible
 from .engines import check_backend
 from .masks import DirectionMasks, LSTMMasks
 from .options import DEFAULT_ACTIVATIONS, LSTMOptions, make_options
@@ -142,7 +143,7 @@ class _ParsedInput:
         return self.packed.data.dtype if self.packed is not None else self.x.dtype
 
 
-class LSTM(_Deployment, Streaming, nn.Module):
+class LSTM(_Deployment, Streaming, Convertible, nn.Module):
     r"""A drop-in ``torch.nn.LSTM`` with optional variants.
 
     ``LSTM(input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
@@ -158,6 +159,10 @@ class LSTM(_Deployment, Streaming, nn.Module):
     Outputs: ``output [T, B, D * H_out]`` (same form as the input), ``(h_n, c_n)`` like ``hx``.
     ``forward(..., masks=...)`` replays the training masks returned by :meth:`sample_masks`.
     """
+
+    TORCH_CLASS = nn.LSTM
+    TORCH_ARGUMENTS = ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+                       "proj_size")
 
     def __init__(
         self,
@@ -439,7 +444,7 @@ class LSTM(_Deployment, Streaming, nn.Module):
             )
 
 
-class LSTMCell(_Deployment, nn.Module):
+class LSTMCell(_Deployment, Convertible, nn.Module):
     r"""A drop-in ``torch.nn.LSTMCell`` with optional variants.
 
     ``LSTMCell(input_size, hidden_size, bias=True, device=None, dtype=None, *, <options>, backend="auto")``
@@ -450,6 +455,9 @@ class LSTMCell(_Deployment, nn.Module):
     fresh masks unless ``masks=`` gives some: reuse one ``recurrent`` mask across a sequence's calls
     for per-sequence recurrent dropout.
     """
+
+    TORCH_CLASS = nn.LSTMCell
+    TORCH_ARGUMENTS = ("input_size", "hidden_size", "bias")
 
     def __init__(
         self,
