@@ -35,7 +35,7 @@ ALLOWED = {
     "engines": {"engines", "masks", "options", "packing", "reference", "weights"},
     "functional": {"engines", "masks", "options", "packing", "reference", "weights"},
     "modules": {"checks", "conversion", "functional", "engines", "masks", "options", "streaming", "weights"},
-    "interop": {"modules"},
+    "interop": {"convert", "modules"},
     "cli": {"modules", "bench", "demo"},
     "bench": {"bench", "engines", "modules", "options", "weights", "testing"},
     "demo": {"demo", "engines", "modules"},

@@ -1,4 +1,4 @@
-"""Conversion of fastlstm parameters to the inputs of ONNX's ``LSTM`` operator.
+"""Conversion of fastlstm parameters to and from the inputs of ONNX's ``LSTM`` operator.
 
 This is the only module that knows a gate layout other than torch's. fastlstm (like torch) stacks
 gates as ``i, f, g, o`` and peepholes as ``i, f, o``; ONNX stacks gates as ``i, o, f, c`` (``c`` is
@@ -8,6 +8,8 @@ Shape legend: ``D`` directions, ``H`` hidden size, ``I`` layer input size.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -93,3 +95,73 @@ def onnx_activation_names(options: LSTMOptions, num_directions: int) -> list[str
     ``HardSigmoid`` means ONNX's default ``alpha=0.2, beta=0.5``, fastlstm's ``hard_sigmoid``.
     """
     return [ONNX_ACTIVATIONS[name] for name in options.activations] * num_directions
+
+
+# -- from ONNX: an LSTM node's inputs and attributes as a fastlstm.LSTM's -----------------------------
+
+_GATES_FROM_ONNX = (0, 2, 3, 1)  # ONNX chunks (i, o, f, c) -> torch order (i, f, g, o)
+_PEEPHOLES_FROM_ONNX = (0, 2, 1)  # ONNX chunks (i, o, f) -> fastlstm order (i, f, o)
+_ONNX_DEFAULT_ACTIVATIONS = ["Sigmoid", "Tanh", "Tanh"]
+_HARD_SIGMOID_DEFAULTS = (0.2, 0.5)  # fastlstm's hard_sigmoid: clip(0.2 x + 0.5, 0, 1)
+
+
+def lstm_from_onnx(attributes: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+    """An ONNX ``LSTM`` node as ``(keyword arguments of fastlstm.LSTM, its state_dict)``.
+
+    Args:
+        attributes: the node's attributes by name (``hidden_size``, ``direction``, ``activations``,
+            ``activation_alpha``, ``activation_beta``, ``clip``, ``input_forget``, ``layout``).
+        tensors: ``W [D, 4H, I]``, ``R [D, 4H, H]``, optional ``B [D, 8H]`` and ``P [D, 3H]``.
+
+    Raises:
+        ValueError: naming the attribute fastlstm cannot express, or the tensor whose shape does not
+            match the others (with the expected shape).
+    """
+    direction = attributes.get("direction", "forward")
+    if direction not in ("forward", "bidirectional"):
+        raise ValueError(f"direction={direction!r}: fastlstm has no reverse-only layer; flip the input's time "
+                         "axis and import the node as direction='forward'")
+    num_directions = 2 if direction == "bidirectional" else 1
+    w, r = tensors["W"], tensors["R"]
+    if w.dim() != 3 or w.shape[0] != num_directions or w.shape[1] % 4:
+        raise ValueError(f"W should be [{num_directions}, 4 * hidden_size, input_size], got {list(w.shape)}")
+    hidden, inputs = w.shape[1] // 4, w.shape[2]
+    if attributes.get("hidden_size", hidden) != hidden:
+        raise ValueError(f"W should be [{num_directions}, {4 * attributes['hidden_size']}, input_size] "
+                         f"(hidden_size={attributes['hidden_size']}), got {list(w.shape)}")
+    expected = {"R": [num_directions, 4 * hidden, hidden], "B": [num_directions, 8 * hidden],
+                "P": [num_directions, 3 * hidden]}
+    for name, shape in expected.items():
+        if name in tensors and list(tensors[name].shape) != shape:
+            raise ValueError(f"{name} should be {shape} (from W {list(w.shape)}), got {list(tensors[name].shape)}")
+    activations = list(attributes.get("activations", _ONNX_DEFAULT_ACTIVATIONS))
+    if len(activations) == 3:  # (one set for every direction)
+        activations *= num_directions
+    per_direction = [activations[k : k + 3] for k in range(0, len(activations), 3)]
+    if len(activations) != 3 * num_directions or any(a != per_direction[0] for a in per_direction):
+        raise ValueError(f"activations={activations}: fastlstm needs the same three activations for every direction")
+    names = {onnx: ours for ours, onnx in ONNX_ACTIVATIONS.items()}
+    unknown = [a for a in per_direction[0] if a not in names]
+    if unknown:
+        raise ValueError(f"activations: fastlstm has no {unknown[0]}; it has {sorted(names)}")
+    hard = activations.count("HardSigmoid")
+    alphas, betas = attributes.get("activation_alpha", []), attributes.get("activation_beta", [])
+    if any(not math.isclose(a, _HARD_SIGMOID_DEFAULTS[0], rel_tol=1e-6) for a in alphas) or len(alphas) > hard \
+            or any(not math.isclose(b, _HARD_SIGMOID_DEFAULTS[1], rel_tol=1e-6) for b in betas) or len(betas) > hard:
+        raise ValueError(f"activation_alpha={alphas}, activation_beta={betas}: fastlstm's only parameterised "
+                         "activation is hard_sigmoid with alpha 0.2, beta 0.5")
+    kwargs = dict(input_size=inputs, hidden_size=hidden, bidirectional=num_directions == 2, bias=True,
+                  batch_first=attributes.get("layout", 0) == 1, peephole="P" in tensors,
+                  activations=tuple(names[a] for a in per_direction[0]), clip=attributes.get("clip"),
+                  coupled_input_forget=bool(attributes.get("input_forget", 0)))
+    bias = tensors.get("B", w.new_zeros(num_directions, 8 * hidden))
+    state = {}
+    for d in range(num_directions):
+        suffix = "_reverse" if d else ""
+        state[f"weight_ih_l0{suffix}"] = _reorder(w[d], _GATES_FROM_ONNX)
+        state[f"weight_hh_l0{suffix}"] = _reorder(r[d], _GATES_FROM_ONNX)
+        state[f"bias_ih_l0{suffix}"] = _reorder(bias[d, : 4 * hidden], _GATES_FROM_ONNX)
+        state[f"bias_hh_l0{suffix}"] = _reorder(bias[d, 4 * hidden :], _GATES_FROM_ONNX)
+        if "P" in tensors:
+            state[f"weight_peephole_l0{suffix}"] = _reorder(tensors["P"][d], _PEEPHOLES_FROM_ONNX)
+    return kwargs, state

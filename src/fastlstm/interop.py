@@ -1,6 +1,7 @@
-"""fastlstm and other libraries' models: :func:`convert_lstms` converts every LSTM of a model.
+"""fastlstm and other libraries' models: :func:`convert_lstms` converts every LSTM of a torch model,
+:func:`from_onnx` imports every ``LSTM`` node of an ONNX model.
 
-(Weight import and export for Keras, TF1, ONNX, haste and MATLAB layouts belong here too: issue 15.)
+(Weight import and export for Keras, TF1, haste and MATLAB layouts belong here too: issue 15.)
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .convert import lstm_from_onnx
 from .modules import LSTM, LSTMCell
 
 _TO_FASTLSTM = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
@@ -58,3 +60,39 @@ def _convert_one(module: nn.Module, path: str, to: str, options: dict) -> nn.Mod
         return module.to_torch() if isinstance(module, (LSTM, LSTMCell)) else module
     except (TypeError, ValueError) as error:
         raise type(error)(f"{path}: {error}") from error
+
+
+def from_onnx(model) -> dict[str, LSTM]:
+    """Every ``LSTM`` node of an ONNX model (a path, bytes or ``onnx.ModelProto``) as a
+    ``fastlstm.LSTM`` in eval mode, keyed by the node's name (``LSTM_<k>`` where it has none), computing
+    what the node computes for its ``X`` (and ``sequence_lens`` as ``lengths=``, ``initial_h`` /
+    ``initial_c`` as ``hx``). Needs the ``onnx`` package. Its weights must be initializers; an
+    attribute fastlstm cannot express raises a ValueError that names it and the node."""
+    import onnx
+    from onnx import numpy_helper
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
+    initializers = {t.name: t for t in model.graph.initializer}
+    modules = {}
+    for k, node in enumerate(n for n in model.graph.node if n.op_type == "LSTM"):
+        name = node.name or f"LSTM_{k}"
+        tensors = {}
+        for role, tensor_name in zip(("X", "W", "R", "B", "sequence_lens", "initial_h", "initial_c", "P"), node.input):
+            if role in ("W", "R", "B", "P") and tensor_name:
+                if tensor_name not in initializers:
+                    raise ValueError(f"{name}: its {role} ({tensor_name!r}) is not an initializer of the graph; "
+                                     "fastlstm imports weights that are constants")
+                tensors[role] = torch.from_numpy(numpy_helper.to_array(initializers[tensor_name]).copy())
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attributes = {k: v.decode() if isinstance(v, bytes) else v for k, v in attributes.items()}
+        if "activations" in attributes:
+            attributes["activations"] = [a.decode() if isinstance(a, bytes) else a for a in attributes["activations"]]
+        try:
+            kwargs, state = lstm_from_onnx(attributes, tensors)
+        except (KeyError, ValueError) as error:
+            raise ValueError(f"{name}: {error}") from error
+        module = LSTM(**kwargs, dtype=tensors["W"].dtype)
+        module.load_state_dict(state)
+        modules[name] = module.eval()
+    return modules
