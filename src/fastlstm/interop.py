@@ -68,8 +68,11 @@ def from_onnx(model) -> dict[str, LSTM]:
     what the node computes for its ``X`` (and ``sequence_lens`` as ``lengths=``, ``initial_h`` /
     ``initial_c`` as ``hx``). Needs the ``onnx`` package. Its weights must be initializers; an
     attribute fastlstm cannot express raises a ValueError that names it and the node."""
-    import onnx
-    from onnx import numpy_helper
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError as error:
+        raise ImportError("fastlstm.interop.from_onnx needs the onnx package: pip install onnx") from error
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(model)
