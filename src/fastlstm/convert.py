@@ -165,3 +165,79 @@ def lstm_from_onnx(attributes: dict, tensors: dict[str, Tensor]) -> tuple[dict, 
         if "P" in tensors:
             state[f"weight_peephole_l0{suffix}"] = _reorder(tensors["P"][d], _PEEPHOLES_FROM_ONNX)
     return kwargs, state
+
+
+# -- MATLAB: lstmLayer / bilstmLayer (Deep Learning Toolbox) --------------------------------------------
+# InputWeights [4H, I], RecurrentWeights [4H, H], Bias [4H] stack the gates in torch's order (input,
+# forget, cell candidate, output); bilstmLayer stacks the forward direction's then the backward's
+# ([8H, .]). One bias per direction. GateActivationFunction is the gates' activation,
+# StateActivationFunction both the cell candidate's and the cell output's.
+
+MATLAB_GATE_ACTIVATIONS = {"sigmoid": "sigmoid", "hard-sigmoid": "hard_sigmoid"}
+MATLAB_STATE_ACTIVATIONS = {"tanh": "tanh", "softsign": "softsign", "relu": "relu"}
+
+
+def lstm_from_matlab(input_weights: Tensor, recurrent_weights: Tensor, bias: Tensor, gate_activation: str,
+                     state_activation: str) -> tuple[dict, dict[str, Tensor]]:
+    """A MATLAB ``lstmLayer``'s (or ``bilstmLayer``'s) learnables as ``(keyword arguments of
+    fastlstm.LSTM, its state_dict)``; a ValueError names the tensor whose shape does not match, or the
+    activation fastlstm does not have."""
+    if recurrent_weights.dim() != 2 or recurrent_weights.shape[0] % 4:
+        raise ValueError(f"RecurrentWeights should be [4 * NumHiddenUnits (8 * for bilstmLayer), NumHiddenUnits], "
+                         f"got {list(recurrent_weights.shape)}")
+    hidden = recurrent_weights.shape[1]
+    directions = recurrent_weights.shape[0] // (4 * hidden)
+    if directions not in (1, 2) or recurrent_weights.shape[0] != 4 * hidden * directions:
+        raise ValueError(f"RecurrentWeights should be [{4 * hidden} or {8 * hidden}, {hidden}], "
+                         f"got {list(recurrent_weights.shape)}")
+    rows = 4 * hidden * directions
+    if input_weights.dim() != 2 or input_weights.shape[0] != rows:
+        raise ValueError(f"InputWeights should be [{rows}, InputSize] (from RecurrentWeights "
+                         f"{list(recurrent_weights.shape)}), got {list(input_weights.shape)}")
+    if bias.reshape(-1).shape[0] != rows:
+        raise ValueError(f"Bias should have {rows} elements (from RecurrentWeights), got shape {list(bias.shape)}")
+    if gate_activation not in MATLAB_GATE_ACTIVATIONS:
+        raise ValueError(f"GateActivationFunction={gate_activation!r}: fastlstm has {sorted(MATLAB_GATE_ACTIVATIONS)}")
+    if state_activation not in MATLAB_STATE_ACTIVATIONS:
+        raise ValueError(f"StateActivationFunction={state_activation!r}: fastlstm has "
+                         f"{sorted(MATLAB_STATE_ACTIVATIONS)}")
+    state_name = MATLAB_STATE_ACTIVATIONS[state_activation]
+    kwargs = dict(input_size=input_weights.shape[1], hidden_size=hidden, bidirectional=directions == 2,
+                  activations=(MATLAB_GATE_ACTIVATIONS[gate_activation], state_name, state_name))
+    state = {}
+    bias = bias.reshape(-1)
+    for d in range(directions):
+        suffix, part = ("_reverse" if d else ""), slice(d * 4 * hidden, (d + 1) * 4 * hidden)
+        state[f"weight_ih_l0{suffix}"] = input_weights[part]
+        state[f"weight_hh_l0{suffix}"] = recurrent_weights[part]
+        state[f"bias_ih_l0{suffix}"] = bias[part]
+        state[f"bias_hh_l0{suffix}"] = torch.zeros_like(bias[part])
+    return kwargs, state
+
+
+def matlab_from_lstm(module) -> dict:
+    """A one-layer ``fastlstm.LSTM``'s learnables in MATLAB's layout: ``InputWeights``,
+    ``RecurrentWeights``, ``Bias`` (``b_ih + b_hh``), ``GateActivationFunction``,
+    ``StateActivationFunction``; a ValueError names what an ``lstmLayer`` cannot express."""
+    gate, cell_in, cell_out = module.options.activations
+    others = [name for name in module.options.non_defaults() if name not in ("activations", "forget_bias")]
+    refused = {
+        f"num_layers={module.num_layers}": module.num_layers != 1,
+        f"proj_size={module.proj_size}": module.proj_size > 0,
+        f"activations={module.options.activations}": cell_in != cell_out or cell_in not in MATLAB_STATE_ACTIVATIONS
+        or gate not in MATLAB_GATE_ACTIVATIONS.values(),
+        **{name: True for name in others},
+    }
+    for name, present in refused.items():
+        if present:
+            raise ValueError(f"{name}: a MATLAB lstmLayer cannot express it")
+    directions = ("", "_reverse") if module.bidirectional else ("",)
+
+    def stacked(field):
+        return torch.cat([getattr(module, f"{field}_l0{s}").detach() for s in directions])
+
+    bias = stacked("bias_ih") + stacked("bias_hh") if module.bias else stacked("weight_hh").new_zeros(
+        4 * module.hidden_size * len(directions))
+    return {"InputWeights": stacked("weight_ih"), "RecurrentWeights": stacked("weight_hh"), "Bias": bias,
+            "GateActivationFunction": {v: k for k, v in MATLAB_GATE_ACTIVATIONS.items()}[gate],
+            "StateActivationFunction": cell_in}

@@ -1,7 +1,8 @@
 """fastlstm and other libraries' models: :func:`convert_lstms` converts every LSTM of a torch model,
-:func:`from_onnx` imports every ``LSTM`` node of an ONNX model.
+:func:`from_onnx` imports every ``LSTM`` node of an ONNX model, :func:`from_matlab` / :func:`to_matlab`
+take MATLAB's ``lstmLayer`` / ``bilstmLayer`` learnables both ways.
 
-(Weight import and export for Keras, TF1, haste and MATLAB layouts belong here too: issue 15.)
+(Weight import and export for Keras, TF1 and haste layouts belong here too: issue 15.)
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .convert import lstm_from_onnx
+from .convert import lstm_from_matlab, lstm_from_onnx, matlab_from_lstm
 from .modules import LSTM, LSTMCell
 
 _TO_FASTLSTM = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
@@ -99,3 +100,23 @@ def from_onnx(model) -> dict[str, LSTM]:
         module.load_state_dict(state)
         modules[name] = module.eval()
     return modules
+
+
+def from_matlab(input_weights, recurrent_weights, bias, *, gate_activation: str = "sigmoid",
+                state_activation: str = "tanh") -> LSTM:
+    """A MATLAB ``lstmLayer`` (``InputWeights [4H, I]``, ``RecurrentWeights [4H, H]``, ``Bias [4H]``,
+    NumPy arrays or tensors) or ``bilstmLayer`` (``[8H, .]``: forward then backward) as a
+    ``fastlstm.LSTM`` in eval mode; ``gate_activation`` and ``state_activation`` are the layer's
+    ``GateActivationFunction`` and ``StateActivationFunction``. MATLAB's sequences are its columns:
+    feed ``x.T`` of an ``[I, T]`` sequence as ``[T, I]``."""
+    tensors = [torch.as_tensor(t) for t in (input_weights, recurrent_weights, bias)]
+    kwargs, state = lstm_from_matlab(*tensors, gate_activation, state_activation)
+    module = LSTM(**kwargs, dtype=tensors[0].dtype)
+    module.load_state_dict(state)
+    return module.eval()
+
+
+def to_matlab(module: LSTM) -> dict:
+    """A one-layer ``fastlstm.LSTM`` as MATLAB's learnables and activation names (tensors; ``Bias`` is
+    ``b_ih + b_hh``): the arguments of :func:`from_matlab`, under MATLAB's property names."""
+    return matlab_from_lstm(module)
