@@ -241,3 +241,48 @@ def matlab_from_lstm(module) -> dict:
     return {"InputWeights": stacked("weight_ih"), "RecurrentWeights": stacked("weight_hh"), "Bias": bias,
             "GateActivationFunction": {v: k for k, v in MATLAB_GATE_ACTIVATIONS.items()}[gate],
             "StateActivationFunction": cell_in}
+
+
+# -- TensorFlow 1: tf.compat.v1.nn.rnn_cell.LSTMCell / tf.contrib.rnn.LSTMBlockCell ----------------------
+# ``kernel [I + H_out, 4H]`` (the input's rows, then the recurrent state's) and ``bias [4H]`` stack the
+# gates as i, j, f, o (j is torch's g); ``forget_bias`` is added to f's pre-activation at run time;
+# peepholes are the diagonals ``w_i_diag``, ``w_f_diag``, ``w_o_diag`` [H]; ``num_proj`` adds
+# ``projection/kernel [H, P]``; ``cell_clip`` and ``proj_clip`` are fastlstm's options of those names.
+
+_GATES_FROM_TF1 = (0, 2, 1, 3)  # TF1 chunks (i, j, f, o) -> torch order (i, f, g, o)
+
+
+def lstm_from_tf1(kernel: Tensor, bias: Tensor, *, forget_bias: float, peepholes: tuple | None,
+                  projection: Tensor | None, cell_clip: float | None, proj_clip: float | None,
+                  activation: str) -> tuple[dict, dict[str, Tensor]]:
+    """A TF1 ``LSTMCell``'s variables as ``(keyword arguments of fastlstm.LSTM, its state_dict)``;
+    ``peepholes`` is ``(w_i_diag, w_f_diag, w_o_diag)``. A ValueError names the variable whose shape
+    does not match the others (with the expected shape)."""
+    if bias.dim() != 1 or bias.shape[0] % 4:
+        raise ValueError(f"bias should be [4 * num_units], got {list(bias.shape)}")
+    hidden = bias.shape[0] // 4
+    h_out = hidden if projection is None else projection.shape[1]
+    if projection is not None and list(projection.shape) != [hidden, h_out]:
+        raise ValueError(f"projection/kernel should be [{hidden}, num_proj], got {list(projection.shape)}")
+    if kernel.dim() != 2 or kernel.shape[1] != 4 * hidden or kernel.shape[0] <= h_out:
+        raise ValueError(f"kernel should be [input_depth + {h_out}, {4 * hidden}] (from bias {list(bias.shape)}), "
+                         f"got {list(kernel.shape)}")
+    for name, diagonal in zip(("w_i_diag", "w_f_diag", "w_o_diag"), peepholes or ()):
+        if list(diagonal.shape) != [hidden]:
+            raise ValueError(f"{name} should be [{hidden}], got {list(diagonal.shape)}")
+    if activation not in ("tanh", "softsign", "relu"):
+        raise ValueError(f"activation={activation!r}: fastlstm has 'tanh', 'softsign' and 'relu' for the cell")
+    inputs = kernel.shape[0] - h_out
+    kwargs = dict(input_size=inputs, hidden_size=hidden, proj_size=0 if projection is None else h_out,
+                  peephole=peepholes is not None, cell_clip=cell_clip, proj_clip=proj_clip,
+                  activations=("sigmoid", activation, activation))
+    bias = _reorder(bias, _GATES_FROM_TF1).clone()
+    bias[hidden : 2 * hidden] += forget_bias  # (added at run time in TF1: here once, into the forget slice)
+    state = {"weight_ih_l0": _reorder(kernel[:inputs].t(), _GATES_FROM_TF1),
+             "weight_hh_l0": _reorder(kernel[inputs:].t(), _GATES_FROM_TF1),
+             "bias_ih_l0": bias, "bias_hh_l0": torch.zeros_like(bias)}
+    if peepholes is not None:
+        state["weight_peephole_l0"] = torch.cat(list(peepholes))  # fastlstm's order: i, f, o
+    if projection is not None:
+        state["weight_hr_l0"] = projection.t()
+    return kwargs, state

@@ -1,8 +1,9 @@
 """fastlstm and other libraries' models: :func:`convert_lstms` converts every LSTM of a torch model,
 :func:`from_onnx` imports every ``LSTM`` node of an ONNX model, :func:`from_matlab` / :func:`to_matlab`
-take MATLAB's ``lstmLayer`` / ``bilstmLayer`` learnables both ways.
+take MATLAB's ``lstmLayer`` / ``bilstmLayer`` learnables both ways, :func:`from_tf1` imports a TF1
+``LSTMCell`` / ``LSTMBlockCell``'s variables.
 
-(Weight import and export for Keras, TF1 and haste layouts belong here too: issue 15.)
+(Weight import and export for Keras and haste layouts belong here too: issue 15.)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .convert import lstm_from_matlab, lstm_from_onnx, matlab_from_lstm
+from .convert import lstm_from_matlab, lstm_from_onnx, lstm_from_tf1, matlab_from_lstm
 from .modules import LSTM, LSTMCell
 
 _TO_FASTLSTM = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
@@ -120,3 +121,25 @@ def to_matlab(module: LSTM) -> dict:
     """A one-layer ``fastlstm.LSTM`` as MATLAB's learnables and activation names (tensors; ``Bias`` is
     ``b_ih + b_hh``): the arguments of :func:`from_matlab`, under MATLAB's property names."""
     return matlab_from_lstm(module)
+
+
+def from_tf1(kernel, bias, *, forget_bias: float = 1.0, w_i_diag=None, w_f_diag=None, w_o_diag=None,
+             projection=None, cell_clip: float | None = None, proj_clip: float | None = None,
+             activation: str = "tanh") -> LSTM:
+    """A TensorFlow 1 ``LSTMCell`` (or ``LSTMBlockCell``) run over a sequence, as a one-layer
+    ``fastlstm.LSTM`` in eval mode: its variables (NumPy arrays or tensors) ``kernel [I + H_out, 4H]``,
+    ``bias [4H]``, the peephole diagonals where ``use_peepholes``, ``projection`` (the
+    ``projection/kernel [H, num_proj]``) where ``num_proj``; ``forget_bias`` is the cell's (TF1's
+    default 1.0; 0 for a ``LSTMBlockCell`` built with ``forget_bias=0``), folded into the bias."""
+    diagonals = [w_i_diag, w_f_diag, w_o_diag]
+    if any(d is not None for d in diagonals) and any(d is None for d in diagonals):
+        raise ValueError("w_i_diag, w_f_diag, w_o_diag: give all three peephole diagonals or none")
+    as_tensor = torch.as_tensor
+    kwargs, state = lstm_from_tf1(
+        as_tensor(kernel), as_tensor(bias), forget_bias=forget_bias,
+        peepholes=None if w_i_diag is None else tuple(as_tensor(d) for d in diagonals),
+        projection=None if projection is None else as_tensor(projection), cell_clip=cell_clip, proj_clip=proj_clip,
+        activation=activation)
+    module = LSTM(**kwargs, dtype=state["weight_ih_l0"].dtype)
+    module.load_state_dict(state)
+    return module.eval()
