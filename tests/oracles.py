@@ -24,6 +24,8 @@ def activation(name: str, v: torch.Tensor) -> torch.Tensor:
         return v / (1.0 + v.abs())
     if name == "relu":
         return torch.maximum(v, torch.zeros_like(v))
+    if name == "hardsigmoid":  # Keras 3's hard_sigmoid: relu6(x + 3) / 6
+        return torch.minimum(torch.maximum(v + 3.0, torch.zeros_like(v)), torch.full_like(v, 6.0)) / 6.0
     raise KeyError(name)
 
 

@@ -18,6 +18,9 @@ CONFIGS = {
     "peephole-clip": dict(peephole=True, clip=0.7),
     "input_forget-activations": dict(input_forget=1, activations=["HardSigmoid", "Softsign", "Relu"],
                                      activation_alpha=[0.2], activation_beta=[0.5]),
+    # Keras 3's hard_sigmoid (relu6(x + 3) / 6) as the gate, ONNX's default one as the cell input
+    "two-hard-sigmoids": dict(activations=["HardSigmoid", "HardSigmoid", "Tanh"], activation_alpha=[1 / 6, 0.2],
+                              activation_beta=[0.5, 0.5]),
     "no-bias-bidirectional-peephole": dict(direction="bidirectional", bias=False, peephole=True),
     "layout-1": dict(layout=1),
 }

@@ -30,7 +30,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm import reference
-from fastlstm.convert import onnx_activation_names, onnx_lstm_inputs
+from fastlstm.convert import onnx_activation_attributes, onnx_lstm_inputs
 from fastlstm.options import DEFAULT_ACTIVATIONS, GATE_ACTIVATIONS
 from fastlstm.weights import DirectionWeights, parameter_name
 
@@ -49,19 +49,14 @@ def _onnx_lstm_model(module: fastlstm.LSTM, *, with_lengths: bool, with_state: b
     """A model with one LSTM node equivalent to layer 0 of ``module``; weights are initializers."""
     options = module.options
     num_directions = 2 if module.bidirectional else 1
-    activations = onnx_activation_names(options, num_directions)
     attrs = {
         "hidden_size": module.hidden_size,
         "direction": "bidirectional" if module.bidirectional else "forward",
-        "activations": activations,
+        # onnxruntime consumes activation_alpha / activation_beta only for the activations that take
+        # them (here only HardSigmoid), in order: one entry per HardSigmoid, not one per activation.
+        # test_ort_consumes_alpha_per_parameterised_activation pins that behaviour.
+        **onnx_activation_attributes(options, num_directions),
     }
-    # onnxruntime consumes activation_alpha / activation_beta only for the activations that take
-    # them (here only HardSigmoid), in order: one entry per HardSigmoid, not one per activation.
-    # test_ort_consumes_alpha_per_parameterised_activation pins that behaviour.
-    hard_sigmoids = activations.count("HardSigmoid")
-    if hard_sigmoids:
-        attrs["activation_alpha"] = [0.2] * hard_sigmoids
-        attrs["activation_beta"] = [0.5] * hard_sigmoids
     if options.clip is not None:
         attrs["clip"] = options.clip
     if options.coupled_input_forget:

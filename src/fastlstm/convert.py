@@ -23,7 +23,10 @@ ONNX_ACTIVATIONS = {
     "tanh": "Tanh",
     "softsign": "Softsign",
     "relu": "Relu",
+    "hardsigmoid": "HardSigmoid",  # alpha 1/6, beta 0.5
 }
+# (alpha, beta) of ONNX's HardSigmoid(x) = clip(alpha x + beta, 0, 1) for fastlstm's two hard sigmoids.
+_HARD_SIGMOIDS = {"hard_sigmoid": (0.2, 0.5), "hardsigmoid": (1.0 / 6.0, 0.5)}
 
 _GATES_TO_ONNX = (0, 3, 1, 2)  # torch chunks (i, f, g, o) -> ONNX order (i, o, f, c)
 _PEEPHOLES_TO_ONNX = (0, 2, 1)  # fastlstm chunks (i, f, o) -> ONNX order (i, o, f)
@@ -63,7 +66,7 @@ def onnx_lstm_inputs(module, layer: int = 0) -> dict[str, Tensor]:
         has peepholes; detached tensors in the module's dtype, gates in ONNX's order ``i, o, f, c``
         (peepholes ``i, o, f``). ``B`` is ``[Wb, Rb]`` per direction, zeros when ``bias=False``.
         The node's ``activations``, ``clip``, ``input_forget`` and ``direction`` attributes come
-        from the module's options (see :func:`onnx_activation_names`).
+        from the module's options (see :func:`onnx_activation_attributes`).
 
     Raises:
         ValueError: if the module uses an option ONNX cannot express, or ``layer`` is out of range.
@@ -89,12 +92,20 @@ def onnx_lstm_inputs(module, layer: int = 0) -> dict[str, Tensor]:
     return inputs
 
 
-def onnx_activation_names(options: LSTMOptions, num_directions: int) -> list[str]:
-    """ONNX's ``activations`` attribute: the (gate, cell input, cell output) names, once per direction.
+def onnx_activation_attributes(options: LSTMOptions, num_directions: int) -> dict[str, list]:
+    """ONNX's ``activations`` attribute (the (gate, cell input, cell output) names, once per
+    direction) and, when a hard sigmoid is among them, ``activation_alpha`` / ``activation_beta``.
 
-    ``HardSigmoid`` means ONNX's default ``alpha=0.2, beta=0.5``, fastlstm's ``hard_sigmoid``.
+    ONNX consumes alphas and betas only for the activations that take them, in order (onnxruntime's
+    rnn_helpers; pinned by tests/test_reference.py), so the lists hold one entry per ``HardSigmoid``.
     """
-    return [ONNX_ACTIVATIONS[name] for name in options.activations] * num_directions
+    names = list(options.activations) * num_directions
+    attributes: dict[str, list] = {"activations": [ONNX_ACTIVATIONS[name] for name in names]}
+    hard = [_HARD_SIGMOIDS[name] for name in names if name in _HARD_SIGMOIDS]
+    if hard:
+        attributes["activation_alpha"] = [alpha for alpha, _ in hard]
+        attributes["activation_beta"] = [beta for _, beta in hard]
+    return attributes
 
 
 # -- from ONNX: an LSTM node's inputs and attributes as a fastlstm.LSTM's -----------------------------
@@ -102,7 +113,6 @@ def onnx_activation_names(options: LSTMOptions, num_directions: int) -> list[str
 _GATES_FROM_ONNX = (0, 2, 3, 1)  # ONNX chunks (i, o, f, c) -> torch order (i, f, g, o)
 _PEEPHOLES_FROM_ONNX = (0, 2, 1)  # ONNX chunks (i, o, f) -> fastlstm order (i, f, o)
 _ONNX_DEFAULT_ACTIVATIONS = ["Sigmoid", "Tanh", "Tanh"]
-_HARD_SIGMOID_DEFAULTS = (0.2, 0.5)  # fastlstm's hard_sigmoid: clip(0.2 x + 0.5, 0, 1)
 
 
 def lstm_from_onnx(attributes: dict, tensors: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
@@ -140,19 +150,14 @@ def lstm_from_onnx(attributes: dict, tensors: dict[str, Tensor]) -> tuple[dict, 
     per_direction = [activations[k : k + 3] for k in range(0, len(activations), 3)]
     if len(activations) != 3 * num_directions or any(a != per_direction[0] for a in per_direction):
         raise ValueError(f"activations={activations}: fastlstm needs the same three activations for every direction")
-    names = {onnx: ours for ours, onnx in ONNX_ACTIVATIONS.items()}
-    unknown = [a for a in per_direction[0] if a not in names]
-    if unknown:
-        raise ValueError(f"activations: fastlstm has no {unknown[0]}; it has {sorted(names)}")
-    hard = activations.count("HardSigmoid")
-    alphas, betas = attributes.get("activation_alpha", []), attributes.get("activation_beta", [])
-    if any(not math.isclose(a, _HARD_SIGMOID_DEFAULTS[0], rel_tol=1e-6) for a in alphas) or len(alphas) > hard \
-            or any(not math.isclose(b, _HARD_SIGMOID_DEFAULTS[1], rel_tol=1e-6) for b in betas) or len(betas) > hard:
-        raise ValueError(f"activation_alpha={alphas}, activation_beta={betas}: fastlstm's only parameterised "
-                         "activation is hard_sigmoid with alpha 0.2, beta 0.5")
+    ours = _activations_from_onnx(activations, attributes.get("activation_alpha", []),
+                                  attributes.get("activation_beta", []))
+    if any(a != ours[:3] for a in (ours[k : k + 3] for k in range(0, len(ours), 3))):
+        raise ValueError(f"activations={activations} with activation_alpha/beta: fastlstm needs the same three "
+                         "activations for every direction")
     kwargs = dict(input_size=inputs, hidden_size=hidden, bidirectional=num_directions == 2, bias=True,
                   batch_first=attributes.get("layout", 0) == 1, peephole="P" in tensors,
-                  activations=tuple(names[a] for a in per_direction[0]), clip=attributes.get("clip"),
+                  activations=tuple(ours[:3]), clip=attributes.get("clip"),
                   coupled_input_forget=bool(attributes.get("input_forget", 0)))
     bias = tensors.get("B", w.new_zeros(num_directions, 8 * hidden))
     state = {}
@@ -165,6 +170,34 @@ def lstm_from_onnx(attributes: dict, tensors: dict[str, Tensor]) -> tuple[dict, 
         if "P" in tensors:
             state[f"weight_peephole_l0{suffix}"] = _reorder(tensors["P"][d], _PEEPHOLES_FROM_ONNX)
     return kwargs, state
+
+
+def _activations_from_onnx(activations: list[str], alphas: list[float], betas: list[float]) -> list[str]:
+    """fastlstm's names for ONNX activations; each HardSigmoid takes the next alpha and beta (ONNX's
+    defaults 0.2 and 0.5 where the lists run out)."""
+    names = {onnx: ours for ours, onnx in ONNX_ACTIVATIONS.items() if ours != "hardsigmoid"}
+    unknown = [a for a in activations if a not in names]
+    if unknown:
+        raise ValueError(f"activations: fastlstm has no {unknown[0]}; it has {sorted(names)}")
+    hard = activations.count("HardSigmoid")
+    if len(alphas) > hard or len(betas) > hard:
+        raise ValueError(f"activation_alpha={alphas}, activation_beta={betas}: only HardSigmoid takes them in "
+                         f"fastlstm, and there are {hard} of it")
+    ours, k = [], 0
+    for a in activations:
+        if a != "HardSigmoid":
+            ours.append(names[a])
+            continue
+        alpha = alphas[k] if k < len(alphas) else 0.2
+        beta = betas[k] if k < len(betas) else 0.5
+        k += 1
+        match = [n for n, (x, y) in _HARD_SIGMOIDS.items()
+                 if math.isclose(alpha, x, rel_tol=1e-6) and math.isclose(beta, y, rel_tol=1e-6)]
+        if not match:
+            raise ValueError(f"activation_alpha={alphas}, activation_beta={betas}: fastlstm's HardSigmoids are "
+                             "hard_sigmoid (alpha 0.2, beta 0.5) and hardsigmoid (alpha 1/6, beta 0.5)")
+        ours.append(match[0])
+    return ours
 
 
 # -- MATLAB: lstmLayer / bilstmLayer (Deep Learning Toolbox) --------------------------------------------

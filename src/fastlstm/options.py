@@ -12,7 +12,7 @@ from __future__ import annotations
 import numbers
 from dataclasses import dataclass, fields
 
-GATE_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "softsign", "relu")
+GATE_ACTIVATIONS = ("sigmoid", "hard_sigmoid", "tanh", "softsign", "relu", "hardsigmoid")
 """Names accepted by ``activations``; the same set is accepted in each of the three slots."""
 
 DEFAULT_ACTIVATIONS = ("sigmoid", "tanh", "tanh")

@@ -67,7 +67,7 @@ def assert_within_twice(ours: Tensor, base: Tensor, truth: Tensor, *, name: str 
 OPTIONS = {
     "plain": {},
     "activations": dict(activations=("hard_sigmoid", "softsign", "relu")),
-    "activations2": dict(activations=("tanh", "sigmoid", "hard_sigmoid")),
+    "activations2": dict(activations=("tanh", "hardsigmoid", "hard_sigmoid")),
     "peephole": dict(peephole=True),
     "clip": dict(clip=0.4),
     "coupled": dict(coupled_input_forget=True),

@@ -23,6 +23,7 @@ ACTIVATIONS = {
     "tanh": torch.tanh,
     "softsign": F.softsign,
     "relu": torch.relu,
+    "hardsigmoid": F.hardsigmoid,  # relu6(x + 3) / 6
 }
 
 

@@ -45,7 +45,7 @@ namespace {
   FIELD(int64_t, proj)                                                                                 \
   FIELD(int64_t, h_out)                                                                                \
   FIELD(int64_t, reverse)                                                                              \
-  FIELD(int64_t, act_gate)        /* 0 sigmoid, 1 hard_sigmoid, 2 tanh, 3 softsign, 4 relu */          \
+  FIELD(int64_t, act_gate)        /* 0 sigmoid, 1 hard_sigmoid, 2 tanh, 3 softsign, 4 relu, 5 hardsigmoid */          \
   FIELD(int64_t, act_in)                                                                               \
   FIELD(int64_t, act_out)                                                                              \
   FIELD(int64_t, peephole)                                                                             \

@@ -66,7 +66,13 @@ inline void activate(int64_t code, T* __restrict__ v, int64_t n) {
       break;
     case 2: for (int64_t j = 0; j < n; ++j) v[j] = tanh_<T>(v[j]); break;
     case 3: for (int64_t j = 0; j < n; ++j) v[j] = v[j] / (T(1) + (v[j] < T(0) ? -v[j] : v[j])); break;
-    default: for (int64_t j = 0; j < n; ++j) v[j] = v[j] > T(0) ? v[j] : T(0); break;
+    case 4: for (int64_t j = 0; j < n; ++j) v[j] = v[j] > T(0) ? v[j] : T(0); break;
+    default:  // relu6(x + 3) / 6, in torch's order of operations (torch.nn.functional.hardsigmoid)
+      for (int64_t j = 0; j < n; ++j) {
+        const T u = v[j] + T(3);
+        v[j] = (u < T(0) ? T(0) : (u > T(6) ? T(6) : u)) / T(6);
+      }
+      break;
   }
 }
 
@@ -83,7 +89,8 @@ inline void times_activation_grad(int64_t code, const T* __restrict__ y, T* __re
         d[j] *= s * s;
       }
       break;
-    default: for (int64_t j = 0; j < n; ++j) d[j] *= y[j] > T(0) ? T(1) : T(0); break;
+    case 4: for (int64_t j = 0; j < n; ++j) d[j] *= y[j] > T(0) ? T(1) : T(0); break;
+    default: for (int64_t j = 0; j < n; ++j) d[j] *= (y[j] > T(0) && y[j] < T(1)) ? T(1) / T(6) : T(0); break;
   }
 }
 

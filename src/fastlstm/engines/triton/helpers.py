@@ -26,8 +26,10 @@ def activate(x, CODE: tl.constexpr):
         y = 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
     elif CODE == 3:
         y = x / (1.0 + tl.abs(x))
-    else:
+    elif CODE == 4:
         y = tl.maximum(x, 0.0)
+    else:  # relu6(x + 3) / 6
+        y = tl.minimum(tl.maximum(x + 3.0, 0.0), 6.0) / 6.0
     return y
 
 
@@ -43,8 +45,10 @@ def activation_grad(y, CODE: tl.constexpr):
     elif CODE == 3:
         s = 1.0 - tl.abs(y)
         g = s * s
-    else:
+    elif CODE == 4:
         g = (y > 0.0).to(y.dtype)
+    else:
+        g = ((y > 0.0) & (y < 1.0)).to(y.dtype) / 6.0
     return g
 
 

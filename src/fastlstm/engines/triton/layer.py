@@ -24,7 +24,7 @@ from .forward_kernel import FORWARD, forward_kernel
 from .grid import INTERPRET, Grid, choose_grid, hidden_pad, pow2
 from .launch import launch
 
-ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1, "tanh": 2, "softsign": 3, "relu": 4}
+ACTIVATION_CODES = {"sigmoid": 0, "hard_sigmoid": 1, "tanh": 2, "softsign": 3, "relu": 4, "hardsigmoid": 5}
 ZONEOUT_OFF, ZONEOUT_MASK, ZONEOUT_CONSTANT = 0, 1, 2
 _TL_DTYPES = {torch.float32: "float32", torch.float64: "float64"}
 
