@@ -319,3 +319,189 @@ def lstm_from_tf1(kernel: Tensor, bias: Tensor, *, forget_bias: float, peepholes
     if projection is not None:
         state["weight_hr_l0"] = projection.t()
     return kwargs, state
+
+
+# -- Keras (Keras 3 and tf.keras 2): keras.layers.LSTM and Bidirectional(LSTM) ---------------------------
+# kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H] (one, optional): torch's weights transposed, gates in
+# torch's order (Keras names them i, f, c, o). ``recurrent_activation`` is the gates' activation,
+# ``activation`` both the cell candidate's and the cell output's. Keras 3's "hard_sigmoid" is
+# relu6(x + 3) / 6 (keras/src/ops/nn.py), tf.keras 2's clip(0.2 x + 0.5, 0, 1).
+
+_KERAS_ACTIVATIONS = {"sigmoid": "sigmoid", "tanh": "tanh", "relu": "relu", "softsign": "softsign"}
+_KERAS_HARD_SIGMOID = {3: "hardsigmoid", 2: "hard_sigmoid"}
+
+
+def _keras_activations(keras_version: int) -> dict[str, str]:
+    """Keras's activation names -> fastlstm's, for ``keras_version`` 2 or 3."""
+    if keras_version not in _KERAS_HARD_SIGMOID:
+        raise ValueError(f"keras_version should be 2 (tf.keras) or 3, got {keras_version!r}")
+    return {**_KERAS_ACTIVATIONS, "hard_sigmoid": _KERAS_HARD_SIGMOID[keras_version]}
+
+
+def _keras_layer_config(config: dict) -> dict:
+    """An LSTM's config from a serialized layer (``{"class_name": "LSTM", "config": {...}}``) or itself."""
+    return config["config"] if "config" in config and "class_name" in config else config
+
+
+def lstm_from_keras(config: dict, weights: list[Tensor], *, keras_version: int) -> tuple[dict, dict[str, Tensor], bool]:
+    """A Keras ``LSTM`` (or ``Bidirectional(LSTM)``) as ``(keyword arguments of fastlstm.LSTM, its
+    state_dict, go_backwards)``, from the layer's ``get_config()`` and ``get_weights()``.
+
+    A Bidirectional's config holds ``layer`` (and ``backward_layer``, ``merge_mode``); its weights are
+    the forward layer's, then the backward layer's. A ValueError names the config entry fastlstm
+    cannot express or the weight whose shape does not match (with the expected shape).
+    """
+    bidirectional = "layer" in config
+    layers = [_keras_layer_config(config["layer"] if bidirectional else config)]
+    if bidirectional:
+        if config.get("merge_mode", "concat") != "concat":
+            raise ValueError(f"merge_mode={config['merge_mode']!r}: fastlstm concatenates the two directions "
+                             "(merge_mode='concat')")
+        layers.append(_keras_layer_config(config["backward_layer"]) if config.get("backward_layer") else
+                      {**layers[0], "go_backwards": True})
+    keras_defaults = {"activation": "tanh", "recurrent_activation": "sigmoid", "use_bias": True}
+    layers = [{**keras_defaults, **layer} for layer in layers]
+    first = layers[0]
+    for key in ("units", "activation", "recurrent_activation", "use_bias", "recurrent_dropout", "time_major"):
+        if any(layer.get(key) != first.get(key) for layer in layers):
+            raise ValueError(f"{key}: the backward layer's differs from the forward layer's; fastlstm's two "
+                             "directions share their options")
+    if bidirectional and (first.get("go_backwards") or not layers[1].get("go_backwards")):
+        raise ValueError("go_backwards: a Bidirectional's forward layer should have go_backwards=False and its "
+                         "backward layer go_backwards=True")
+    names = _keras_activations(keras_version)
+    for key in ("activation", "recurrent_activation"):
+        if not isinstance(first.get(key), str) or first[key] not in names:
+            raise ValueError(f"{key}={first.get(key)!r}: fastlstm imports {sorted(names)}")
+    hidden, use_bias = int(first["units"]), bool(first.get("use_bias", True))
+    per_layer = 3 if use_bias else 2
+    if len(weights) != per_layer * len(layers):
+        raise ValueError(f"weights: expected {per_layer * len(layers)} arrays (kernel, recurrent_kernel"
+                         f"{', bias' if use_bias else ''} per direction), got {len(weights)}")
+    inputs = weights[0].shape[0] if weights[0].dim() == 2 else 0
+    state = {}
+    for d in range(len(layers)):
+        suffix = "_reverse" if d else ""
+        kernel, recurrent, *bias = weights[d * per_layer : (d + 1) * per_layer]
+        expected = {"kernel": (kernel, [inputs, 4 * hidden]), "recurrent_kernel": (recurrent, [hidden, 4 * hidden]),
+                    **({"bias": (bias[0], [4 * hidden])} if use_bias else {})}
+        for name, (tensor, shape) in expected.items():
+            if list(tensor.shape) != shape or inputs == 0:
+                wanted = ["input_dim" if inputs == 0 else inputs, 4 * hidden] if name == "kernel" else shape
+                raise ValueError(f"{name} should be {wanted} (units={hidden}), got {list(tensor.shape)}")
+        state[f"weight_ih_l0{suffix}"] = kernel.t()
+        state[f"weight_hh_l0{suffix}"] = recurrent.t()
+        if use_bias:
+            state[f"bias_ih_l0{suffix}"] = bias[0]
+            state[f"bias_hh_l0{suffix}"] = torch.zeros_like(bias[0])
+    cell = names[first["activation"]]
+    kwargs = dict(input_size=inputs, hidden_size=hidden, bias=use_bias, bidirectional=bidirectional,
+                  batch_first=not first.get("time_major", False),
+                  activations=(names[first["recurrent_activation"]], cell, cell),
+                  recurrent_dropout=float(first.get("recurrent_dropout", 0.0)))
+    return kwargs, state, bool(first.get("go_backwards", False)) and not bidirectional
+
+
+def keras_from_lstm(module, *, layer: int, go_backwards: bool, keras_version: int) -> tuple[str, dict, list[Tensor]]:
+    """One layer of a ``fastlstm.LSTM`` as ``(class_name, config, weights)`` of a Keras layer:
+    ``("LSTM", keyword arguments of keras.layers.LSTM, [kernel, recurrent_kernel, bias])`` or, if
+    bidirectional, ``("Bidirectional", {"layer": those keywords, "merge_mode": "concat"}, forward's
+    weights then backward's)``. The config asks for ``return_sequences`` and ``return_state``, so the
+    Keras layer returns what the module does. A ValueError names what Keras cannot express."""
+    names = {ours: theirs for theirs, ours in _keras_activations(keras_version).items()}
+    gate, cell_in, cell_out = module.options.activations
+    others = [name for name in module.options.non_defaults() if name not in ("activations", "forget_bias",
+                                                                             "recurrent_dropout")]
+    refused = {
+        f"proj_size={module.proj_size}": module.proj_size > 0,
+        f"activations={module.options.activations} (Keras {keras_version})":
+            cell_in != cell_out or any(a not in names for a in (gate, cell_in)),
+        **{name: True for name in others},
+    }
+    for name, present in refused.items():
+        if present:
+            raise ValueError(f"{name}: a Keras LSTM cannot express it")
+    if not 0 <= layer < module.num_layers:
+        raise ValueError(f"layer should be in [0, {module.num_layers}), got {layer}")
+    config = dict(units=module.hidden_size, activation=names[cell_in], recurrent_activation=names[gate],
+                  use_bias=module.bias, return_sequences=True, return_state=True,
+                  recurrent_dropout=module.options.recurrent_dropout)
+    weights = []
+    for suffix in ("", "_reverse") if module.bidirectional else ("",):
+        weights += [getattr(module, f"{field}_l{layer}{suffix}").detach().t() for field in ("weight_ih", "weight_hh")]
+        if module.bias:
+            weights.append((getattr(module, f"bias_ih_l{layer}{suffix}") + getattr(module, f"bias_hh_l{layer}{suffix}"))
+                           .detach())
+    if module.bidirectional:
+        return "Bidirectional", {"layer": config, "merge_mode": "concat"}, weights
+    return "LSTM", {**config, "go_backwards": go_backwards}, weights
+
+
+# -- haste (LMNT): haste_pytorch.LSTM / LayerNormLSTM -----------------------------------------------------
+# kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H] with the gates stacked i, g, f, o
+# (lib/lstm_forward_gpu.cu.cc); LayerNormLSTM adds gamma [2, 4H] (the gains of the input product's and
+# the recurrent product's layer norms, same gate order), gamma_h and beta_h [H] (the cell's): the form
+# of fastlstm's layer_norm, eps 1e-5 (lib/layer_norm_forward_gpu.cu.cc). haste's zoneout acts on h only,
+# its dropout is DropConnect on recurrent_kernel: fastlstm's zoneout=(z, 0) and weight_drop.
+
+_GATES_FROM_HASTE = (0, 2, 1, 3)  # haste chunks (i, g, f, o) <-> torch order (i, f, g, o), both ways
+
+
+def lstm_from_haste(state: dict[str, Tensor]) -> tuple[dict, dict[str, Tensor]]:
+    """A haste ``LSTM`` / ``LayerNormLSTM`` state_dict as ``(keyword arguments of fastlstm.LSTM, its
+    state_dict)``; a ValueError names the tensor that is missing or whose shape does not match."""
+    for name in ("kernel", "recurrent_kernel", "bias"):
+        if name not in state:
+            raise ValueError(f"{name}: missing from the haste state_dict (it has {sorted(state)})")
+    recurrent = state["recurrent_kernel"]
+    if recurrent.dim() != 2 or recurrent.shape[1] != 4 * recurrent.shape[0]:
+        raise ValueError(f"recurrent_kernel should be [hidden_size, 4 * hidden_size], got {list(recurrent.shape)}")
+    hidden = recurrent.shape[0]
+    layer_norm = "gamma" in state
+    expected = {"kernel": None, "bias": [4 * hidden]}
+    if layer_norm:
+        expected.update(gamma=[2, 4 * hidden], gamma_h=[hidden], beta_h=[hidden])
+    kernel = state["kernel"]
+    if kernel.dim() != 2 or kernel.shape[1] != 4 * hidden:
+        raise ValueError(f"kernel should be [input_size, {4 * hidden}] (from recurrent_kernel), got {list(kernel.shape)}")
+    for name, shape in expected.items():
+        if shape is not None and (name not in state or list(state[name].shape) != shape):
+            found = list(state[name].shape) if name in state else "nothing"
+            raise ValueError(f"{name} should be {shape} (from recurrent_kernel {list(recurrent.shape)}), got {found}")
+    ours = {"weight_ih_l0": _reorder(kernel.t(), _GATES_FROM_HASTE),
+            "weight_hh_l0": _reorder(recurrent.t(), _GATES_FROM_HASTE),
+            "bias_ih_l0": _reorder(state["bias"], _GATES_FROM_HASTE), "bias_hh_l0": torch.zeros_like(state["bias"])}
+    if layer_norm:
+        ours.update(layer_norm_ih_weight_l0=_reorder(state["gamma"][0], _GATES_FROM_HASTE),
+                    layer_norm_hh_weight_l0=_reorder(state["gamma"][1], _GATES_FROM_HASTE),
+                    layer_norm_cell_weight_l0=state["gamma_h"], layer_norm_cell_bias_l0=state["beta_h"])
+    return dict(input_size=kernel.shape[0], hidden_size=hidden, layer_norm=layer_norm), ours
+
+
+def haste_from_lstm(module) -> dict[str, Tensor]:
+    """A one-layer, one-direction ``fastlstm.LSTM`` as a haste ``LSTM`` (or, with ``layer_norm``,
+    ``LayerNormLSTM``) state_dict (``bias`` is ``b_ih + b_hh``); a ValueError names what haste cannot
+    express."""
+    options = module.options
+    others = [n for n in options.non_defaults() if n not in ("layer_norm", "zoneout", "weight_drop", "forget_bias")]
+    refused = {
+        f"num_layers={module.num_layers}": module.num_layers != 1,
+        "bidirectional=True": module.bidirectional,
+        f"proj_size={module.proj_size}": module.proj_size > 0,
+        f"zoneout={options.zoneout} (haste zones out h only)": options.zoneout[1] > 0,
+        **{name: True for name in others},
+    }
+    for name, present in refused.items():
+        if present:
+            raise ValueError(f"{name}: haste's LSTM cannot express it")
+
+    def haste_order(name: str) -> Tensor:
+        return _reorder(getattr(module, f"{name}_l0").detach(), _GATES_FROM_HASTE)
+
+    bias = haste_order("bias_ih") + haste_order("bias_hh") if module.bias else \
+        module.weight_hh_l0.detach().new_zeros(4 * module.hidden_size)
+    state = {"kernel": haste_order("weight_ih").t(), "recurrent_kernel": haste_order("weight_hh").t(), "bias": bias}
+    if options.layer_norm:
+        state.update(gamma=torch.stack([haste_order("layer_norm_ih_weight"), haste_order("layer_norm_hh_weight")]),
+                     gamma_h=module.layer_norm_cell_weight_l0.detach(), beta_h=module.layer_norm_cell_bias_l0.detach())
+    return state

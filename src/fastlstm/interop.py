@@ -1,9 +1,9 @@
 """fastlstm and other libraries' models: :func:`convert_lstms` converts every LSTM of a torch model,
 :func:`from_onnx` imports every ``LSTM`` node of an ONNX model, :func:`from_matlab` / :func:`to_matlab`
 take MATLAB's ``lstmLayer`` / ``bilstmLayer`` learnables both ways, :func:`from_tf1` imports a TF1
-``LSTMCell`` / ``LSTMBlockCell``'s variables.
-
-(Weight import and export for Keras and haste layouts belong here too: issue 15.)
+``LSTMCell`` / ``LSTMBlockCell``'s variables, :func:`from_keras` / :func:`to_keras` a Keras ``LSTM`` or
+``Bidirectional(LSTM)`` both ways, :func:`from_haste` / :func:`to_haste` haste's ``LSTM`` and
+``LayerNormLSTM`` both ways. Every layout but torch's is known only to :mod:`fastlstm.convert`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .convert import lstm_from_matlab, lstm_from_onnx, lstm_from_tf1, matlab_from_lstm
+import warnings
+
+from .convert import (haste_from_lstm, keras_from_lstm, lstm_from_haste, lstm_from_keras, lstm_from_matlab,
+                      lstm_from_onnx, lstm_from_tf1, matlab_from_lstm)
 from .modules import LSTM, LSTMCell
 
 _TO_FASTLSTM = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
@@ -143,3 +146,121 @@ def from_tf1(kernel, bias, *, forget_bias: float = 1.0, w_i_diag=None, w_f_diag=
     module = LSTM(**kwargs, dtype=state["weight_ih_l0"].dtype)
     module.load_state_dict(state)
     return module.eval()
+
+
+class GoBackwards(nn.Module):
+    """A Keras layer built with ``go_backwards=True``: ``lstm`` run over its input's time axis
+    reversed. The outputs come in the order they were computed (the last time step first), as Keras
+    returns them. ``forward(input, hx=None)`` as ``fastlstm.LSTM``'s."""
+
+    def __init__(self, lstm: LSTM):
+        super().__init__()
+        self.lstm = lstm
+
+    def forward(self, input, hx=None):
+        time_axis = 1 if self.lstm.batch_first and input.dim() == 3 else 0
+        return self.lstm(input.flip(time_axis), hx)
+
+
+def _keras_version_of(layer) -> int:
+    """2 for a tf.keras 2 layer (the ``tf_keras`` or ``tensorflow`` package), else Keras's major version."""
+    package = type(layer).__module__.split(".")[0]
+    if package in ("tf_keras", "tensorflow"):
+        return 2
+    import keras
+
+    return int(keras.__version__.split(".")[0])
+
+
+def from_keras(layer, weights=None, *, keras_version: int | None = None):
+    """A Keras ``LSTM`` or ``Bidirectional(LSTM)`` as a ``fastlstm.LSTM`` in eval mode, computing what
+    the layer computes with ``return_sequences=True, return_state=True`` (batch first; a
+    ``Bidirectional``'s states as ``h_n [2, B, H]``, forward then backward). A layer built with
+    ``go_backwards=True`` comes as :class:`GoBackwards` around the module.
+
+    Args:
+        layer: the Keras layer object (its ``get_config()`` and ``get_weights()`` are read; no Keras
+            call otherwise), or its config dict, with ``weights``.
+        weights: with a config: ``[kernel [I, 4H], recurrent_kernel [H, 4H], bias [4H]]`` (NumPy
+            arrays or tensors; no bias where ``use_bias=False``), the backward layer's after the
+            forward's for a Bidirectional.
+        keras_version: 3 (Keras 3, the default for a config) or 2 (tf.keras), which decides what
+            ``"hard_sigmoid"`` means: relu6(x + 3) / 6 in Keras 3 (fastlstm's ``hardsigmoid``),
+            clip(0.2 x + 0.5, 0, 1) in tf.keras 2 (``hard_sigmoid``). Read from a layer object's package.
+
+    Keras's input ``dropout`` (a mask per sequence on the input) has no fastlstm equivalent: it is
+    dropped with a warning (the module is exact in eval); ``recurrent_dropout`` maps to fastlstm's.
+    """
+    if hasattr(layer, "get_config") and hasattr(layer, "get_weights"):
+        if weights is not None:
+            raise ValueError("weights: give them only with a config dict; a Keras layer brings its own")
+        keras_version = keras_version or _keras_version_of(layer)
+        config, weights = layer.get_config(), layer.get_weights()
+    elif isinstance(layer, dict) and weights is not None:
+        config = layer
+    else:
+        raise TypeError(f"from_keras takes a Keras layer, or a config dict and weights; got {type(layer).__name__}"
+                        f"{' without weights' if isinstance(layer, dict) else ''}")
+    tensors = [torch.as_tensor(w) for w in weights]
+    kwargs, state, go_backwards = lstm_from_keras(config, tensors, keras_version=keras_version or 3)
+    inner = config["layer"].get("config", config["layer"]) if "layer" in config else config
+    if inner.get("dropout", 0.0):
+        warnings.warn(f"from_keras: the layer's dropout={inner['dropout']} (on its input, one mask per sequence) "
+                      "has no fastlstm equivalent and is left out; the module is exact in eval", stacklevel=2)
+    module = LSTM(**kwargs, dtype=tensors[0].dtype)
+    module.load_state_dict(state, strict=True)
+    module.eval()
+    return GoBackwards(module) if go_backwards else module
+
+
+def to_keras(module, *, layer: int = 0, keras_version: int = 3, build: bool = False):
+    """One layer of a ``fastlstm.LSTM`` (or :class:`GoBackwards`) as a Keras layer's
+    ``(class_name, config, weights)``: ``"LSTM"`` with the keywords of ``keras.layers.LSTM`` and
+    ``[kernel, recurrent_kernel, bias]`` (NumPy arrays; ``bias`` is ``b_ih + b_hh``), or
+    ``"Bidirectional"`` with ``{"layer": those keywords, "merge_mode": "concat"}`` and the forward
+    layer's weights, then the backward's. The config sets ``return_sequences`` and ``return_state``.
+    With ``build=True`` (Keras installed) the built Keras layer, its weights set. A ValueError names
+    what a Keras LSTM cannot express (projection, peepholes and the other variants; a cell input and
+    cell output activation that differ)."""
+    go_backwards = isinstance(module, GoBackwards)
+    lstm = module.lstm if go_backwards else module
+    class_name, config, weights = keras_from_lstm(lstm, layer=layer, go_backwards=go_backwards,
+                                                  keras_version=keras_version)
+    weights = [(w.float() if w.dtype == torch.bfloat16 else w).cpu().numpy() for w in weights]
+    if not build:
+        return class_name, config, weights
+    import keras
+
+    built = keras.layers.LSTM(**config) if class_name == "LSTM" else keras.layers.Bidirectional(
+        keras.layers.LSTM(**config["layer"]), merge_mode="concat")
+    built.build((None, None, weights[0].shape[0]))
+    built.set_weights(weights)
+    return built
+
+
+def from_haste(model, *, batch_first: bool | None = None, zoneout: float | None = None,
+               dropout: float | None = None) -> LSTM:
+    """A haste ``LSTM`` or ``LayerNormLSTM`` (the module, or its state_dict: ``kernel [I, 4H]``,
+    ``recurrent_kernel [H, 4H]``, ``bias [4H]``, and for layer norm ``gamma [2, 4H]``, ``gamma_h``,
+    ``beta_h [H]``) as a ``fastlstm.LSTM`` in eval mode. ``batch_first``, ``zoneout`` and ``dropout``
+    are haste's constructor arguments (read from a module; defaults False, 0, 0): haste's zoneout
+    acts on h only (fastlstm's ``zoneout=(z, 0)``) and its dropout is DropConnect on the recurrent
+    kernel (fastlstm's ``weight_drop``)."""
+    state = model.state_dict() if hasattr(model, "state_dict") else dict(model)
+
+    def setting(value, name, default):
+        return value if value is not None else getattr(model, name, default)
+
+    kwargs, ours = lstm_from_haste({k: torch.as_tensor(v) for k, v in state.items()})
+    module = LSTM(**kwargs, batch_first=setting(batch_first, "batch_first", False),
+                  zoneout=(float(setting(zoneout, "zoneout", 0.0)), 0.0),
+                  weight_drop=float(setting(dropout, "dropout", 0.0)), dtype=ours["weight_ih_l0"].dtype)
+    module.load_state_dict(ours, strict=True)
+    return module.eval()
+
+
+def to_haste(module: LSTM) -> dict:
+    """A one-layer, one-direction ``fastlstm.LSTM`` as a haste ``LSTM`` state_dict (``LayerNormLSTM``'s
+    with ``layer_norm``), tensors; build the haste module with ``zoneout`` = the module's h zoneout,
+    ``dropout`` = its ``weight_drop`` and its ``batch_first``."""
+    return haste_from_lstm(module)
