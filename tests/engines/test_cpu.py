@@ -6,6 +6,7 @@ the reference's own); gradcheck covers the hand-written backward on its own.
 """
 
 import gc
+import os
 
 import pytest
 import torch
@@ -36,7 +37,8 @@ def test_kernels_were_built():
     """The kernels build at install (optional, so fastlstm installs without a compiler); in this
     project's CI they must have built, so their absence fails here rather than skipping tests."""
     assert kernels.available(), "fastlstm.engines.cpu._kernels is missing: pip install printed why it did not build"
-    assert kernels.module().instruction_set() in ("avx2", "generic")
+    assert kernels.module().instruction_set() in ("avx512", "avx2", "generic")
+    assert kernels.module().instruction_set() == kernels.module().instruction_sets()[-1]  # the best, by default
     assert kernels.module().threading() in ("openmp", "threads")
 
 
@@ -84,6 +86,58 @@ def _force_threading(mode, monkeypatch):
 def test_engine_matches_reference_float64(cfg, arch, lengths, some_threads):
     training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop", "everything"))
     compare(lstm_layer, arch, cfg, lengths=lengths, training=training, dtype=torch.float64, tol=1e-10)
+
+
+# Every instruction set this machine runs (generic, avx2, avx512: kernels.h compiled once per set),
+# forced one by one. The other tests run the best one.
+INSTRUCTION_SETS = kernels.module().instruction_sets() if kernels.available() else ("(kernels not built)",)
+
+
+@pytest.fixture(params=INSTRUCTION_SETS)
+def instruction_set(request):
+    with kernels.instruction_set(request.param):
+        yield request.param
+
+
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+@pytest.mark.parametrize("cfg", OPTIONS.values(), ids=OPTIONS.keys())
+def test_every_instruction_set_matches_reference(cfg, arch, instruction_set, some_threads):
+    training = any(k in cfg for k in ("zoneout", "recurrent_dropout", "weight_drop", "everything"))
+    compare(lstm_layer, arch, cfg, lengths=LENGTHS["unequal"], training=training, dtype=torch.float64, tol=1e-10)
+    compare_float32(lstm_layer, arch, cfg, training=training, lengths=LENGTHS["unequal"])
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_every_instruction_set_single_step_matches_torch(bias, instruction_set):
+    """The fused single step (LSTMCell), forward and backward, against torch.nn.LSTMCell in float64."""
+    torch.manual_seed(3)
+    theirs = torch.nn.LSTMCell(6, 7, bias=bias, dtype=torch.float64)
+    ours = fastlstm.LSTMCell.from_torch(theirs, backend="cpu")
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    state = (torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7, dtype=torch.float64))
+    results = []
+    for module in (ours, theirs):
+        h, c = module(x, state)
+        grads = torch.autograd.grad((h * 1.3 + c * 0.7).sum(), [x, *module.parameters()])
+        results.append((h, c, *grads))
+    for k, (a, b) in enumerate(zip(*results, strict=True)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, k=k: f"output/grad {k}: {m}")
+
+
+def test_instruction_set_variable_lowers_or_refuses(tmp_path):
+    """FASTLSTM_CPU_ISA lowers the set in a fresh process; a set the machine lacks raises naming it."""
+    import subprocess
+    import sys
+
+    script = "import torch, fastlstm; fastlstm.LSTM(3, 4)(torch.randn(2, 1, 3)); " \
+             "from fastlstm.engines.cpu import kernels; print(kernels.module().instruction_set())"
+    for wanted in ("generic", "no-such-set"):
+        done = subprocess.run([sys.executable, "-c", script], env={**os.environ, kernels.ISA_VARIABLE: wanted},
+                              capture_output=True, text=True, timeout=120)
+        if wanted == "generic":
+            assert done.returncode == 0 and done.stdout.strip() == "generic", done.stderr
+        else:
+            assert done.returncode != 0 and "FASTLSTM_CPU_ISA='no-such-set'" in done.stderr
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -172,15 +226,15 @@ def test_module_backend_cpu_matches_torch(arch, form, threads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
-def test_auto_picks_cpu_for_float_and_reference_otherwise():
+def test_auto_picks_cpu_for_floating_cpu_tensors_and_reference_otherwise():
     from fastlstm.engines import select_engine
 
     opts = make_options()
-    assert select_engine("auto", torch.device("cpu"), torch.float32, opts) == "cpu"
-    assert select_engine("auto", torch.device("cpu"), torch.float64, opts) == "cpu"
-    assert select_engine("auto", torch.device("cpu"), torch.bfloat16, opts) == "reference"
+    for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+        assert select_engine("auto", torch.device("cpu"), dtype, opts) == "cpu"
+    assert select_engine("auto", torch.device("meta"), torch.float32, opts) == "reference"
     with pytest.raises(ValueError, match="backend='cpu'"):
-        select_engine("cpu", torch.device("cpu"), torch.float16, opts)
+        select_engine("cpu", torch.device("meta"), torch.float32, opts)
 
 
 def test_cell_backend_cpu_matches_torch_cell():

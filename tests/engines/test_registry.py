@@ -48,8 +48,8 @@ def test_the_constant_mark_is_torchs():
 
 
 @pytest.mark.parametrize("device, dtype, expected", [
-    ("cpu", torch.float32, "cpu"), ("cpu", torch.float64, "cpu"), ("cpu", torch.bfloat16, "reference"),
-    ("cpu", torch.float16, "reference"), ("cuda", torch.float16, "triton"), ("cuda", torch.bfloat16, "triton"),
+    ("cpu", torch.float32, "cpu"), ("cpu", torch.float64, "cpu"), ("cpu", torch.bfloat16, "cpu"),
+    ("cpu", torch.float16, "cpu"), ("cuda", torch.float16, "triton"), ("cuda", torch.bfloat16, "triton"),
     ("cuda", torch.float32, "triton"), ("cuda", torch.float64, "reference"), ("meta", torch.float32, "reference"),
 ])
 def test_auto_picks_the_first_engine_that_supports_the_call(device, dtype, expected):

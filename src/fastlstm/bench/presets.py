@@ -130,8 +130,13 @@ _CPU_QUICK_POINTS = (
 _CPU_FULL_POINTS = tuple((b, h, t) for b in (1, 16, 64) for h in (128, 256, 512, 1024) for t in (64, 256))
 
 
+# Half precision (the CPU engine computes it in float32): ANCHORS' bf16 / fp16 points.
+_CPU_HALF_POINTS = ((8, 128, 64), (32, 256, 64))
+
+
 def _cpu_preset(points, description: str, target_s: float) -> Preset:
     rows = [Config(b, t, h, h) for b, h, t in points]
+    rows += [Config(b, t, h, h, dtype=dtype) for dtype in ("bfloat16", "float16") for b, h, t in _CPU_HALF_POINTS]
     rows += _option_rows(batch=16, steps=64, hidden=256, dtype="float32")
     rows.append(Config(1, 1, 128, 128, kind="cell"))
     return Preset(description, tuple(rows), device="cpu", target_s=target_s)
@@ -218,13 +223,15 @@ PRESETS: dict[str, Preset] = {
     "cpu-quick": _cpu_preset(
         _CPU_QUICK_POINTS,
         "the CPU targets on a 2-core machine in <= 3 minutes: 9 of the 24 plain fp32 grid "
-        "points, each option at B=16 T=64 H=256, and an LSTMCell step at B=1 H=128",
+        "points, bf16 and fp16 at B=8 T=64 H=128 and B=32 T=64 H=256, each option at B=16 T=64 H=256, "
+        "and an LSTMCell step at B=1 H=128",
         target_s=0.25,
     ),
     "cpu-full": _cpu_preset(
         _CPU_FULL_POINTS,
         "all 24 plain fp32 points of the CPU grid (B in {1,16,64}, H in {128,256,512,1024}, "
-        "T in {64,256}), each option, and the LSTMCell step; long with the reference engine",
+        "T in {64,256}), the bf16 and fp16 points, each option, and the LSTMCell step; long with the "
+        "reference engine",
         target_s=0.5,
     ),
     "h100": _h100_preset(),

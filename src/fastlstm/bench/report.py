@@ -49,6 +49,23 @@ def versions() -> dict[str, str | None]:
             "python": platform.python_version()}
 
 
+def cpu_engine_facts() -> dict[str, object] | None:
+    """What the CPU engine chose on this machine: its kernels' instruction set, the CPU's AVX-512
+    flags, and how each half precision's input projection runs (the rules of engines/cpu/gemm.py)."""
+    from ..engines.cpu import gemm, kernels
+
+    if not kernels.available():
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = sorted({w for line in f if line.startswith("flags") for w in line.split() if w.startswith("avx512")})
+    except OSError:
+        flags = []
+    return {"instruction_set": kernels.module().instruction_set(), "avx512_flags": flags,
+            "half_projection": {str(d).removeprefix("torch."): "float32" if gemm.widens(d) else "native"
+                                for d in gemm.NATIVE_HALF}}
+
+
 def git_revision() -> tuple[str, bool | None]:
     """``(sha, dirty)`` of the checkout fastlstm runs from; ``("unknown", None)`` for an installed copy."""
     package = Path(__file__).resolve().parent.parent
@@ -88,12 +105,14 @@ class RunInfo:
     git_dirty: bool | None
     timestamp: str
     preset: str | None
+    cpu_engine: dict[str, object] | None = None
 
     @classmethod
     def collect(cls, device: torch.device, preset: str | None) -> RunInfo:
         sha, dirty = git_revision()
         now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        return cls(str(device), device_name(device), torch.get_num_threads(), versions(), sha, dirty, now, preset)
+        return cls(str(device), device_name(device), torch.get_num_threads(), versions(), sha, dirty, now, preset,
+                   cpu_engine_facts() if device.type == "cpu" else None)
 
 
 def _shape(config: Config) -> dict[str, object]:
@@ -116,6 +135,7 @@ def json_rows(results: list[RowResult], info: RunInfo) -> list[dict[str, object]
                 "device": info.device,
                 "device_name": info.device_name,
                 "threads": info.threads,
+                "cpu_engine": info.cpu_engine,
                 "dtype": config.dtype,
                 "shape": _shape(config),
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in config.options},

@@ -4,7 +4,8 @@ Every engine computes one layer (all directions) in the rows layout of :mod:`fas
 
 * ``reference`` (:mod:`fastlstm.engines.reference`): the specification's time loop in plain torch;
   any device and dtype, the fallback of ``"auto"``;
-* ``cpu`` (:mod:`fastlstm.engines.cpu`): compiled C++ for float32 and float64 CPU tensors;
+* ``cpu`` (:mod:`fastlstm.engines.cpu`): compiled C++ for float32 and float64 CPU tensors, and
+  bfloat16 / float16 ones computed in float32;
 * ``triton`` (:mod:`fastlstm.engines.triton`): persistent Triton kernels for CUDA tensors.
 
 The compiled engines implement the contract of :mod:`fastlstm.engines.contract` and run behind its
@@ -47,7 +48,7 @@ def load(name: str) -> ModuleType:
 
 
 def _cpu_supports(device: torch.device, dtype: torch.dtype) -> bool:
-    if device.type != "cpu" or dtype not in (torch.float32, torch.float64):
+    if device.type != "cpu" or dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return False
     return _installed("fastlstm.engines.cpu._kernels")
 

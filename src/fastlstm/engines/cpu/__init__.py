@@ -1,4 +1,5 @@
-"""The CPU engine: a compiled time loop and a hand-written backward (BPTT), float32 and float64.
+"""The CPU engine: a compiled time loop and a hand-written backward (BPTT), float32 and float64;
+bfloat16 and float16 calls computed in float32 (see :func:`widened`).
 
 The engine contract (:mod:`fastlstm.engines.contract`) for two forms of a call:
 
@@ -15,8 +16,12 @@ imported on first use (:mod:`.kernels`).
 
 from __future__ import annotations
 
+import dataclasses
+
+import torch
 from torch import Tensor
 
+from ...masks import MASK_FIELDS
 from ...options import LSTMOptions
 from ...packing import Layout
 from ...weights import DirectionWeights
@@ -39,14 +44,46 @@ def reads(call: LayerCall) -> tuple[bool, bool]:
     return call.fused_input, False
 
 
+HALF = (torch.bfloat16, torch.float16)
+"""The dtypes computed in float32: the house rule (fp32 accumulation, the cell state fp32) taken
+whole. A call's inputs are widened once (gates ``[N, D*4H]``, states, weights: one pass each, against
+``T`` steps of work), the time loop and the BPTT run in float32, and outputs and gradients come back
+in their tensors' dtypes. The saved arena is float32 (the backward reads what the forward computed)."""
+
+
+def _wide(t: Tensor | None) -> Tensor | None:
+    return t.float() if t is not None and t.dtype in HALF else t
+
+
+def widened(inputs: LayerInputs) -> LayerInputs:
+    """``inputs`` with every bfloat16 / float16 tensor as float32 (the others as they are)."""
+    return inputs._replace(
+        x=_wide(inputs.x), h0=_wide(inputs.h0), c0=_wide(inputs.c0),
+        weights=[DirectionWeights(*(_wide(t) for t in w)) for w in inputs.weights],
+        masks=[dataclasses.replace(m, **{f: _wide(getattr(m, f)) for f in MASK_FIELDS}) for m in inputs.masks])
+
+
+def _narrowed(t: Tensor | None, like: Tensor | None) -> Tensor | None:
+    return t if t is None or like is None or t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _impl(call: LayerCall):
+    return step if call.fused_input else layer
+
+
 def allocate(call: LayerCall, inputs: LayerInputs) -> list[Tensor]:
-    return (step if call.fused_input else layer).allocate(call, inputs)
+    return _impl(call).allocate(call, widened(inputs))
 
 
 def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    return (step if call.fused_input else layer).forward(call, inputs, saved)
+    y, h_n, c_n = _impl(call).forward(call, widened(inputs), saved)
+    return _narrowed(y, inputs.h0), _narrowed(h_n, inputs.h0), _narrowed(c_n, inputs.c0)
 
 
 def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list[Tensor], dy: Tensor | None,
              dh_n: Tensor | None, dc_n: Tensor | None, *, needs_x: bool) -> LayerGrads:
-    return (step if call.fused_input else layer).backward(call, inputs, y, saved, dy, dh_n, dc_n, needs_x=needs_x)
+    grads = _impl(call).backward(call, widened(inputs), _wide(y), saved, _wide(dy), _wide(dh_n), _wide(dc_n),
+                                 needs_x=needs_x)
+    return LayerGrads(_narrowed(grads.x, inputs.x), _narrowed(grads.h0, inputs.h0), _narrowed(grads.c0, inputs.c0),
+                      [DirectionWeights(*(_narrowed(g, t) for g, t in zip(gw, w)))
+                       for gw, w in zip(grads.weights, inputs.weights)])

@@ -11,6 +11,14 @@ at M = 16384 in one and behind by 17% in the other).
 The rule: oneDNN for float32 when ``K >= 256`` and ``M <= 4096``, else torch's default. It is a
 rule of shapes, fixed here, never a timing taken in the user's process. The backward's products
 (``dx = dy W``, ``dW = dy^T x``) stay torch's: there MKL was as fast or faster.
+
+bfloat16 and float16 (the engine computes their time loop in float32): torch's half-precision GEMM
+is native only where the CPU multiplies in that precision (AVX512-BF16 or AMX for bfloat16, AMX-FP16
+for float16); elsewhere oneDNN converts and is slower than float32 (development machine, Zen 3,
+bfloat16 layer B8 T64 H128: 12.6 ms forward with torch's bfloat16 projection, see
+``benchmarks/results/``). So without those instructions the projection runs on float32 copies of
+``x`` and ``W_ih`` (the gates stay float32, as the engine would widen them anyway); with them it
+stays torch's. The second branch is a rule written from that reasoning, not measured here.
 """
 
 from __future__ import annotations
@@ -49,8 +57,26 @@ class _OneDNNLinear(torch.autograd.Function):
         return dx, dw
 
 
+def _native_half(dtype: torch.dtype) -> bool:
+    if dtype == torch.bfloat16:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return dtype == torch.float16 and torch.cpu._is_amx_fp16_supported()
+
+
+NATIVE_HALF = {dtype: _native_half(dtype) for dtype in (torch.bfloat16, torch.float16)}
+"""Whether the CPU multiplies in each half precision natively (fixed for the process)."""
+
+
+def widens(dtype: torch.dtype) -> bool:
+    """Whether the projection of ``dtype`` rows runs in float32 (the rule above)."""
+    return not NATIVE_HALF.get(dtype, True)
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
-    """``x [M, K] @ w [N, K]^T`` by the rule above (eager calls only: traced ones take ``F.linear``)."""
+    """``x [M, K] @ w [N, K]^T`` by the rules above (eager calls only: traced ones take ``F.linear``);
+    float32 for half-precision ``x`` where :func:`widens`."""
+    if widens(x.dtype):
+        x, w = x.float(), w.float()
     if not uses_onednn(x.shape[0], x.shape[1], x.dtype):
         return F.linear(x, w)
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):

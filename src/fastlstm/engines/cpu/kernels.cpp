@@ -13,7 +13,8 @@
 //   backward step t:  begin -> [GEMM dm = dproj W_hr] -> cell -> GEMM dh_in = dhw W_hh -> end
 //
 // Equations: docs/equations.md. Gate order i, f, g, o. The math is in kernels.h, compiled
-// here twice (generic and AVX2+FMA, chosen when the module loads).
+// here once per instruction set (generic; on x86-64 also AVX2+FMA and AVX-512), the best the
+// machine runs chosen at load (lowered by FASTLSTM_CPU_ISA or set_instruction_set).
 
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -177,43 +178,68 @@ namespace generic {
 }  // namespace generic
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define FASTLSTM_HAVE_AVX2 1
+#define FASTLSTM_X86 1
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 namespace avx2 {
 #include "kernels.h"
 }  // namespace avx2
 #pragma GCC pop_options
+// AVX-512 (f, bw, vl): the same code, which the compiler vectorises with 512-bit registers and masks.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+namespace avx512 {
+#include "kernels.h"
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
 
 // ---------------------------------------------------------------------------------------------
 // Python bindings: every function takes the plan's address (and a step where it applies).
 
-bool use_avx2() {
-#ifdef FASTLSTM_HAVE_AVX2
-  static const bool supported = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return supported;
+// Instruction sets, lowest first; kernels.h is compiled once per set (one set on other machines).
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
+const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
+
+int supported_isa() {
+#ifdef FASTLSTM_X86
+  static const int level =
+      (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
+          ? kAvx512
+          : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? kAvx2 : kGeneric;
+  return level;
 #else
-  return false;
+  return kGeneric;
 #endif
+}
+
+// The set in use: the best supported, unless lowered (FASTLSTM_CPU_ISA, or the tests) by set_isa.
+std::atomic<int> g_isa{-1};
+int isa() {
+  const int chosen = g_isa.load(std::memory_order_relaxed);
+  return chosen < 0 ? supported_isa() : chosen;
 }
 
 using LoopFn = void (*)(const Plan&, const Columns&);
 
-// A driver's four instantiations: {generic, avx2} x {float, double}.
+// A driver's instantiations: [instruction set][dtype code: float, double].
 struct Loop {
-  LoopFn f32, f64, f32_avx2, f64_avx2;
-  LoopFn pick(const Plan& p) const {
-    if (use_avx2()) return p.dtype == 0 ? f32_avx2 : f64_avx2;
-    return p.dtype == 0 ? f32 : f64;
-  }
+  LoopFn fns[3][2];
+  LoopFn pick(const Plan& p) const { return fns[isa()][p.dtype == 0 ? 0 : 1]; }
 };
 
-#ifdef FASTLSTM_HAVE_AVX2
-#define FASTLSTM_VARIANTS(name) \
-  {generic::name<float>, generic::name<double>, avx2::name<float>, avx2::name<double>}
+#ifdef FASTLSTM_X86
+#define FASTLSTM_VARIANTS(name)                                                                  \
+  {{{generic::name<float>, generic::name<double>}, {avx2::name<float>, avx2::name<double>},     \
+    {avx512::name<float>, avx512::name<double>}}}
+#define FASTLSTM_PICK(name, T) \
+  (isa() == kAvx512 ? avx512::name<T> : isa() == kAvx2 ? avx2::name<T> : generic::name<T>)
 #else
-#define FASTLSTM_VARIANTS(name) {generic::name<float>, generic::name<double>, generic::name<float>, generic::name<double>}
+#define FASTLSTM_VARIANTS(name)                                                                   \
+  {{{generic::name<float>, generic::name<double>}, {generic::name<float>, generic::name<double>}, \
+    {generic::name<float>, generic::name<double>}}}
+#define FASTLSTM_PICK(name, T) generic::name<T>
 #endif
 
 const Loop kForward = FASTLSTM_VARIANTS(forward_loop);
@@ -300,11 +326,7 @@ PyObject* driver(PyObject*, PyObject* args) {
 template <typename T>
 void run_single_step(const Plan& p, unsigned long long x, int64_t input_size, unsigned long long w_ih,
                      unsigned long long b_ih, unsigned long long b_hh, unsigned long long h0, unsigned long long c0) {
-#ifdef FASTLSTM_HAVE_AVX2
-  auto fn = use_avx2() ? avx2::single_step<T> : generic::single_step<T>;
-#else
-  auto fn = generic::single_step<T>;
-#endif
+  auto fn = FASTLSTM_PICK(single_step, T);
   fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<const T*>(b_ih),
      reinterpret_cast<const T*>(b_hh), reinterpret_cast<const T*>(h0), reinterpret_cast<const T*>(c0));
 }
@@ -330,11 +352,7 @@ PyObject* single_step(PyObject*, PyObject* args) {
 template <typename T>
 void run_step_backward(const Plan& p, unsigned long long x, int64_t input_size, unsigned long long w_ih,
                        unsigned long long dx, unsigned long long dw_ih, unsigned long long dw_hh, unsigned long long db) {
-#ifdef FASTLSTM_HAVE_AVX2
-  auto fn = use_avx2() ? avx2::step_backward<T> : generic::step_backward<T>;
-#else
-  auto fn = generic::step_backward<T>;
-#endif
+  auto fn = FASTLSTM_PICK(step_backward, T);
   fn(p, reinterpret_cast<const T*>(x), input_size, reinterpret_cast<const T*>(w_ih), reinterpret_cast<T*>(dx),
      reinterpret_cast<T*>(dw_ih), reinterpret_cast<T*>(dw_hh), reinterpret_cast<T*>(db));
 }
@@ -358,7 +376,31 @@ PyObject* step_backward(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(use_avx2() ? "avx2" : "generic"); }
+PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(kIsaNames[isa()]); }
+
+// The instruction sets this machine runs, lowest first.
+PyObject* instruction_sets(PyObject*, PyObject*) {
+  PyObject* names = PyTuple_New(supported_isa() + 1);
+  if (!names) return nullptr;
+  for (int k = 0; k <= supported_isa(); ++k) PyTuple_SET_ITEM(names, k, PyUnicode_FromString(kIsaNames[k]));
+  return names;
+}
+
+// set_instruction_set(name): run the kernels with a supported set; returns the previous one's name.
+PyObject* set_instruction_set(PyObject*, PyObject* args) {
+  const char* name;
+  if (!PyArg_ParseTuple(args, "s", &name)) return nullptr;
+  for (int k = 0; k <= supported_isa(); ++k) {
+    if (std::strcmp(name, kIsaNames[k]) == 0) {
+      const int previous = isa();
+      g_isa.store(k, std::memory_order_relaxed);
+      return PyUnicode_FromString(kIsaNames[previous]);
+    }
+  }
+  PyErr_Format(PyExc_ValueError, "instruction set '%s' is not one this machine runs (it runs up to '%s')", name,
+               kIsaNames[supported_isa()]);
+  return nullptr;
+}
 
 PyObject* threading(PyObject*, PyObject*) {
 #ifdef _OPENMP
@@ -393,6 +435,8 @@ PyMethodDef methods[] = {
     {"plan_size", plan_size, METH_NOARGS, "sizeof(Plan) in bytes."},
     {"plan_fields", plan_fields, METH_NOARGS, "(name, kind, offset) of every Plan field, in order."},
     {"instruction_set", instruction_set, METH_NOARGS, "The instruction set the kernels run with."},
+    {"instruction_sets", instruction_sets, METH_NOARGS, "The instruction sets this machine runs, lowest first."},
+    {"set_instruction_set", set_instruction_set, METH_VARARGS, "Run with a supported set; returns the previous."},
     {"threading", threading, METH_NOARGS, "How the kernels run threads: openmp or threads."},
     {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
     {"step_backward", step_backward, METH_VARARGS, "One step's backward and its weight gradients."},

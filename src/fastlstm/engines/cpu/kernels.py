@@ -7,10 +7,12 @@ the fields (name, kind, offset), so the two cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import importlib
 import importlib.util
+import os
 from types import ModuleType
 
 import torch
@@ -31,10 +33,34 @@ def _spec_found() -> bool:
     return importlib.util.find_spec(_MODULE) is not None
 
 
+ISA_VARIABLE = "FASTLSTM_CPU_ISA"
+"""The environment variable that lowers the kernels' instruction set: ``generic``, ``avx2`` or
+``avx512`` (one this machine runs; read when the kernels are first imported)."""
+
+
 @functools.cache
 def module() -> ModuleType:
-    """The C++ module, imported on first use."""
-    return importlib.import_module(_MODULE)
+    """The C++ module, imported on first use, its instruction set lowered by ``FASTLSTM_CPU_ISA``."""
+    kernels = importlib.import_module(_MODULE)
+    wanted = os.environ.get(ISA_VARIABLE)
+    if wanted:
+        try:
+            kernels.set_instruction_set(wanted)
+        except ValueError as error:
+            raise ValueError(f"{ISA_VARIABLE}={wanted!r}: {error}; one of {', '.join(kernels.instruction_sets())}") \
+                from None
+    return kernels
+
+
+@contextlib.contextmanager
+def instruction_set(name: str):
+    """Run the kernels with instruction set ``name`` (one of ``module().instruction_sets()``) inside
+    the block: every path can be tested on a machine that runs it. Process-wide; not for threads."""
+    previous = module().set_instruction_set(name)
+    try:
+        yield
+    finally:
+        module().set_instruction_set(previous)
 
 
 @functools.cache
