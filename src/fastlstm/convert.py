@@ -38,6 +38,23 @@ def _reorder(t: Tensor, order: tuple[int, ...]) -> Tensor:
     return torch.cat([chunks[k] for k in order], dim=0)
 
 
+def _refuse(target: str, module, checks: dict[str, bool], allowed: tuple[str, ...]) -> None:
+    """Raise a ValueError naming the first setting of ``module`` that ``target`` cannot express: a
+    true entry of ``checks``, else an option that differs from its default and is not ``allowed``."""
+    others = {name: True for name in module.options.non_defaults() if name not in allowed}
+    for name, present in {**checks, **others}.items():
+        if present:
+            raise ValueError(f"{name}: {target} cannot express it")
+
+
+def _summed_bias(module, layer: int, suffix: str) -> Tensor:
+    """``b_ih + b_hh`` of one layer and direction (zeros without biases): the one bias that MATLAB,
+    Keras and haste keep. Gates in torch's order, detached."""
+    if not module.bias:
+        return getattr(module, f"weight_hh_l{layer}{suffix}").detach().new_zeros(4 * module.hidden_size)
+    return (getattr(module, f"bias_ih_l{layer}{suffix}") + getattr(module, f"bias_hh_l{layer}{suffix}")).detach()
+
+
 def check_onnx_expressible(module) -> None:
     """Raise ``ValueError`` naming the first setting of ``module`` that ONNX's LSTM cannot express."""
     options: LSTMOptions = module.options
@@ -253,24 +270,18 @@ def matlab_from_lstm(module) -> dict:
     ``RecurrentWeights``, ``Bias`` (``b_ih + b_hh``), ``GateActivationFunction``,
     ``StateActivationFunction``; a ValueError names what an ``lstmLayer`` cannot express."""
     gate, cell_in, cell_out = module.options.activations
-    others = [name for name in module.options.non_defaults() if name not in ("activations", "forget_bias")]
-    refused = {
+    _refuse("a MATLAB lstmLayer", module, {
         f"num_layers={module.num_layers}": module.num_layers != 1,
         f"proj_size={module.proj_size}": module.proj_size > 0,
         f"activations={module.options.activations}": cell_in != cell_out or cell_in not in MATLAB_STATE_ACTIVATIONS
         or gate not in MATLAB_GATE_ACTIVATIONS.values(),
-        **{name: True for name in others},
-    }
-    for name, present in refused.items():
-        if present:
-            raise ValueError(f"{name}: a MATLAB lstmLayer cannot express it")
+    }, allowed=("activations", "forget_bias"))
     directions = ("", "_reverse") if module.bidirectional else ("",)
 
     def stacked(field):
         return torch.cat([getattr(module, f"{field}_l0{s}").detach() for s in directions])
 
-    bias = stacked("bias_ih") + stacked("bias_hh") if module.bias else stacked("weight_hh").new_zeros(
-        4 * module.hidden_size * len(directions))
+    bias = torch.cat([_summed_bias(module, 0, s) for s in directions])
     return {"InputWeights": stacked("weight_ih"), "RecurrentWeights": stacked("weight_hh"), "Bias": bias,
             "GateActivationFunction": {v: k for k, v in MATLAB_GATE_ACTIVATIONS.items()}[gate],
             "StateActivationFunction": cell_in}
@@ -338,7 +349,7 @@ def _keras_activations(keras_version: int) -> dict[str, str]:
     return {**_KERAS_ACTIVATIONS, "hard_sigmoid": _KERAS_HARD_SIGMOID[keras_version]}
 
 
-def _keras_layer_config(config: dict) -> dict:
+def keras_layer_config(config: dict) -> dict:
     """An LSTM's config from a serialized layer (``{"class_name": "LSTM", "config": {...}}``) or itself."""
     return config["config"] if "config" in config and "class_name" in config else config
 
@@ -352,12 +363,12 @@ def lstm_from_keras(config: dict, weights: list[Tensor], *, keras_version: int) 
     cannot express or the weight whose shape does not match (with the expected shape).
     """
     bidirectional = "layer" in config
-    layers = [_keras_layer_config(config["layer"] if bidirectional else config)]
+    layers = [keras_layer_config(config["layer"] if bidirectional else config)]
     if bidirectional:
         if config.get("merge_mode", "concat") != "concat":
             raise ValueError(f"merge_mode={config['merge_mode']!r}: fastlstm concatenates the two directions "
                              "(merge_mode='concat')")
-        layers.append(_keras_layer_config(config["backward_layer"]) if config.get("backward_layer") else
+        layers.append(keras_layer_config(config["backward_layer"]) if config.get("backward_layer") else
                       {**layers[0], "go_backwards": True})
     keras_defaults = {"activation": "tanh", "recurrent_activation": "sigmoid", "use_bias": True}
     layers = [{**keras_defaults, **layer} for layer in layers]
@@ -410,17 +421,11 @@ def keras_from_lstm(module, *, layer: int, go_backwards: bool, keras_version: in
     Keras layer returns what the module does. A ValueError names what Keras cannot express."""
     names = {ours: theirs for theirs, ours in _keras_activations(keras_version).items()}
     gate, cell_in, cell_out = module.options.activations
-    others = [name for name in module.options.non_defaults() if name not in ("activations", "forget_bias",
-                                                                             "recurrent_dropout")]
-    refused = {
+    _refuse("a Keras LSTM", module, {
         f"proj_size={module.proj_size}": module.proj_size > 0,
         f"activations={module.options.activations} (Keras {keras_version})":
             cell_in != cell_out or any(a not in names for a in (gate, cell_in)),
-        **{name: True for name in others},
-    }
-    for name, present in refused.items():
-        if present:
-            raise ValueError(f"{name}: a Keras LSTM cannot express it")
+    }, allowed=("activations", "forget_bias", "recurrent_dropout"))
     if not 0 <= layer < module.num_layers:
         raise ValueError(f"layer should be in [0, {module.num_layers}), got {layer}")
     config = dict(units=module.hidden_size, activation=names[cell_in], recurrent_activation=names[gate],
@@ -430,8 +435,7 @@ def keras_from_lstm(module, *, layer: int, go_backwards: bool, keras_version: in
     for suffix in ("", "_reverse") if module.bidirectional else ("",):
         weights += [getattr(module, f"{field}_l{layer}{suffix}").detach().t() for field in ("weight_ih", "weight_hh")]
         if module.bias:
-            weights.append((getattr(module, f"bias_ih_l{layer}{suffix}") + getattr(module, f"bias_hh_l{layer}{suffix}"))
-                           .detach())
+            weights.append(_summed_bias(module, layer, suffix))
     if module.bidirectional:
         return "Bidirectional", {"layer": config, "merge_mode": "concat"}, weights
     return "LSTM", {**config, "go_backwards": go_backwards}, weights
@@ -483,24 +487,18 @@ def haste_from_lstm(module) -> dict[str, Tensor]:
     ``LayerNormLSTM``) state_dict (``bias`` is ``b_ih + b_hh``); a ValueError names what haste cannot
     express."""
     options = module.options
-    others = [n for n in options.non_defaults() if n not in ("layer_norm", "zoneout", "weight_drop", "forget_bias")]
-    refused = {
+    _refuse("haste's LSTM", module, {
         f"num_layers={module.num_layers}": module.num_layers != 1,
         "bidirectional=True": module.bidirectional,
         f"proj_size={module.proj_size}": module.proj_size > 0,
         f"zoneout={options.zoneout} (haste zones out h only)": options.zoneout[1] > 0,
-        **{name: True for name in others},
-    }
-    for name, present in refused.items():
-        if present:
-            raise ValueError(f"{name}: haste's LSTM cannot express it")
+    }, allowed=("layer_norm", "zoneout", "weight_drop", "forget_bias"))
 
     def haste_order(name: str) -> Tensor:
         return _reorder(getattr(module, f"{name}_l0").detach(), _GATES_FROM_HASTE)
 
-    bias = haste_order("bias_ih") + haste_order("bias_hh") if module.bias else \
-        module.weight_hh_l0.detach().new_zeros(4 * module.hidden_size)
-    state = {"kernel": haste_order("weight_ih").t(), "recurrent_kernel": haste_order("weight_hh").t(), "bias": bias}
+    state = {"kernel": haste_order("weight_ih").t(), "recurrent_kernel": haste_order("weight_hh").t(),
+             "bias": _reorder(_summed_bias(module, 0, ""), _GATES_FROM_HASTE)}
     if options.layer_norm:
         state.update(gamma=torch.stack([haste_order("layer_norm_ih_weight"), haste_order("layer_norm_hh_weight")]),
                      gamma_h=module.layer_norm_cell_weight_l0.detach(), beta_h=module.layer_norm_cell_bias_l0.detach())

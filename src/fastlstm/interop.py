@@ -13,8 +13,8 @@ from torch import nn
 
 import warnings
 
-from .convert import (haste_from_lstm, keras_from_lstm, lstm_from_haste, lstm_from_keras, lstm_from_matlab,
-                      lstm_from_onnx, lstm_from_tf1, matlab_from_lstm)
+from .convert import (haste_from_lstm, keras_from_lstm, keras_layer_config, lstm_from_haste, lstm_from_keras,
+                      lstm_from_matlab, lstm_from_onnx, lstm_from_tf1, matlab_from_lstm)
 from .modules import LSTM, LSTMCell
 
 _TO_FASTLSTM = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
@@ -203,7 +203,7 @@ def from_keras(layer, weights=None, *, keras_version: int | None = None):
                         f"{' without weights' if isinstance(layer, dict) else ''}")
     tensors = [torch.as_tensor(w) for w in weights]
     kwargs, state, go_backwards = lstm_from_keras(config, tensors, keras_version=keras_version or 3)
-    inner = config["layer"].get("config", config["layer"]) if "layer" in config else config
+    inner = keras_layer_config(config["layer"] if "layer" in config else config)
     if inner.get("dropout", 0.0):
         warnings.warn(f"from_keras: the layer's dropout={inner['dropout']} (on its input, one mask per sequence) "
                       "has no fastlstm equivalent and is left out; the module is exact in eval", stacklevel=2)

@@ -72,7 +72,9 @@ def _impl(call: LayerCall):
 
 
 def allocate(call: LayerCall, inputs: LayerInputs) -> list[Tensor]:
-    return _impl(call).allocate(call, widened(inputs))
+    # (the arenas' sizes read shapes and h0's dtype only: widening the gates and weights here would
+    # copy them for nothing, before the forward widens them)
+    return _impl(call).allocate(call, inputs._replace(h0=_wide(inputs.h0)))
 
 
 def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:

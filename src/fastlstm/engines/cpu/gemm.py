@@ -69,7 +69,7 @@ NATIVE_HALF = {dtype: _native_half(dtype) for dtype in (torch.bfloat16, torch.fl
 
 def widens(dtype: torch.dtype) -> bool:
     """Whether the projection of ``dtype`` rows runs in float32 (the rule above)."""
-    return not NATIVE_HALF.get(dtype, True)
+    return dtype in NATIVE_HALF and not NATIVE_HALF[dtype]
 
 
 def linear(x: Tensor, w: Tensor) -> Tensor:

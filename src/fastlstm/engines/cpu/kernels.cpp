@@ -46,7 +46,7 @@ namespace {
   FIELD(int64_t, proj)                                                                                 \
   FIELD(int64_t, h_out)                                                                                \
   FIELD(int64_t, reverse)                                                                              \
-  FIELD(int64_t, act_gate)        /* 0 sigmoid, 1 hard_sigmoid, 2 tanh, 3 softsign, 4 relu, 5 hardsigmoid */          \
+  FIELD(int64_t, act_gate)        /* 0 sigmoid, 1 hard_sigmoid, 2 tanh, 3 softsign, 4 relu, 5 hardsigmoid */ \
   FIELD(int64_t, act_in)                                                                               \
   FIELD(int64_t, act_out)                                                                              \
   FIELD(int64_t, peephole)                                                                             \
@@ -214,7 +214,7 @@ int supported_isa() {
 #endif
 }
 
-// The set in use: the best supported, unless lowered (FASTLSTM_CPU_ISA, or the tests) by set_isa.
+// The set in use: the best supported, unless lowered by set_instruction_set (FASTLSTM_CPU_ISA, the tests).
 std::atomic<int> g_isa{-1};
 int isa() {
   const int chosen = g_isa.load(std::memory_order_relaxed);
