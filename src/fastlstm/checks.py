@@ -52,6 +52,8 @@ def check_lengths(lengths, steps: int, batch: int, batched: bool) -> Tensor:
         raise ValueError(f"lengths should have shape {list(expected)} (one length per sequence of the input), "
                          f"got {list(lengths.shape)}")
     lengths = lengths.reshape(batch).to(device="cpu", dtype=torch.int64)
+    if torch.compiler.is_exporting():  # (the graph's lengths are an input: their values are not known here)
+        return lengths
     if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > steps):
         raise ValueError(f"lengths should be between 0 and the input's {steps} steps, got {lengths.tolist()}")
     return lengths

@@ -10,12 +10,13 @@ Shape legend: ``D`` directions, ``H`` hidden size, ``I`` layer input size.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .options import LSTMOptions
-from .weights import parameter_name
+from .weights import DirectionWeights, parameter_name
 
 ONNX_ACTIVATIONS = {
     "sigmoid": "Sigmoid",
@@ -34,8 +35,9 @@ _PEEPHOLES_TO_ONNX = (0, 2, 1)  # fastlstm chunks (i, f, o) -> ONNX order (i, o,
 
 def _reorder(t: Tensor, order: tuple[int, ...]) -> Tensor:
     """Permute the equal chunks of ``t``'s first dimension into ``order``."""
-    chunks = t.chunk(len(order), dim=0)
-    return torch.cat([chunks[k] for k in order], dim=0)
+    # (one gather, no split: an exported graph's weights fold to constants, and ONNX folders skip Split)
+    index = torch.tensor(order, device=t.device)
+    return t.unflatten(0, (len(order), -1)).index_select(0, index).flatten(0, 1)
 
 
 def _refuse(target: str, module, checks: dict[str, bool], allowed: tuple[str, ...]) -> None:
@@ -92,19 +94,31 @@ def onnx_lstm_inputs(module, layer: int = 0) -> dict[str, Tensor]:
     if not 0 <= layer < module.num_layers:
         raise ValueError(f"layer should be in [0, {module.num_layers}), got {layer}")
     directions = (False, True) if module.bidirectional else (False,)
+    return onnx_weights([_detached_weights(module, layer, rev) for rev in directions])
 
+
+def _detached_weights(module, layer: int, reverse: bool) -> DirectionWeights:
+    def field(name: str) -> Tensor | None:
+        parameter = getattr(module, parameter_name(name, layer, reverse), None)
+        return None if parameter is None else parameter.detach()
+
+    return DirectionWeights(*(field(name) for name in DirectionWeights._fields))
+
+
+def onnx_weights(weights: Sequence[DirectionWeights]) -> dict[str, Tensor]:
+    """``W``, ``R``, ``B`` (and ``P`` with peepholes) of an ONNX ``LSTM`` node from one layer's
+    directions (forward first), as torch ops on them (the export route traces them): shapes and
+    orders as in :func:`onnx_lstm_inputs`."""
     def stack(field: str, order: tuple[int, ...]) -> Tensor:
-        return torch.stack(
-            [_reorder(getattr(module, parameter_name(field, layer, rev)).detach(), order) for rev in directions]
-        )
+        return torch.stack([_reorder(getattr(w, field), order) for w in weights])
 
     inputs = {"W": stack("weight_ih", _GATES_TO_ONNX), "R": stack("weight_hh", _GATES_TO_ONNX)}
-    if module.bias:
+    if weights[0].bias_ih is not None:
         inputs["B"] = torch.cat([stack("bias_ih", _GATES_TO_ONNX), stack("bias_hh", _GATES_TO_ONNX)], dim=1)
     else:
         w = inputs["W"]
-        inputs["B"] = w.new_zeros(len(directions), 2 * w.shape[1])
-    if module.options.peephole:
+        inputs["B"] = w.new_zeros(len(weights), 2 * w.shape[1])
+    if weights[0].weight_peephole is not None:
         inputs["P"] = stack("weight_peephole", _PEEPHOLES_TO_ONNX)
     return inputs
 
@@ -179,14 +193,21 @@ def lstm_from_onnx(attributes: dict, tensors: dict[str, Tensor]) -> tuple[dict, 
     bias = tensors.get("B", w.new_zeros(num_directions, 8 * hidden))
     state = {}
     for d in range(num_directions):
-        suffix = "_reverse" if d else ""
-        state[f"weight_ih_l0{suffix}"] = _reorder(w[d], _GATES_FROM_ONNX)
-        state[f"weight_hh_l0{suffix}"] = _reorder(r[d], _GATES_FROM_ONNX)
-        state[f"bias_ih_l0{suffix}"] = _reorder(bias[d, : 4 * hidden], _GATES_FROM_ONNX)
-        state[f"bias_hh_l0{suffix}"] = _reorder(bias[d, 4 * hidden :], _GATES_FROM_ONNX)
-        if "P" in tensors:
-            state[f"weight_peephole_l0{suffix}"] = _reorder(tensors["P"][d], _PEEPHOLES_FROM_ONNX)
+        peephole = tensors["P"][d] if "P" in tensors else None
+        for field, value in from_onnx_direction(w[d], r[d], bias[d], peephole).items():
+            state[parameter_name(field, 0, d == 1)] = value
     return kwargs, state
+
+
+def from_onnx_direction(w: Tensor, r: Tensor, b: Tensor, p: Tensor | None) -> dict[str, Tensor]:
+    """One direction of an ONNX ``LSTM`` node's ``W [4H, I]``, ``R [4H, H]``, ``B [8H]`` and ``P [3H]``
+    (or None) as fastlstm's fields (``weight_ih``, ...; gates in torch's order)."""
+    hidden = r.shape[1]
+    fields = {"weight_ih": _reorder(w, _GATES_FROM_ONNX), "weight_hh": _reorder(r, _GATES_FROM_ONNX),
+              "bias_ih": _reorder(b[: 4 * hidden], _GATES_FROM_ONNX), "bias_hh": _reorder(b[4 * hidden :], _GATES_FROM_ONNX)}
+    if p is not None:
+        fields["weight_peephole"] = _reorder(p, _PEEPHOLES_FROM_ONNX)
+    return fields
 
 
 def _activations_from_onnx(activations: list[str], alphas: list[float], betas: list[float]) -> list[str]:

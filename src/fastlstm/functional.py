@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
-from . import engines, packing
+from . import engines, exporting, packing
 from .engines import contract
 from .masks import DirectionMasks, LSTMMasks, sample_direction_masks, sample_masks
 from .options import LSTMOptions
@@ -68,6 +68,10 @@ def lstm(
             "torch.compile"
         )
     packed = isinstance(input, PackedSequence)
+    if exporting.onnx_exporting():  # (graph ops ONNX can express, T and B dynamic: exporting.py)
+        exporting.check_exportable(options, training=training, dropout=dropout if len(weights) > 1 else 0.0,
+                                   packed=packed)
+        return exporting.lstm(input, lengths, h0, c0, weights, options)
     data = input.data if packed else input
     engine = engines.select_engine(backend, data.device, data.dtype, options)
     layout = packing.layout_of(input, lengths)
@@ -108,9 +112,13 @@ def lstm_cell(
     them (with ``T = 1``); pass the same ``recurrent`` mask to every call of a sequence for
     Gal & Ghahramani's per-sequence dropout.
     """
+    exported = exporting.onnx_exporting()
+    if exported:
+        exporting.check_exportable(options, training=training)
     masks = draw_cell_masks(x, weights, options, training=training, given=masks)
-    # torch.jit.trace records torch ops: the reference's step (a step has no length to fix)
-    engine = engines.select_engine("reference" if torch.jit.is_tracing() else backend, x.device, x.dtype, options)
+    # torch.jit.trace and ONNX export record torch ops: the reference's step (a step has no length to fix)
+    traced = exported or torch.jit.is_tracing()
+    engine = engines.select_engine("reference" if traced else backend, x.device, x.dtype, options)
     layout = packing.Layout.of_full(1, x.shape[0], x.device)
     if engine != "reference" and not contract.transformed() and engines.load(engine).fuses_input(layout, [weights],
                                                                                                  options):

@@ -1,0 +1,238 @@
+"""``fastlstm.onnx``: models with fastlstm layers exported once and run in onnxruntime (the oracle:
+it runs the graph without fastlstm) at batch and time sizes other than the export's, against the
+module in float32. Which graph a layer became is read from the model: an ``LSTM`` node where ONNX's
+operator expresses it, a ``Scan`` otherwise."""
+
+import collections
+import logging
+import warnings
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import fastlstm
+import fastlstm.onnx
+from fastlstm.testing import ARCHS, OPTIONS
+
+EXPORTED_T, EXPORTED_B, INPUT, HIDDEN = 6, 3, 7, 5
+RUNS = {(9, 4): [9, 0, 3, 7], (2, 5): [2, 1, 2, 0, 1]}  # (T, B): the lengths used with lengths=
+TOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _quiet_exporter():
+    logging.disable(logging.WARNING)  # (the exporter logs each skipped torchvision op)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+    logging.disable(logging.NOTSET)
+
+
+def _needs_scan(arch: dict, cfg: dict) -> bool:
+    """What ONNX's LSTM operator cannot compute (its specification: no layer norm, projection, cell
+    clip or zoneout)."""
+    return arch["proj"] > 0 or any(name in cfg for name in ("layer_norm", "zoneout", "cell_clip"))
+
+
+class Model(torch.nn.Module):
+    """Linear -> each LSTM -> its own Linear; returns every LSTM's (head output, h_n, c_n)."""
+
+    def __init__(self, lstms, batch_first):
+        super().__init__()
+        self.embed = torch.nn.Linear(3, INPUT)
+        self.lstms = torch.nn.ModuleList(lstms)
+        self.heads = torch.nn.ModuleList(
+            torch.nn.Linear((m.proj_size or m.hidden_size) * (2 if m.bidirectional else 1), 2) for m in lstms)
+        self.batch_first = batch_first
+
+    def forward(self, x, lengths=None):
+        x = self.embed(x)
+        outputs = []
+        for lstm, head in zip(self.lstms, self.heads):
+            y, (h, c) = lstm(x, lengths=lengths)
+            outputs += [head(y), h, c]
+        return tuple(outputs)
+
+
+GROUPS = {
+    # (arch, option sets, layers, batch_first, lengths)
+    "uni-every-option-lengths": ("uni", list(OPTIONS), 1, False, True),
+    "bi-proj-batch_first-lengths": ("bi-proj", ["peephole", "everything"], 1, True, True),
+    "bi-nobias-lengths": ("bi-nobias", ["plain", "activations", "activations2", "coupled-peephole-clip", "zoneout"],
+                          1, False, True),
+    "uni-proj-nobias-2-layers": ("uni-proj-nobias", ["plain", "cell_clip"], 2, False, False),
+    "bi-2-layers-batch_first": ("bi-nobias", ["peephole", "layer_norm"], 2, True, False),
+}
+
+
+def _lstms(arch: dict, option_sets: list[str], layers: int, batch_first: bool) -> list[fastlstm.LSTM]:
+    torch.manual_seed(0)
+    return [fastlstm.LSTM(INPUT, HIDDEN, num_layers=layers, bias=arch["bias"], batch_first=batch_first,
+                          bidirectional=arch["directions"] == 2, proj_size=arch["proj"], **OPTIONS[name])
+            for name in option_sets]
+
+
+def _ops(program) -> collections.Counter:
+    return collections.Counter(node.op_type for node in program.model_proto.graph.node)
+
+
+def _session(program) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(program.model_proto.SerializeToString(), options)
+
+
+def _assert_runs_like_the_module(program, model, *, batch_first, with_lengths):
+    session = _session(program)
+    for (steps, batch), lengths in RUNS.items():
+        x = torch.randn((batch, steps, 3) if batch_first else (steps, batch, 3))
+        feeds = {"x": x.numpy()}
+        lengths = torch.tensor(lengths) if with_lengths else None
+        if with_lengths:
+            feeds["lengths"] = lengths.numpy()
+        got = session.run(None, feeds)
+        with torch.no_grad():
+            expected = model(x, lengths)
+        assert len(got) == len(expected)
+        for k, (a, b) in enumerate(zip(got, expected)):
+            torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL, msg=lambda m, k=k: f"output {k}: {m}")
+
+
+@pytest.mark.parametrize("group", GROUPS.values(), ids=GROUPS.keys())
+def test_exported_models_run_in_onnxruntime_like_the_module(group):
+    arch_name, option_sets, layers, batch_first, with_lengths = group
+    arch = ARCHS[arch_name]
+    lstms = _lstms(arch, option_sets, layers, batch_first)
+    model = Model(lstms, batch_first).eval()
+    x = torch.randn((EXPORTED_B, EXPORTED_T, 3) if batch_first else (EXPORTED_T, EXPORTED_B, 3))
+    args = (x, torch.tensor([6, 2, 5])) if with_lengths else (x,)
+    program = fastlstm.onnx.export(model, args)
+
+    scans = sum(layers * arch["directions"] for name in option_sets if _needs_scan(arch, OPTIONS[name]))
+    lstm_nodes = sum(layers for name in option_sets if not _needs_scan(arch, OPTIONS[name]))
+    ops = _ops(program)
+    assert (ops["LSTM"], ops["Scan"]) == (lstm_nodes, scans), dict(ops)
+    _assert_runs_like_the_module(program, model, batch_first=batch_first, with_lengths=with_lengths)
+
+
+def test_time_and_batch_are_dynamic_inputs():
+    model = fastlstm.LSTM(INPUT, HIDDEN, batch_first=True).eval()
+    program = fastlstm.onnx.export(model, (torch.randn(EXPORTED_B, EXPORTED_T, INPUT),))
+    dims = program.model_proto.graph.input[0].type.tensor_type.shape.dim
+    assert [bool(d.dim_param) for d in dims] == [True, True, False]
+    assert dims[2].dim_value == INPUT
+
+
+def test_a_torch_lstm_with_projection_exports_through_fastlstm_and_matches_torch():
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(INPUT, HIDDEN, num_layers=2, proj_size=3, bidirectional=True).eval()
+    ours = fastlstm.LSTM(INPUT, HIDDEN, num_layers=2, proj_size=3, bidirectional=True).eval()
+    ours.load_state_dict(theirs.state_dict())
+    program = fastlstm.onnx.export(ours, (torch.randn(EXPORTED_T, EXPORTED_B, INPUT),))
+    x = torch.randn(11, 4, INPUT)
+    got = _session(program).run(None, {program.model_proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        y, (h, c) = theirs(x)
+    for a, b in zip(got, (y, h, c)):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
+
+
+def test_translation_table_for_torch_onnx_export():
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(INPUT, HIDDEN, peephole=True).eval()
+    x = torch.randn(EXPORTED_T, EXPORTED_B, INPUT)
+    program = torch.onnx.export(model, (x,), dynamo=True, verbose=False,
+                                custom_translation_table=fastlstm.onnx.translation_table())
+    assert _ops(program)["LSTM"] == 1
+    got = _session(program).run(None, {program.model_proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        y, (h, c) = model(x)
+    for a, b in zip(got, (y, h, c)):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
+
+
+def test_an_lstm_cell_exports():
+    torch.manual_seed(0)
+    cell = fastlstm.LSTMCell(INPUT, HIDDEN, layer_norm=True, zoneout=0.2).eval()
+    x, h, c = torch.randn(EXPORTED_B, INPUT), torch.randn(EXPORTED_B, HIDDEN), torch.randn(EXPORTED_B, HIDDEN)
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell = cell
+
+        def forward(self, x, h, c):
+            return self.cell(x, (h, c))
+
+    program = fastlstm.onnx.export(Step(), (x, h, c))
+    x, h, c = torch.randn(5, INPUT), torch.randn(5, HIDDEN), torch.randn(5, HIDDEN)
+    got = _session(program).run(None, {"x": x.numpy(), "h": h.numpy(), "c": c.numpy()})
+    with torch.no_grad():
+        expected = cell(x, (h, c))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
+
+
+@pytest.mark.parametrize("options, name", [(dict(zoneout=0.1), "zoneout"), (dict(recurrent_dropout=0.2), "recurrent_dropout"),
+                                           (dict(weight_drop=0.2), "weight_drop"), (dict(num_layers=2, dropout=0.3), "dropout")])
+def test_training_mode_randomness_raises_naming_the_option(options, name):
+    model = fastlstm.LSTM(INPUT, HIDDEN, **options)  # (training mode)
+    with pytest.raises(ValueError, match=rf"{name}: .*model\.eval\(\)"):
+        fastlstm.onnx.export(model, (torch.randn(EXPORTED_T, EXPORTED_B, INPUT),))
+
+
+def test_a_packed_sequence_raises_pointing_to_lengths():
+    model = fastlstm.LSTM(INPUT, HIDDEN).eval()
+    packed = pack_padded_sequence(torch.randn(EXPORTED_T, EXPORTED_B, INPUT), torch.tensor([6, 4, 2]))
+    with pytest.raises(ValueError, match=r"PackedSequence .*lengths="):
+        fastlstm.onnx.export(model, (packed,))
+
+
+STREAMING = {
+    "plain-2-layers": dict(num_layers=2),
+    "peephole-clip": dict(peephole=True, clip=1.0),
+    "layer_norm-proj-zoneout-batch_first": dict(layer_norm=True, proj_size=3, zoneout=(0.3, 0.2), batch_first=True),
+}
+
+
+@pytest.mark.parametrize("options", STREAMING.values(), ids=STREAMING.keys())
+def test_the_streaming_graph_fed_its_state_back_equals_the_module(options):
+    torch.manual_seed(0)
+    module = fastlstm.LSTM(INPUT, HIDDEN, **options).eval()
+    program = fastlstm.onnx.export_streaming(module)
+    assert [i.name for i in program.model_proto.graph.input] == ["x", "h", "c"]
+    assert [o.name for o in program.model_proto.graph.output] == ["y", "h_out", "c_out"]
+    session = _session(program)
+    batch, chunks = 3, [1, 4, 2, 1]
+    x = torch.randn(batch, sum(chunks), INPUT) if module.batch_first else torch.randn(sum(chunks), batch, INPUT)
+    with torch.no_grad():
+        expected, (h_n, c_n) = module(x)
+    state = module.initial_state(batch)
+    h, c = state.h.numpy(), state.c.numpy()
+    ys = []
+    for chunk in torch.split(x, chunks, dim=1 if module.batch_first else 0):
+        y, h, c = session.run(None, {"x": chunk.numpy(), "h": h, "c": c})
+        ys.append(torch.from_numpy(y))
+    got = torch.cat(ys, 1 if module.batch_first else 0)
+    torch.testing.assert_close(got, expected, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(torch.from_numpy(h), h_n, rtol=TOL, atol=TOL)
+    torch.testing.assert_close(torch.from_numpy(c), c_n, rtol=TOL, atol=TOL)
+
+
+def test_streaming_export_of_a_bidirectional_lstm_raises():
+    with pytest.raises(ValueError, match="unidirectional"):
+        fastlstm.onnx.export_streaming(fastlstm.LSTM(INPUT, HIDDEN, bidirectional=True).eval())
+
+
+def test_exported_weights_are_folded_into_initializers():
+    # the gate reordering runs at export, not in every onnxruntime call
+    model = fastlstm.LSTM(64, 128, bidirectional=True).eval()
+    program = fastlstm.onnx.export(model, (torch.randn(EXPORTED_T, EXPORTED_B, 64),))
+    lstm = next(node for node in program.model_proto.graph.node if node.op_type == "LSTM")
+    initializers = {t.name for t in program.model_proto.graph.initializer}
+    assert all(name in initializers for name in lstm.input[1:4]), list(lstm.input)
+    assert np.prod([d for d in next(t.dims for t in program.model_proto.graph.initializer
+                                     if t.name == lstm.input[1])]) == 2 * 4 * 128 * 64
