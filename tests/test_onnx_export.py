@@ -50,9 +50,14 @@ class Model(torch.nn.Module):
 
     def forward(self, x, lengths=None):
         x = self.embed(x)
+        batch = x.shape[0 if self.batch_first else 1]
         outputs = []
         for lstm, head in zip(self.lstms, self.heads):
-            y, (h, c) = lstm(x, lengths=lengths)
+            # a nonzero initial state: a sequence of length 0 must end in it
+            states = lstm.num_layers * (2 if lstm.bidirectional else 1)
+            hx = (x.new_full((states, batch, lstm.proj_size or lstm.hidden_size), 0.3),
+                  x.new_full((states, batch, lstm.hidden_size), -0.2))
+            y, (h, c) = lstm(x, hx, lengths=lengths)
             outputs += [head(y), h, c]
         return tuple(outputs)
 
@@ -236,3 +241,33 @@ def test_exported_weights_are_folded_into_initializers():
     assert all(name in initializers for name in lstm.input[1:4]), list(lstm.input)
     assert np.prod([d for d in next(t.dims for t in program.model_proto.graph.initializer
                                      if t.name == lstm.input[1])]) == 2 * 4 * 128 * 64
+
+
+@pytest.mark.parametrize("direction", ["forward", "bidirectional"])
+def test_the_onnx_lstm_op_is_onnxs_lstm_operator(direction):
+    """The op the export route emits, run eagerly (the reference on the weights put back in torch's
+    order), against onnxruntime running one LSTM node on the same inputs; and torch's opcheck."""
+    from onnx import TensorProto, helper
+
+    import fastlstm.exporting  # noqa: F401 (registers the op)
+
+    torch.manual_seed(0)
+    d, steps, batch, hidden = (2 if direction == "bidirectional" else 1), 5, 3, 4
+    inputs = dict(X=torch.randn(steps, batch, INPUT), W=torch.randn(d, 4 * hidden, INPUT) * 0.5,
+                  R=torch.randn(d, 4 * hidden, hidden) * 0.5, B=torch.randn(d, 8 * hidden) * 0.5,
+                  sequence_lens=torch.tensor([5, 2, 0], dtype=torch.int32), initial_h=torch.randn(d, batch, hidden),
+                  initial_c=torch.randn(d, batch, hidden), P=torch.randn(d, 3 * hidden) * 0.5)
+    attributes = dict(hidden_size=hidden, direction=direction, clip=1.5, activations=["HardSigmoid", "Tanh", "Softsign"] * d,
+                      activation_alpha=[1 / 6] * d, activation_beta=[0.5] * d)
+    node = helper.make_node("LSTM", list(inputs), ["Y", "Y_h", "Y_c"], **attributes)
+    graph = helper.make_graph([node], "lstm", [helper.make_tensor_value_info(name, TensorProto.INT32 if name == "sequence_lens"
+                                                                             else TensorProto.FLOAT, list(t.shape))
+                                               for name, t in inputs.items()],
+                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("Y", "Y_h", "Y_c")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    expected = ort.InferenceSession(model.SerializeToString()).run(None, {k: v.numpy() for k, v in inputs.items()})
+    args = tuple(inputs.values())
+    got = torch.ops.fastlstm.onnx_lstm(*args[:7], args[7], "hardsigmoid,tanh,softsign", 1.5, False)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, torch.from_numpy(b), rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.fastlstm.onnx_lstm.default, (*args, "hardsigmoid,tanh,softsign", 1.5, False))

@@ -113,3 +113,79 @@ def test_streaming_a_bidirectional_lstm_raises():
                  lambda: StreamingLSTM(model)):
         with pytest.raises(ValueError, match="unidirectional"):
             call()
+
+
+# -- LSTM.step's fast path: one native call per chunk without autograd (engines/cpu/stream.py) --
+
+FAST = {
+    "plain-3-layers": dict(num_layers=3),
+    "peephole-clip-coupled": dict(peephole=True, clip=0.6, coupled_input_forget=True),
+    "zoneout-cell_clip-no-bias": dict(zoneout=(0.3, 0.1), cell_clip=0.5, bias=False),
+    "activations-batch_first": dict(activations=("hardsigmoid", "softsign", "relu"), batch_first=True, num_layers=2),
+}
+
+
+def _took_the_fast_path(model) -> bool:
+    from fastlstm import streaming
+    return bool(streaming._PLANS.get(model))
+
+
+@pytest.mark.parametrize("cfg", FAST.values(), ids=FAST.keys())
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_fast_step_equals_one_forward(cfg, dtype):
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(3, 5, dtype=dtype, **cfg).eval()
+    oracle = fastlstm.LSTM(3, 5, dtype=torch.float64, backend="reference", **cfg).eval()
+    oracle.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    g = torch.Generator().manual_seed(1)
+    time_dim = 1 if cfg.get("batch_first") else 0
+    x = torch.randn((4, 13, 3) if time_dim else (13, 4, 3), dtype=F64, generator=g)
+    with torch.no_grad():
+        whole, (h, c) = oracle(x)
+        ours = fastlstm.LSTM(3, 5, dtype=dtype, **cfg).eval()  # (a second module: its plan is its own)
+        ours.load_state_dict(model.state_dict())
+        state, outputs = None, []
+        bounds = _boundaries(13, g)
+        for begin, end in zip(bounds, bounds[1:]):
+            y, state = ours.step(x.narrow(time_dim, begin, end - begin).to(dtype), state)
+            outputs.append(y)
+    assert _took_the_fast_path(ours)
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(torch.cat(outputs, time_dim).double(), whole, rtol=tol, atol=tol)
+    torch.testing.assert_close(state.h.double(), h, rtol=tol, atol=tol)
+    torch.testing.assert_close(state.c.double(), c, rtol=tol, atol=tol)
+
+
+def test_the_fast_step_sees_weights_changed_in_place_and_replaced():
+    model = _model("auto")
+    x = torch.randn(3, 2, 3, dtype=F64)
+    with torch.no_grad():
+        model.step(x)
+        assert _took_the_fast_path(model)
+        model.weight_hh_l1.mul_(0.5)  # (an optimizer's in-place update)
+        torch.testing.assert_close(model.step(x)[0], model(x)[0], rtol=1e-12, atol=1e-12)
+        model.load_state_dict({k: torch.randn_like(v) for k, v in model.state_dict().items()})
+        torch.testing.assert_close(model.step(x)[0], model(x)[0], rtol=1e-12, atol=1e-12)
+        model.bias_ih_l0 = torch.nn.Parameter(torch.randn_like(model.bias_ih_l0))
+        torch.testing.assert_close(model.step(x)[0], model(x)[0], rtol=1e-12, atol=1e-12)
+        model.float()
+        y, state = model.step(x.float())
+        assert y.dtype == state.h.dtype == torch.float32
+        torch.testing.assert_close(y, model(x.float())[0])  # (float32's default tolerance: the input product's order differs)
+
+
+def test_a_step_with_autograd_takes_forward_and_has_gradients():
+    model = _model("auto")
+    x = torch.randn(3, 2, 3, dtype=F64, requires_grad=True)
+    y, state = model.step(x)
+    (y.sum() + state.c.sum()).backward()
+    assert x.grad is not None and model.weight_hh_l0.grad is not None
+    assert not _took_the_fast_path(model)
+
+
+def test_the_fast_step_raises_forwards_errors():
+    model = _model("auto")
+    with torch.no_grad(), pytest.raises(RuntimeError, match="input_size"):
+        model.step(torch.randn(3, 2, 4, dtype=F64))
+    with torch.no_grad(), pytest.raises(RuntimeError, match="Expected hidden"):
+        model.step(torch.randn(3, 2, 3, dtype=F64), model.initial_state(3))

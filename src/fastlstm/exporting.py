@@ -84,6 +84,9 @@ def _onnx_layer(x, lengths, h0, c0, weights, options):
         x, onnx["W"], onnx["R"], onnx["B"], None if lengths is None else lengths.to(torch.int32), h0, c0,
         onnx.get("P"), ",".join(options.activations), options.clip, options.coupled_input_forget)
     steps, batch = x.shape[0], x.shape[1]
+    if lengths is not None:  # (onnxruntime's LSTM gives zeros as a length-0 sequence's state: it keeps h0, c0)
+        empty = (lengths == 0).view(1, -1, 1)
+        h_n, c_n = torch.where(empty, h0, h_n), torch.where(empty, c0, c_n)
     return y.permute(0, 2, 1, 3).reshape(steps, batch, -1), h_n, c_n
 
 
@@ -132,14 +135,17 @@ def onnx_lstm(x: Tensor, w: Tensor, r: Tensor, b: Tensor, sequence_lens: Tensor 
     """ONNX's ``LSTM`` operator (layout 0): ``x [T, B, I]``, ``w [D, 4H, I]``, ``r [D, 4H, H]``,
     ``b [D, 8H]`` (gates ``i, o, f, c``), ``sequence_lens`` int32 ``[B]`` or None, ``initial_h``,
     ``initial_c [D, B, H]``, ``p [D, 3H]`` (``i, o, f``) or None; ``activations``: fastlstm's
-    names, comma-separated -> ``(Y [T, D, B, H], Y_h [D, B, H], Y_c [D, B, H])``.
-    Eagerly, the reference on the weights put back in torch's order."""
+    names, comma-separated -> ``(Y [T, D, B, H], Y_h [D, B, H], Y_c [D, B, H])``, a sequence of
+    length 0 ending in zeros (as onnxruntime computes it). Eagerly, the reference on the weights put
+    back in torch's order."""
     options = make_options(activations=tuple(activations.split(",")), peephole=p is not None, clip=clip,
                            coupled_input_forget=input_forget)
     weights = [DirectionWeights(**convert.from_onnx_direction(w[d], r[d], b[d], None if p is None else p[d]))
                for d in range(w.shape[0])]
     lengths = None if sequence_lens is None else sequence_lens.long()
     y, h_n, c_n = reference.lstm_layer(x, lengths, initial_h, initial_c, weights, options, None, training=False)
+    if lengths is not None:  # (as onnxruntime: a sequence of length 0 ends in zeros)
+        h_n, c_n = (torch.where((lengths == 0).view(1, -1, 1), 0.0, t) for t in (h_n, c_n))
     steps, batch, directions = x.shape[0], x.shape[1], w.shape[0]
     return y.reshape(steps, batch, directions, -1).permute(0, 2, 1, 3).contiguous(), h_n, c_n
 

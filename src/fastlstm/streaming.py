@@ -11,8 +11,14 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import NamedTuple
 
+import operator
+import threading
+import weakref
+
 import torch
 from torch import Tensor
+
+from . import engines
 
 
 class LSTMState(NamedTuple):
@@ -70,8 +76,16 @@ class Streaming:
         """The next chunk of a stream: ``input`` in the module's layout (``[T, B, I]``, or ``[B, T, I]``
         with ``batch_first``; ``T >= 1``), ``state`` from the previous chunk (zeros if None) ->
         ``(output, new state)``. ``lengths [B]``: each row's steps in this chunk (0 keeps its state).
-        Chunk after chunk, the outputs are those of one forward over the whole sequence."""
+        Chunk after chunk, the outputs are those of one forward over the whole sequence.
+
+        Without autograd (``torch.no_grad()`` / ``inference_mode``, or nothing requiring grad) on the
+        CPU, a chunk is one native call over every layer and step, from a plan cached per batch size
+        and checked against the weights' versions (:func:`_fast_step`); other calls run ``forward``."""
         self._check_streaming()
+        if lengths is None:
+            fast = _fast_step(self, input, state)
+            if fast is not None:
+                return fast
         output, (h, c) = self(input, state, lengths=lengths)
         return output, LSTMState(h, c)
 
@@ -122,3 +136,83 @@ class StreamingLSTM:
         for stream, new_state in zip(streams, state.unstack()):
             self.states[stream] = new_state
         return {stream: output[:n] for stream, output, n in zip(streams, outputs, lengths)}
+
+
+# -- LSTM.step's fast path ---------------------------------------------------------------------
+
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {(thread, batch, dtype): _Fast}
+
+
+class _Fast:
+    """A module's stream plan for one thread, batch size and dtype (its buffers are scratch), and
+    the parameters it was built from: the same tensors, at the same versions and addresses."""
+
+    __slots__ = ("plan", "params", "stamps")
+
+    def __init__(self, plan, params: tuple):
+        self.plan, self.params, self.stamps = plan, params, _stamps(params)
+
+    def current(self, params: tuple) -> bool:
+        return len(params) == len(self.params) and all(map(operator.is_, params, self.params)) \
+            and _stamps(params) == self.stamps
+
+
+def _stamps(params: tuple) -> list:
+    return [(p._version, p.data_ptr()) for p in params]
+
+
+def _fast_step(module, input, state) -> tuple[Tensor, LSTMState] | None:
+    """``module.step(input, state)`` as one native call (:mod:`fastlstm.engines.cpu.stream`), or None
+    where the call needs ``forward``: autograd, training-mode randomness, another device, dtype or
+    backend, options the plan does not take, a transform, a trace, autocast, or input that
+    ``forward``'s checks would refuse (they run there). What cannot change between calls (options,
+    engine, weights' layout) is decided when the plan is built; each call checks the input, the state,
+    the modes, and that the parameters are the plan's, unchanged."""
+    if type(input) is not Tensor or input.dim() != 3 or not input.is_cpu:
+        return None
+    params = tuple(module._parameters.values())
+    if torch.is_grad_enabled() and (input.requires_grad or True in [p.requires_grad for p in params]):
+        return None
+    if (module.training and (module.options.is_stochastic or (module.dropout > 0 and module.num_layers > 1))) \
+            or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled() \
+            or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
+        return None
+    x = input.transpose(0, 1) if module.batch_first else input
+    steps, batch, features = x.shape
+    if steps == 0 or features != module.input_size:
+        return None
+    plans = _PLANS.get(module)
+    fast = None if plans is None else plans.get((threading.get_ident(), batch, x.dtype))
+    if fast is None or not fast.current(params):
+        fast = _build(module, x, params)
+        if fast is None:
+            return None
+    expected = (module.num_layers, batch, module.hidden_size)
+    if state is None:
+        h0 = c0 = x.new_zeros(expected)
+    else:
+        h0, c0 = state
+        if (type(h0) is not Tensor or type(c0) is not Tensor or h0.shape != expected or c0.shape != expected
+                or h0.dtype != x.dtype or c0.dtype != x.dtype or not h0.is_cpu or not c0.is_cpu
+                or h0.requires_grad or c0.requires_grad):
+            return None
+    y, h_n, c_n = fast.plan.run(x.contiguous(), h0.contiguous(), c0.contiguous())
+    return (y.transpose(0, 1) if module.batch_first else y), LSTMState(h_n, c_n)
+
+
+def _build(module, x: Tensor, params: tuple) -> _Fast | None:
+    """A plan for ``module`` at ``x``'s batch size and dtype, cached; None if the CPU engine's stream
+    plan does not take the call."""
+    if x.dtype not in (torch.float32, torch.float64) or module.backend not in ("auto", "cpu") \
+            or x.dtype != module.weight_ih_l0.dtype or not engines.supports("cpu", x.device, x.dtype):
+        return None
+    layers = module._weights(x.dtype)
+    stream = engines.load("cpu").stream
+    if not stream.takes(layers, module.options) or any(p.device.type != "cpu" for p in params):
+        return None
+    plans = _PLANS.setdefault(module, {})
+    if len(plans) >= 16:  # (batch sizes and threads come and go: keep the cache small)
+        plans.clear()
+    fast = plans[(threading.get_ident(), x.shape[1], x.dtype)] = _Fast(
+        stream.StreamPlan(layers, module.options, x.shape[1], x.dtype), params)
+    return fast

@@ -199,3 +199,22 @@ def test_modes_of_timed_runs():
     assert not any(impl.module.training for impl in built)
     timing.enter_mode(built, impls.FWD_BWD)
     assert {impl.role: impl.module.training for impl in built} == {"torch": True, "engine": False, "eager": False}
+
+
+def test_streaming_preset_times_every_implementation(monkeypatch, tmp_path, capsys):
+    """``--preset streaming`` (small: H = 8, 3 steps a round): every implementation, onnxruntime on
+    both exported graphs included, checked against torch.nn.LSTM and reported."""
+    from fastlstm.bench import streaming
+
+    monkeypatch.setattr(streaming, "HIDDEN_SIZES", (8,))
+    monkeypatch.setattr(streaming, "STEPS", 3)
+    assert bench.main(["--preset", "streaming", "--repeats", "2", "--json", str(tmp_path / "s.json")]) == 0
+    report = json.loads((tmp_path / "s.json").read_text())
+    (row,) = report["rows"]
+    assert row["hidden_size"] == 8 and report["device_name"]
+    names = set(row["us_per_step"])
+    assert {"torch.nn.LSTM", "fastlstm.LSTM.step", "fastlstm.LSTM.step, 64 streams",
+            "onnxruntime (fastlstm.onnx.export_streaming)", "onnxruntime (torch.nn.LSTM exported)"} <= names
+    assert all(us > 0 for us in row["us_per_step"].values())
+    assert "fastlstm.LSTM.step" in capsys.readouterr().out
+    assert "streaming" in (cli.main(["bench", "--list-presets"]) == 0 and capsys.readouterr().out)

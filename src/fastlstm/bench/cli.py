@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ from .run import run_rows
 from .timing import Budget, RowResult
 
 DESCRIPTION = "time fastlstm's engines against torch.nn.LSTM, in one process, on one device"
+STREAMING = "streaming"  # (a preset of its own kind: per-step latency, bench/streaming.py)
 
 
 _SHAPE_FLAGS = ("batch", "steps", "input_size", "hidden", "layers", "bidirectional", "proj_size", "dtype", "packed",
@@ -27,7 +29,8 @@ _SHAPE_FLAGS = ("batch", "steps", "input_size", "hidden", "layers", "bidirection
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``fastlstm bench`` flags (shared by ``python -m fastlstm.bench`` and the ``fastlstm`` command)."""
     what = parser.add_argument_group("what to time: a preset, or one shape given by the flags below")
-    what.add_argument("--preset", choices=sorted(PRESETS), help="a named list of rows (see --list-presets)")
+    what.add_argument("--preset", choices=sorted([*PRESETS, STREAMING]),
+                      help="a named list of rows (see --list-presets)")
     what.add_argument("--list-presets", action="store_true", help="print the presets and their rows, then exit")
     what.add_argument("-B", "--batch", type=int)
     what.add_argument("-T", "--steps", type=int)
@@ -101,7 +104,24 @@ def _list_presets() -> str:
     for name, preset in PRESETS.items():
         lines.append(f"{name} ({len(preset.configs)} rows, device {preset.device}): {preset.description}")
         lines += [f"    {config.label}" for config in preset.configs]
+    lines.append(f"{STREAMING} (device cpu): per-step latency of streaming inference, T = 1, 2 layers, I = 40, "
+                 "H in {128, 256, 512}, one thread: torch.nn.LSTM, fastlstm.LSTM, LSTM.step (B = 1 and 64 streams), "
+                 "LSTMCell per layer, onnxruntime on both exported graphs (--repeats: rounds, default 15)")
     return "\n".join(lines)
+
+
+def _run_streaming(args: argparse.Namespace) -> int:
+    from . import streaming
+
+    info = RunInfo.collect(torch.device("cpu"), STREAMING)
+    report = streaming.run(rounds=args.repeats or 15)
+    engine = info.cpu_engine or {}
+    print(streaming.format_report(report, f"{info.device_name}, kernels {engine.get('instruction_set')}, "
+                                          f"torch {torch.__version__}"))
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({**dataclasses.asdict(info), **report}, indent=1) + "\n")
+    return 0
 
 
 def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -112,6 +132,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     given = [f"--{name.replace('_', '-')}" for name in _SHAPE_FLAGS if getattr(args, name) not in (None, False)]
     if args.preset and given:
         parser.error(f"--preset names its own shapes; drop {', '.join(given)} or the preset")
+    if args.preset == STREAMING:
+        return _run_streaming(args)
     preset = PRESETS[args.preset] if args.preset else None
     for flag in ("repeats", "warmup", "threads"):
         value = getattr(args, flag)

@@ -26,7 +26,7 @@ from ...options import LSTMOptions
 from ...packing import Layout
 from ...weights import DirectionWeights
 from ..contract import LayerCall, LayerGrads, LayerInputs
-from . import layer, step
+from . import layer, step, stream
 from .gemm import linear
 
 name = "cpu"

@@ -349,6 +349,28 @@ PyObject* single_step(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// stream_forward(table, layers, steps, x, y, h0, c0, h_n, c_n): see stream_forward in kernels.h.
+PyObject* stream_forward(PyObject*, PyObject* args) {
+  unsigned long long table, x, y, h0, c0, h_n, c_n;
+  long long layers, steps;
+  if (!PyArg_ParseTuple(args, "KLLKKKKKK", &table, &layers, &steps, &x, &y, &h0, &c0, &h_n, &c_n)) return nullptr;
+  const int64_t* rows = reinterpret_cast<const int64_t*>(table);
+  const bool single = reinterpret_cast<const Plan*>(rows[0])->dtype == 0;
+  Py_BEGIN_ALLOW_THREADS
+  if (single) {
+    FASTLSTM_PICK(stream_forward, float)(rows, layers, steps, reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y),
+                                         reinterpret_cast<const float*>(h0), reinterpret_cast<const float*>(c0),
+                                         reinterpret_cast<float*>(h_n), reinterpret_cast<float*>(c_n));
+  } else {
+    FASTLSTM_PICK(stream_forward, double)(rows, layers, steps, reinterpret_cast<const double*>(x),
+                                          reinterpret_cast<double*>(y), reinterpret_cast<const double*>(h0),
+                                          reinterpret_cast<const double*>(c0), reinterpret_cast<double*>(h_n),
+                                          reinterpret_cast<double*>(c_n));
+  }
+  Py_END_ALLOW_THREADS
+  Py_RETURN_NONE;
+}
+
 template <typename T>
 void run_step_backward(const Plan& p, unsigned long long x, int64_t input_size, unsigned long long w_ih,
                        unsigned long long dx, unsigned long long dw_ih, unsigned long long dw_hh, unsigned long long db) {
@@ -440,6 +462,7 @@ PyMethodDef methods[] = {
     {"threading", threading, METH_NOARGS, "How the kernels run threads: openmp or threads."},
     {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
     {"step_backward", step_backward, METH_VARARGS, "One step's backward and its weight gradients."},
+    {"stream_forward", stream_forward, METH_VARARGS, "A stream's chunk through every layer, nothing saved."},
     {"forward_all", driver<&kForward>, METH_VARARGS, "Run the forward loops of a tuple of plans."},
     {"backward_all", driver<&kBackward>, METH_VARARGS, "Run the backward loops of a tuple of plans."},
     {nullptr, nullptr, 0, nullptr}};

@@ -498,6 +498,37 @@ inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panel, T* c,
   }
 }
 
+// One row against one panel: with a single accumulator pair every k would wait for the previous
+// FMA's result (a B = 1 step ran at a quarter of the FMA units' rate); four pairs, over k mod 4, do not.
+template <typename T>
+inline void gemm_row(int64_t K, const T* a, const T* panel, T* c, int64_t ncols) {
+  using V = typename Lanes<T>::V;
+  constexpr int L = Lanes<T>::n;
+  V acc0[4] = {V{}, V{}, V{}, V{}}, acc1[4] = {V{}, V{}, V{}, V{}};
+  int64_t k = 0;
+  for (; k + 4 <= K; k += 4) {
+    for (int u = 0; u < 4; ++u) {
+      V b0, b1;
+      std::memcpy(&b0, panel + (k + u) * 2 * L, sizeof(V));
+      std::memcpy(&b1, panel + (k + u) * 2 * L + L, sizeof(V));
+      acc0[u] += b0 * a[k + u];
+      acc1[u] += b1 * a[k + u];
+    }
+  }
+  for (; k < K; ++k) {
+    V b0, b1;
+    std::memcpy(&b0, panel + k * 2 * L, sizeof(V));
+    std::memcpy(&b1, panel + k * 2 * L + L, sizeof(V));
+    acc0[0] += b0 * a[k];
+    acc1[0] += b1 * a[k];
+  }
+  const V sum0 = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]), sum1 = (acc1[0] + acc1[1]) + (acc1[2] + acc1[3]);
+  T out[2 * L];
+  std::memcpy(out, &sum0, sizeof(V));
+  std::memcpy(out + L, &sum1, sizeof(V));
+  std::memcpy(c, out, sizeof(T) * ncols);
+}
+
 // C[M, N] = A[M, K] @ B. Rows are taken in chunks that stay in cache while the panels stream past.
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* packed, T* c, int64_t ldc) {
@@ -511,7 +542,7 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const
       const int64_t ncols = N - q * NR < NR ? N - q * NR : NR;
       int64_t m = m0;
       for (; m + 4 <= m1; m += 4) gemm_block<T, 4>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
-      for (; m < m1; ++m) gemm_block<T, 1>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
+      for (; m < m1; ++m) gemm_row<T>(K, a + m * lda, panel, c + m * ldc + q * NR, ncols);
     }
   }
 }
@@ -719,4 +750,49 @@ void single_step(const Plan& p, const T* x, int64_t input_size, const T* w_ih, c
   std::memcpy(p.h_state, h0, sizeof(T) * B * p.h_out);
   std::memcpy(p.c_state, c0, sizeof(T) * B * p.hidden);
   forward_all<T>(p);
+}
+
+// A chunk of a stream through every layer (LSTM.step without autograd), one C++ call: x [T, B, I]
+// time-major; the states h0 [L, B, Hout], c0 [L, B, H] in, h_n, c_n out; y [T, B, Hout] the last
+// layer's outputs. Row l of `table` describes layer l: its step plan (scratch, activations and a
+// [B, Hout] output buffer that the next layer reads), W_ih^T in column panels, its input size, and
+// b_ih + b_hh (or 0). Each step's input product runs over the panels (a dot product per gate would
+// spend more on horizontal sums than on the products at B = 1), then the plan's step.
+template <typename T>
+void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T* x, T* y, const T* h0, const T* c0,
+                    T* h_n, T* c_n) {
+  const int64_t B = reinterpret_cast<const Plan*>(table[0])->batch;
+  int64_t h_size = 0, c_size = 0;
+  for (int64_t l = 0; l < layers; ++l) {
+    const Plan& p = *reinterpret_cast<const Plan*>(table[4 * l]);
+    h_size += B * p.h_out;
+    c_size += B * p.hidden;
+  }
+  std::memcpy(h_n, h0, sizeof(T) * h_size);
+  std::memcpy(c_n, c0, sizeof(T) * c_size);
+  for (int64_t t = 0; t < steps; ++t) {
+    const T* in = x + t * B * table[2];
+    T* h = h_n;
+    T* c = c_n;
+    for (int64_t l = 0; l < layers; ++l) {
+      Plan q = *reinterpret_cast<const Plan*>(table[4 * l]);
+      const int64_t I = table[4 * l + 2], G = 4 * q.hidden;
+      const T* bias = reinterpret_cast<const T*>(table[4 * l + 3]);
+      q.h_state = h;
+      q.c_state = c;
+      if (l == layers - 1) q.y = y + t * B * q.h_out;
+      T* xg = static_cast<T*>(const_cast<void*>(q.xg));
+      gemm_packed<T>(B, G, I, in, I, reinterpret_cast<const T*>(table[4 * l + 1]), xg, q.ld_xg);
+      if (bias) {
+        for (int64_t r = 0; r < B; ++r) {
+          T* row = xg + r * q.ld_xg;
+          for (int64_t j = 0; j < G; ++j) row[j] += bias[j];
+        }
+      }
+      forward_all<T>(q);
+      in = static_cast<const T*>(q.y);
+      h += B * q.h_out;
+      c += B * q.hidden;
+    }
+  }
 }

@@ -1,0 +1,83 @@
+"""A stream's chunks on the CPU without autograd: one C++ call per chunk, every layer and step inside
+(``LSTM.step``'s fast path, :mod:`fastlstm.streaming`).
+
+A :class:`StreamPlan` is built once for a module's weights, a batch size and a dtype: for each layer
+the single step's plan (:mod:`.step`) pointed at buffers the plan owns, ``W_ih^T`` and ``W_hh^T`` in
+the column panels the kernels' GEMM streams (a B = 1 product over panels has no horizontal sums),
+and ``b_ih + b_hh``. A chunk ``x [T, B, I]`` then costs one ``stream_forward`` call and its output
+allocations. For the single step's form: one direction, no projection, no layer norm (:func:`takes`).
+The plan is valid while the weights are the same tensors at the same versions (:meth:`StreamPlan.valid`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ...masks import DirectionMasks
+from ...options import LSTMOptions
+from ...packing import Layout
+from ...weights import DirectionWeights
+from ..contract import LayerInputs, _step_call
+from . import kernels, step
+from .layer import _panels
+
+_NO_MASKS = DirectionMasks()
+
+
+def takes(layers: list[list[DirectionWeights]], options: LSTMOptions) -> bool:
+    """Whether a stream plan runs these layers: one direction, no projection, no layer norm."""
+    return len(layers[0]) == 1 and layers[0][0].weight_hr is None and not options.layer_norm
+
+
+def _version(t: Tensor | None) -> tuple:
+    return (None, None) if t is None else (t.data_ptr(), t._version)
+
+
+class StreamPlan:
+    """Every layer's step plan for batches of ``batch`` rows in ``dtype`` (float32 or float64)."""
+
+    def __init__(self, layers: list[list[DirectionWeights]], options: LSTMOptions, batch: int, dtype: torch.dtype):
+        self.weights = [directions[0] for directions in layers]
+        self.versions = [_version(t) for w in self.weights for t in w]
+        self.batch, self.dtype = batch, dtype
+        self.hidden = self.weights[0].weight_hh.shape[0] // 4
+        self._keep: list = []  # every tensor and plan a C++ pointer refers to
+        rows = []
+        for w in self.weights:
+            rows += self._layer(w, options)
+        self.table = torch.tensor(rows, dtype=torch.int64)
+        self.input_size = self.weights[0].weight_ih.shape[1]
+
+    def _layer(self, w: DirectionWeights, options: LSTMOptions) -> list[int]:
+        batch, hidden, dtype = self.batch, self.hidden, self.dtype
+        w = DirectionWeights(*(None if t is None else t.detach().to(dtype).contiguous() for t in w))
+        call = _step_call("cpu", options, False, False, tuple(t is not None for t in w))
+        zeros = torch.zeros(batch, hidden, dtype=dtype)
+        inputs = LayerInputs(torch.empty(batch, w.weight_ih.shape[1], dtype=dtype), Layout.of_full(1, batch, zeros.device),
+                             zeros, zeros, [w], [_NO_MASKS])
+        template = step._template(call, inputs)
+        arena = torch.empty(template.kept[1] + template.scratch[1], dtype=dtype)
+        kept = arena.data_ptr()
+        keep = [arena, w, zeros]
+        plan = step._plan(template, kept, kept + template.kept[1] * arena.element_size(), w, _NO_MASKS, zeros, keep)
+        output = torch.empty(batch, hidden, dtype=dtype)  # (the next layer's input)
+        w_ih, w_hh = _panels(w.weight_ih.t()), _panels(w.weight_hh.t())
+        plan.y, plan.w_hh_packed = output.data_ptr(), w_hh.data_ptr()
+        bias = None if w.bias_ih is None else (w.bias_ih + w.bias_hh).contiguous()
+        self._keep += [*keep, plan, output, w_ih, w_hh, bias]
+        return [kernels.address(plan), w_ih.data_ptr(), w.weight_ih.shape[1], 0 if bias is None else bias.data_ptr()]
+
+    def valid(self, layers: list[list[DirectionWeights]]) -> bool:
+        """Whether ``layers`` are the weights the plan was built from, unchanged since."""
+        return [_version(t) for directions in layers for t in directions[0]] == self.versions
+
+    def run(self, x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [T, B, I]``, ``h0``, ``c0 [L, B, H]`` (contiguous, the plan's dtype and batch) ->
+        ``(y [T, B, H], h_n, c_n)``."""
+        steps = x.shape[0]
+        y = x.new_empty(steps, self.batch, self.hidden)
+        h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
+        kernels.module().stream_forward(self.table.data_ptr(), len(self.weights), steps, x.data_ptr(), y.data_ptr(),
+                                        h0.data_ptr(), c0.data_ptr(), h_n.data_ptr(), c_n.data_ptr())
+        return y, h_n, c_n
