@@ -67,13 +67,15 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: dict | N
     Raises:
         ValueError: naming the option or input that cannot be exported and what to do instead.
     """
-    kwargs = dict(kwargs or {})
+    # (an example's strides are not the graph's business: a strided view put sym_stride nodes,
+    # which ONNX has no function for, into a Scan layer's trace)
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (tuple(args), dict(kwargs or {})))
     _check_model(model, args, kwargs)
     table = {**translation_table(), **torch_onnx_kwargs.pop("custom_translation_table", {})}
     dynamic_shapes = torch_onnx_kwargs.pop("dynamic_shapes", None)
     if dynamic and dynamic_shapes is None:
         dynamic_shapes = _every_dimension(model, args, kwargs)
-    program = torch.onnx.export(model, tuple(args), kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+    program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
                                 opset_version=opset_version, custom_translation_table=table, **torch_onnx_kwargs)
     _fold_weights(program)
     _fix_static_dimensions(program)
