@@ -6,7 +6,8 @@ the single step's plan (:mod:`.step`) pointed at buffers the plan owns, ``W_ih^T
 the column panels the kernels' GEMM streams (a B = 1 product over panels has no horizontal sums),
 and ``b_ih + b_hh``. A chunk ``x [T, B, I]`` then costs one ``stream_forward`` call and its output
 allocations. For the single step's form: one direction, no projection, no layer norm (:func:`takes`).
-The plan is valid while the weights are the same tensors at the same versions (:meth:`StreamPlan.valid`).
+The plan points at the weights it was built from: its caller (:func:`fastlstm.streaming._fast_step`)
+rebuilds it when a parameter is replaced or changed (a new version or address).
 """
 
 from __future__ import annotations
@@ -30,16 +31,11 @@ def takes(layers: list[list[DirectionWeights]], options: LSTMOptions) -> bool:
     return len(layers[0]) == 1 and layers[0][0].weight_hr is None and not options.layer_norm
 
 
-def _version(t: Tensor | None) -> tuple:
-    return (None, None) if t is None else (t.data_ptr(), t._version)
-
-
 class StreamPlan:
     """Every layer's step plan for batches of ``batch`` rows in ``dtype`` (float32 or float64)."""
 
     def __init__(self, layers: list[list[DirectionWeights]], options: LSTMOptions, batch: int, dtype: torch.dtype):
         self.weights = [directions[0] for directions in layers]
-        self.versions = [_version(t) for w in self.weights for t in w]
         self.batch, self.dtype = batch, dtype
         self.hidden = self.weights[0].weight_hh.shape[0] // 4
         self._keep: list = []  # every tensor and plan a C++ pointer refers to
@@ -67,10 +63,6 @@ class StreamPlan:
         bias = None if w.bias_ih is None else (w.bias_ih + w.bias_hh).contiguous()
         self._keep += [*keep, plan, output, w_ih, w_hh, bias]
         return [kernels.address(plan), w_ih.data_ptr(), w.weight_ih.shape[1], 0 if bias is None else bias.data_ptr()]
-
-    def valid(self, layers: list[list[DirectionWeights]]) -> bool:
-        """Whether ``layers`` are the weights the plan was built from, unchanged since."""
-        return [_version(t) for directions in layers for t in directions[0]] == self.versions
 
     def run(self, x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x [T, B, I]``, ``h0``, ``c0 [L, B, H]`` (contiguous, the plan's dtype and batch) ->
