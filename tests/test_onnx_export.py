@@ -103,7 +103,8 @@ def _assert_runs_like_the_module(program, model, *, batch_first, with_lengths):
             expected = model(x, lengths)
         assert len(got) == len(expected)
         for k, (a, b) in enumerate(zip(got, expected)):
-            torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL, msg=lambda m, k=k: f"output {k}: {m}")
+            torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL,
+                                       msg=lambda m, k=k: f"output {k}: {m}")
 
 
 @pytest.mark.parametrize("group", GROUPS.values(), ids=GROUPS.keys())
@@ -181,8 +182,11 @@ def test_an_lstm_cell_exports():
         torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
 
 
-@pytest.mark.parametrize("options, name", [(dict(zoneout=0.1), "zoneout"), (dict(recurrent_dropout=0.2), "recurrent_dropout"),
-                                           (dict(weight_drop=0.2), "weight_drop"), (dict(num_layers=2, dropout=0.3), "dropout")])
+RANDOM = [(dict(zoneout=0.1), "zoneout"), (dict(recurrent_dropout=0.2), "recurrent_dropout"),
+          (dict(weight_drop=0.2), "weight_drop"), (dict(num_layers=2, dropout=0.3), "dropout")]
+
+
+@pytest.mark.parametrize("options, name", RANDOM, ids=[name for _, name in RANDOM])
 def test_training_mode_randomness_raises_naming_the_option(options, name):
     model = fastlstm.LSTM(INPUT, HIDDEN, **options)  # (training mode)
     with pytest.raises(ValueError, match=rf"{name}: .*model\.eval\(\)"):
@@ -257,13 +261,14 @@ def test_the_onnx_lstm_op_is_onnxs_lstm_operator(direction):
                   R=torch.randn(d, 4 * hidden, hidden) * 0.5, B=torch.randn(d, 8 * hidden) * 0.5,
                   sequence_lens=torch.tensor([5, 2, 0], dtype=torch.int32), initial_h=torch.randn(d, batch, hidden),
                   initial_c=torch.randn(d, batch, hidden), P=torch.randn(d, 3 * hidden) * 0.5)
-    attributes = dict(hidden_size=hidden, direction=direction, clip=1.5, activations=["HardSigmoid", "Tanh", "Softsign"] * d,
-                      activation_alpha=[1 / 6] * d, activation_beta=[0.5] * d)
+    attributes = dict(hidden_size=hidden, direction=direction, clip=1.5,
+                      activations=["HardSigmoid", "Tanh", "Softsign"] * d, activation_alpha=[1 / 6] * d,
+                      activation_beta=[0.5] * d)
     node = helper.make_node("LSTM", list(inputs), ["Y", "Y_h", "Y_c"], **attributes)
-    graph = helper.make_graph([node], "lstm", [helper.make_tensor_value_info(name, TensorProto.INT32 if name == "sequence_lens"
-                                                                             else TensorProto.FLOAT, list(t.shape))
-                                               for name, t in inputs.items()],
-                              [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("Y", "Y_h", "Y_c")])
+    kinds = {name: TensorProto.INT32 if name == "sequence_lens" else TensorProto.FLOAT for name in inputs}
+    graph_inputs = [helper.make_tensor_value_info(name, kinds[name], list(t.shape)) for name, t in inputs.items()]
+    graph_outputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in ("Y", "Y_h", "Y_c")]
+    graph = helper.make_graph([node], "lstm", graph_inputs, graph_outputs)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
     expected = ort.InferenceSession(model.SerializeToString()).run(None, {k: v.numpy() for k, v in inputs.items()})
     args = tuple(inputs.values())

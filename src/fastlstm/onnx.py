@@ -69,7 +69,8 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: dict | N
     """
     # (an example's strides are not the graph's business: a strided view put sym_stride nodes,
     # which ONNX has no function for, into a Scan layer's trace)
-    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous, (tuple(args), dict(kwargs or {})))
+    args, kwargs = torch.utils._pytree.tree_map_only(torch.Tensor, torch.Tensor.contiguous,
+                                                     (tuple(args), dict(kwargs or {})))
     _check_model(model, args, kwargs)
     table = {**translation_table(), **torch_onnx_kwargs.pop("custom_translation_table", {})}
     dynamic_shapes = torch_onnx_kwargs.pop("dynamic_shapes", None)
