@@ -189,3 +189,35 @@ def test_the_fast_step_raises_forwards_errors():
         model.step(torch.randn(3, 2, 4, dtype=F64))
     with torch.no_grad(), pytest.raises(RuntimeError, match="Expected hidden"):
         model.step(torch.randn(3, 2, 3, dtype=F64), model.initial_state(3))
+
+
+def test_the_fast_step_runs_many_streams_of_unequal_chunks():
+    """StreamingLSTM without autograd: each stream equals its solo forward (float64, 1e-12) through
+    the native path with lengths; a row of length 0 keeps its state bit for bit and outputs zeros."""
+    model = _model("auto", peephole=True, clip=0.9)
+    holder = StreamingLSTM(model)
+    g = torch.Generator().manual_seed(5)
+    sequences = {name: torch.randn(n, 3, dtype=F64, generator=g) for name, n in (("a", 11), ("b", 5), ("c", 8))}
+    position = dict.fromkeys(sequences, 0)
+    outputs = {name: [] for name in sequences}
+    with torch.inference_mode():
+        while any(position[n] < len(s) for n, s in sequences.items()):
+            chunks = {}
+            for name, seq in sequences.items():
+                n = int(torch.randint(0, 4, (1,), generator=g))
+                chunks[name] = seq[position[name] : position[name] + n]
+                position[name] += chunks[name].shape[0]
+            for name, y in holder(chunks).items():
+                outputs[name].append(y)
+        assert _took_the_fast_path(model)
+        for name, seq in sequences.items():
+            solo, (h, c) = model(seq)
+            torch.testing.assert_close(torch.cat(outputs[name]), solo, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(holder.states[name].h[:, 0], h, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(holder.states[name].c[:, 0], c, rtol=1e-12, atol=1e-12)
+        state = LSTMState(torch.randn(2, 3, 5, dtype=F64), torch.randn(2, 3, 5, dtype=F64))
+        y, new = model.step(torch.randn(4, 3, 3, dtype=F64), state, lengths=torch.tensor([4, 0, 2]))
+        assert torch.equal(new.h[:, 1], state.h[:, 1]) and torch.equal(new.c[:, 1], state.c[:, 1])
+        assert not y[:, 1].any() and not y[2:, 2].any()
+        with pytest.raises(ValueError, match="lengths"):
+            model.step(torch.randn(4, 3, 3, dtype=F64), state, lengths=torch.tensor([5, 0, 2]))

@@ -18,7 +18,7 @@ import weakref
 import torch
 from torch import Tensor
 
-from . import engines
+from . import checks, engines
 
 
 class LSTMState(NamedTuple):
@@ -79,13 +79,13 @@ class Streaming:
         Chunk after chunk, the outputs are those of one forward over the whole sequence.
 
         Without autograd (``torch.no_grad()`` / ``inference_mode``, or nothing requiring grad) on the
-        CPU, a chunk is one native call over every layer and step, from a plan cached per batch size
-        and checked against the weights' versions (:func:`_fast_step`); other calls run ``forward``."""
+        CPU, a chunk is one native call over every layer and step (lengths included), from a plan
+        cached per batch size and checked against the weights' versions (:func:`_fast_step`); other
+        calls run ``forward``."""
         self._check_streaming()
-        if lengths is None:
-            fast = _fast_step(self, input, state)
-            if fast is not None:
-                return fast
+        fast = _fast_step(self, input, state, lengths)
+        if fast is not None:
+            return fast
         output, (h, c) = self(input, state, lengths=lengths)
         return output, LSTMState(h, c)
 
@@ -161,7 +161,7 @@ def _stamps(params: tuple) -> list:
     return [(p._version, p.data_ptr()) for p in params]
 
 
-def _fast_step(module, input, state) -> tuple[Tensor, LSTMState] | None:
+def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] | None:
     """``module.step(input, state)`` as one native call (:mod:`fastlstm.engines.cpu.stream`), or None
     where the call needs ``forward``: autograd, training-mode randomness, another device, dtype or
     backend, options the plan does not take, a transform, a trace, autocast, or input that
@@ -196,7 +196,9 @@ def _fast_step(module, input, state) -> tuple[Tensor, LSTMState] | None:
                 or h0.dtype != x.dtype or c0.dtype != x.dtype or not h0.is_cpu or not c0.is_cpu
                 or h0.requires_grad or c0.requires_grad):
             return None
-    y, h_n, c_n = fast.plan.run(x.contiguous(), h0.contiguous(), c0.contiguous())
+    if lengths is not None:  # (forward's check, its errors: a bad length raises naming lengths)
+        lengths = checks.check_lengths(lengths, steps, batch, True).contiguous()
+    y, h_n, c_n = fast.plan.run(x.contiguous(), h0.contiguous(), c0.contiguous(), lengths)
     return (y.transpose(0, 1) if module.batch_first else y), LSTMState(h_n, c_n)
 
 

@@ -349,23 +349,27 @@ PyObject* single_step(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// stream_forward(table, layers, steps, x, y, h0, c0, h_n, c_n): see stream_forward in kernels.h.
+// stream_forward(table, layers, steps, x, y, h0, c0, h_n, c_n, lengths): see stream_forward in
+// kernels.h (lengths 0: every row runs every step).
 PyObject* stream_forward(PyObject*, PyObject* args) {
-  unsigned long long table, x, y, h0, c0, h_n, c_n;
+  unsigned long long table, x, y, h0, c0, h_n, c_n, lengths;
   long long layers, steps;
-  if (!PyArg_ParseTuple(args, "KLLKKKKKK", &table, &layers, &steps, &x, &y, &h0, &c0, &h_n, &c_n)) return nullptr;
+  if (!PyArg_ParseTuple(args, "KLLKKKKKKK", &table, &layers, &steps, &x, &y, &h0, &c0, &h_n, &c_n, &lengths)) {
+    return nullptr;
+  }
   const int64_t* rows = reinterpret_cast<const int64_t*>(table);
+  const int64_t* row_lengths = reinterpret_cast<const int64_t*>(lengths);
   const bool single = reinterpret_cast<const Plan*>(rows[0])->dtype == 0;
   Py_BEGIN_ALLOW_THREADS
   if (single) {
     FASTLSTM_PICK(stream_forward, float)(rows, layers, steps, reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y),
                                          reinterpret_cast<const float*>(h0), reinterpret_cast<const float*>(c0),
-                                         reinterpret_cast<float*>(h_n), reinterpret_cast<float*>(c_n));
+                                         reinterpret_cast<float*>(h_n), reinterpret_cast<float*>(c_n), row_lengths);
   } else {
     FASTLSTM_PICK(stream_forward, double)(rows, layers, steps, reinterpret_cast<const double*>(x),
                                           reinterpret_cast<double*>(y), reinterpret_cast<const double*>(h0),
                                           reinterpret_cast<const double*>(c0), reinterpret_cast<double*>(h_n),
-                                          reinterpret_cast<double*>(c_n));
+                                          reinterpret_cast<double*>(c_n), row_lengths);
   }
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;

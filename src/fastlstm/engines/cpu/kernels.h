@@ -757,30 +757,41 @@ void single_step(const Plan& p, const T* x, int64_t input_size, const T* w_ih, c
 // layer's outputs. Row l of `table` describes layer l: its step plan (scratch, activations and a
 // [B, Hout] output buffer that the next layer reads), W_ih^T in column panels, its input size, and
 // b_ih + b_hh (or 0). Each step's input product runs over the panels (a dot product per gate would
-// spend more on horizontal sums than on the products at B = 1), then the plan's step.
+// spend more on horizontal sums than on the products at B = 1), then the plan's step. With
+// `lengths` ([B], or null), a row at or past its length keeps its state bit for bit (it is computed
+// and then put back) and outputs zeros.
 template <typename T>
 void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T* x, T* y, const T* h0, const T* c0,
-                    T* h_n, T* c_n) {
+                    T* h_n, T* c_n, const int64_t* lengths) {
   const int64_t B = reinterpret_cast<const Plan*>(table[0])->batch;
-  int64_t h_size = 0, c_size = 0;
+  int64_t h_size = 0, c_size = 0, widest = 0;
   for (int64_t l = 0; l < layers; ++l) {
     const Plan& p = *reinterpret_cast<const Plan*>(table[4 * l]);
     h_size += B * p.h_out;
     c_size += B * p.hidden;
+    widest = widest > p.h_out + p.hidden ? widest : p.h_out + p.hidden;
   }
   std::memcpy(h_n, h0, sizeof(T) * h_size);
   std::memcpy(c_n, c0, sizeof(T) * c_size);
+  std::vector<T> kept(lengths ? B * widest : 0);  // the states of the rows past their length
   for (int64_t t = 0; t < steps; ++t) {
     const T* in = x + t * B * table[2];
     T* h = h_n;
     T* c = c_n;
     for (int64_t l = 0; l < layers; ++l) {
       Plan q = *reinterpret_cast<const Plan*>(table[4 * l]);
-      const int64_t I = table[4 * l + 2], G = 4 * q.hidden;
+      const int64_t I = table[4 * l + 2], G = 4 * q.hidden, ho = q.h_out, H = q.hidden;
       const T* bias = reinterpret_cast<const T*>(table[4 * l + 3]);
       q.h_state = h;
       q.c_state = c;
-      if (l == layers - 1) q.y = y + t * B * q.h_out;
+      if (l == layers - 1) q.y = y + t * B * ho;
+      if (lengths) {
+        for (int64_t r = 0; r < B; ++r) {
+          if (t < lengths[r]) continue;
+          std::memcpy(kept.data() + r * widest, h + r * ho, sizeof(T) * ho);
+          std::memcpy(kept.data() + r * widest + ho, c + r * H, sizeof(T) * H);
+        }
+      }
       T* xg = static_cast<T*>(const_cast<void*>(q.xg));
       gemm_packed<T>(B, G, I, in, I, reinterpret_cast<const T*>(table[4 * l + 1]), xg, q.ld_xg);
       if (bias) {
@@ -790,9 +801,17 @@ void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T
         }
       }
       forward_all<T>(q);
+      if (lengths) {
+        for (int64_t r = 0; r < B; ++r) {
+          if (t < lengths[r]) continue;
+          std::memcpy(h + r * ho, kept.data() + r * widest, sizeof(T) * ho);
+          std::memcpy(c + r * H, kept.data() + r * widest + ho, sizeof(T) * H);
+          if (l == layers - 1) std::memset(static_cast<T*>(q.y) + r * ho, 0, sizeof(T) * ho);
+        }
+      }
       in = static_cast<const T*>(q.y);
-      h += B * q.h_out;
-      c += B * q.hidden;
+      h += B * ho;
+      c += B * H;
     }
   }
 }

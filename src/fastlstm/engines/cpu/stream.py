@@ -64,12 +64,14 @@ class StreamPlan:
         self._keep += [*keep, plan, output, w_ih, w_hh, bias]
         return [kernels.address(plan), w_ih.data_ptr(), w.weight_ih.shape[1], 0 if bias is None else bias.data_ptr()]
 
-    def run(self, x: Tensor, h0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``x [T, B, I]``, ``h0``, ``c0 [L, B, H]`` (contiguous, the plan's dtype and batch) ->
-        ``(y [T, B, H], h_n, c_n)``."""
+    def run(self, x: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [T, B, I]``, ``h0``, ``c0 [L, B, H]`` (contiguous, the plan's dtype and batch), ``lengths``
+        int64 ``[B]`` (contiguous) or None -> ``(y [T, B, H], h_n, c_n)``; a row at or past its length
+        keeps its state and outputs zeros."""
         steps = x.shape[0]
         y = x.new_empty(steps, self.batch, self.hidden)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         kernels.module().stream_forward(self.table.data_ptr(), len(self.weights), steps, x.data_ptr(), y.data_ptr(),
-                                        h0.data_ptr(), c0.data_ptr(), h_n.data_ptr(), c_n.data_ptr())
+                                        h0.data_ptr(), c0.data_ptr(), h_n.data_ptr(), c_n.data_ptr(),
+                                        0 if lengths is None else lengths.data_ptr())
         return y, h_n, c_n
