@@ -221,3 +221,31 @@ def test_the_fast_step_runs_many_streams_of_unequal_chunks():
         assert not y[:, 1].any() and not y[2:, 2].any()
         with pytest.raises(ValueError, match="lengths"):
             model.step(torch.randn(4, 3, 3, dtype=F64), state, lengths=torch.tensor([5, 0, 2]))
+
+
+def test_the_fast_step_leaves_hooked_and_parametrized_modules_to_forward():
+    """A forward pre-hook or a parametrization may compute a weight in each call: the native path
+    would read a stale one, so such modules take forward (and their hooks run)."""
+    x = torch.randn(3, 2, 3, dtype=F64)
+    hooked = _model("auto")
+    calls = []
+    hooked.register_forward_pre_hook(lambda module, args: calls.append(1))
+    with torch.no_grad():
+        hooked.step(x)
+    assert calls and not _took_the_fast_path(hooked)
+
+    scaled = _model("auto")
+    oracle = _model("reference")
+
+    class Double(torch.nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    torch.nn.utils.parametrize.register_parametrization(scaled, "weight_hh_l0", Double())
+    with torch.no_grad():
+        oracle.weight_hh_l0.mul_(2)
+        torch.testing.assert_close(scaled.step(x)[0], oracle(x)[0], rtol=1e-12, atol=1e-12)
+        scaled.parametrizations.weight_hh_l0.original.mul_(0.5)
+        oracle.weight_hh_l0.mul_(0.5)
+        torch.testing.assert_close(scaled.step(x)[0], oracle(x)[0], rtol=1e-12, atol=1e-12)
+    assert not _took_the_fast_path(scaled)

@@ -174,9 +174,10 @@ def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] |
     if torch.is_grad_enabled() and (input.requires_grad or True in [p.requires_grad for p in params]):
         return None
     if (module.training and (module.options.is_stochastic or (module.dropout > 0 and module.num_layers > 1))) \
+            or module._forward_hooks or module._forward_pre_hooks or _global_hooks() \
             or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled() \
             or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
-        return None
+        return None  # (hooks run in forward: a pre-hook may recompute a weight, as weight_norm's does)
     x = input.transpose(0, 1) if module.batch_first else input
     steps, batch, features = x.shape
     if steps == 0 or features != module.input_size:
@@ -202,12 +203,18 @@ def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] |
     return (y.transpose(0, 1) if module.batch_first else y), LSTMState(h_n, c_n)
 
 
+def _global_hooks() -> bool:
+    hooks = torch.nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
+
+
 def _build(module, x: Tensor, params: tuple) -> _Fast | None:
     """A plan for ``module`` at ``x``'s batch size and dtype, cached; None if the CPU engine's stream
     plan does not take the call."""
     if x.dtype not in (torch.float32, torch.float64) or module.backend not in ("auto", "cpu") \
-            or x.dtype != module.weight_ih_l0.dtype or not engines.supports("cpu", x.device, x.dtype):
-        return None
+            or x.dtype != module.weight_ih_l0.dtype or not engines.supports("cpu", x.device, x.dtype) \
+            or torch.nn.utils.parametrize.is_parametrized(module):
+        return None  # (a parametrized weight is computed in each call, from tensors _parameters does not hold)
     layers = module._weights(x.dtype)
     stream = engines.load("cpu").stream
     if not stream.takes(layers, module.options) or any(p.device.type != "cpu" for p in params):
