@@ -4,6 +4,7 @@ module in float32. Which graph a layer became is read from the model: an ``LSTM`
 operator expresses it, a ``Scan`` otherwise."""
 
 import collections
+import io
 import logging
 import warnings
 
@@ -276,3 +277,9 @@ def test_the_onnx_lstm_op_is_onnxs_lstm_operator(direction):
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, torch.from_numpy(b), rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.fastlstm.onnx_lstm.default, (*args, "hardsigmoid,tanh,softsign", 1.5, False))
+
+
+def test_torchs_torchscript_exporter_points_to_fastlstm_onnx_export():
+    model = torch.nn.Sequential(fastlstm.LSTM(INPUT, HIDDEN)).eval()
+    with pytest.raises(RuntimeError, match=r"fastlstm\.onnx\.export"):
+        torch.onnx.export(model, (torch.randn(EXPORTED_T, EXPORTED_B, INPUT),), io.BytesIO(), dynamo=False)

@@ -65,7 +65,7 @@ def lstm(
         raise RuntimeError(
             "fastlstm.LSTM cannot be traced by torch.jit.trace: a trace would fix the number of steps and "
             "silently compute wrong results for other lengths; use torch.export.export (T and B dynamic) or "
-            "torch.compile"
+            "torch.compile, and for ONNX fastlstm.onnx.export (torch.onnx.export with dynamo=False traces)"
         )
     packed = isinstance(input, PackedSequence)
     if exporting.onnx_exporting():  # (graph ops ONNX can express, T and B dynamic: exporting.py)
