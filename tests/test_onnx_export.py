@@ -283,3 +283,17 @@ def test_torchs_torchscript_exporter_points_to_fastlstm_onnx_export():
     model = torch.nn.Sequential(fastlstm.LSTM(INPUT, HIDDEN)).eval()
     with pytest.raises(RuntimeError, match=r"fastlstm\.onnx\.export"):
         torch.onnx.export(model, (torch.randn(EXPORTED_T, EXPORTED_B, INPUT),), io.BytesIO(), dynamo=False)
+
+
+def test_a_float64_model_exports_as_scan_and_runs():
+    """onnxruntime's LSTM runs float32 only: a float64 layer becomes a Scan over the cell step."""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(INPUT, HIDDEN, num_layers=2, dtype=torch.float64).eval()
+    program = fastlstm.onnx.export(model, (torch.randn(EXPORTED_T, EXPORTED_B, INPUT, dtype=torch.float64),))
+    assert (_ops(program)["LSTM"], _ops(program)["Scan"]) == (0, 2)
+    x = torch.randn(9, 4, INPUT, dtype=torch.float64)
+    got = _session(program).run(None, {program.model_proto.graph.input[0].name: x.numpy()})
+    with torch.no_grad():
+        expected = model(x)
+    for a, b in zip(got, (expected[0], *expected[1])):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-12, atol=1e-12)

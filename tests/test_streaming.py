@@ -249,3 +249,49 @@ def test_the_fast_step_leaves_hooked_and_parametrized_modules_to_forward():
         oracle.weight_hh_l0.mul_(0.5)
         torch.testing.assert_close(scaled.step(x)[0], oracle(x)[0], rtol=1e-12, atol=1e-12)
     assert not _took_the_fast_path(scaled)
+
+
+def test_the_fast_step_with_inference_tensors_tensor_attributes_and_bad_states():
+    x = torch.randn(3, 2, 3, dtype=F64)
+    with torch.inference_mode():  # (a server's setup: parameters without version counters)
+        made_here = _model("auto")
+        torch.testing.assert_close(made_here.step(x)[0], made_here(x)[0], rtol=1e-12, atol=1e-12)
+    assert not _took_the_fast_path(made_here)
+
+    attribute = _model("auto")
+    weight = attribute.weight_hh_l0.detach().clone()
+    del attribute.weight_hh_l0
+    attribute.weight_hh_l0 = weight  # (a plain tensor: _parameters would not show its changes)
+    with torch.no_grad():
+        attribute.step(x)
+        weight.mul_(2)
+        torch.testing.assert_close(attribute.step(x)[0], attribute(x)[0], rtol=1e-12, atol=1e-12)
+    assert not _took_the_fast_path(attribute)
+
+    model = _model("auto")
+    h = torch.zeros(2, 2, 5, dtype=F64)
+    with torch.no_grad():
+        for state in ((h,), (h, h, h)):
+            with pytest.raises((ValueError, IndexError), match="hx should be a tuple"):
+                model.step(x, state)
+
+
+def test_the_fast_step_after_a_change_through_data_needs_clear_step_plans():
+    model = _model("auto")
+    x = torch.randn(3, 2, 3, dtype=F64)
+    with torch.no_grad():
+        model.step(x)
+        model.weight_hh_l0.data.mul_(2)  # (no version counter sees this)
+        model.clear_step_plans()
+        torch.testing.assert_close(model.step(x)[0], model(x)[0], rtol=1e-12, atol=1e-12)
+
+
+def test_batch_sizes_share_the_packed_weights():
+    from fastlstm import streaming
+    model = _model("auto")
+    with torch.no_grad():
+        for batch in [*range(1, 21), *range(1, 21)]:
+            model.step(torch.randn(2, batch, 3, dtype=F64))
+            packed = streaming._PACKED[model].packed
+            assert all(plan.packed is packed for plan in streaming._PLANS[model].values())
+    assert len(streaming._PLANS[model]) == 20

@@ -4,7 +4,7 @@ While ``torch.onnx.export`` traces a model (``onnx_exporting()``), :func:`fastls
 hands each call here instead of to an engine (whose op takes the input gates in the engines'
 sorted-rows layout, which ONNX cannot express). Each layer becomes:
 
-* one ``fastlstm::onnx_lstm`` op where ONNX's ``LSTM`` operator computes the layer (plain layers,
+* one ``fastlstm::onnx_lstm`` op where ONNX's ``LSTM`` operator computes the float32 layer (plain layers,
   bias or not, both directions, peepholes, ``clip``, coupled gates, activations, lengths, and
   ``recurrent_dropout``/``weight_drop``, which eval mode does not apply): the op *is* that operator
   (its inputs in ONNX's gate order, reordered here as torch ops on the parameters), and
@@ -54,7 +54,8 @@ def check_exportable(options: LSTMOptions, *, training: bool, dropout: float = 0
 
 
 def onnx_expressible(options: LSTMOptions, weights: DirectionWeights) -> bool:
-    """Whether ONNX's ``LSTM`` operator computes an eval-mode layer with these options."""
+    """Whether ONNX's ``LSTM`` operator computes an eval-mode layer with these options (in float32:
+    onnxruntime's LSTM runs no other dtype, so :func:`lstm` scans the others)."""
     return not (options.layer_norm or options.has_zoneout or options.cell_clip is not None
                 or weights.weight_hr is not None)
 
@@ -69,7 +70,7 @@ def lstm(x: Tensor, lengths: Tensor | None, h0: Tensor, c0: Tensor, weights: Seq
         # (the layer's input size is fixed: the check makes a dynamic dimension of the input static)
         torch._check(x.shape[2] == directions[0].weight_ih.shape[1], lambda: "input: wrong number of features")
         states = slice(layer * num_directions, (layer + 1) * num_directions)
-        if onnx_expressible(options, directions[0]):
+        if x.dtype == torch.float32 and onnx_expressible(options, directions[0]):
             x, h, c = _onnx_layer(x, lengths, h0[states], c0[states], directions, options)
         else:
             x, h, c = _scanned_layer(x, lengths, h0[states], c0[states], directions, options)

@@ -81,13 +81,22 @@ class Streaming:
         Without autograd (``torch.no_grad()`` / ``inference_mode``, or nothing requiring grad) on the
         CPU, a chunk is one native call over every layer and step (lengths included), from a plan
         cached per batch size and checked against the weights' versions (:func:`_fast_step`); other
-        calls run ``forward``."""
+        calls run ``forward``. A weight changed in place through ``.data`` keeps its version: call
+        :meth:`clear_step_plans` after such a change."""
         self._check_streaming()
         fast = _fast_step(self, input, state, lengths)
         if fast is not None:
             return fast
         output, (h, c) = self(input, state, lengths=lengths)
         return output, LSTMState(h, c)
+
+
+    def clear_step_plans(self) -> None:
+        """Forget the native step's cached plans and packed weights (they are rebuilt on the next
+        ``step``): needed only after a weight changed in place through ``.data``, which no version
+        counter sees. Replaced parameters, optimizer steps, ``load_state_dict`` and ``.to()`` are seen."""
+        _PACKED.pop(self, None)
+        _PLANS.pop(self, None)
 
 
 class StreamingLSTM:
@@ -140,21 +149,27 @@ class StreamingLSTM:
 
 # -- LSTM.step's fast path ---------------------------------------------------------------------
 
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {(thread, batch, dtype): _Fast}
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> _Packed
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {(thread, batch): StreamPlan}
+_PLANS_PER_MODULE = 64  # (batch sizes come and go with a server's streams; a plan is a few small buffers)
 
 
-class _Fast:
-    """A module's stream plan for one thread, batch size and dtype (its buffers are scratch), and
-    the parameters it was built from: the same tensors, at the same versions and addresses."""
+class _Packed:
+    """A module's weights as the stream plans read them, and the parameters they were packed from:
+    valid while ``_parameters`` holds the same tensors at the same versions and addresses. (An
+    in-place change through ``.data`` is invisible to both: call :meth:`Streaming.clear_step_plans`.)"""
 
-    __slots__ = ("plan", "params", "stamps")
+    __slots__ = ("packed", "params", "stamps")
 
-    def __init__(self, plan, params: tuple):
-        self.plan, self.params, self.stamps = plan, params, _stamps(params)
+    def __init__(self, packed, params: tuple):
+        self.packed, self.params, self.stamps = packed, params, _stamps(params)
 
-    def current(self, params: tuple) -> bool:
-        return len(params) == len(self.params) and all(map(operator.is_, params, self.params)) \
-            and _stamps(params) == self.stamps
+    def current(self, params: tuple, dtype: torch.dtype) -> bool:
+        try:
+            return self.packed.dtype == dtype and len(params) == len(self.params) \
+                and all(map(operator.is_, params, self.params)) and _stamps(params) == self.stamps
+        except RuntimeError:  # (an inference tensor has no version counter: such modules take forward)
+            return False
 
 
 def _stamps(params: tuple) -> list:
@@ -182,16 +197,15 @@ def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] |
     steps, batch, features = x.shape
     if steps == 0 or features != module.input_size:
         return None
-    plans = _PLANS.get(module)
-    fast = None if plans is None else plans.get((threading.get_ident(), batch, x.dtype))
-    if fast is None or not fast.current(params):
-        fast = _build(module, x, params)
-        if fast is None:
-            return None
+    plan = _plan(module, x, params)
+    if plan is None:
+        return None
     expected = (module.num_layers, batch, module.hidden_size)
     if state is None:
         h0 = c0 = x.new_zeros(expected)
     else:
+        if not isinstance(state, (tuple, list)) or len(state) != 2:
+            return None
         h0, c0 = state
         if (type(h0) is not Tensor or type(c0) is not Tensor or h0.shape != expected or c0.shape != expected
                 or h0.dtype != x.dtype or c0.dtype != x.dtype or not h0.is_cpu or not c0.is_cpu
@@ -199,7 +213,7 @@ def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] |
             return None
     if lengths is not None:  # (forward's check, its errors: a bad length raises naming lengths)
         lengths = checks.check_lengths(lengths, steps, batch, True).contiguous()
-    y, h_n, c_n = fast.plan.run(x.contiguous(), h0.contiguous(), c0.contiguous(), lengths)
+    y, h_n, c_n = plan.run(x.contiguous(), h0.contiguous(), c0.contiguous(), lengths)
     return (y.transpose(0, 1) if module.batch_first else y), LSTMState(h_n, c_n)
 
 
@@ -208,20 +222,41 @@ def _global_hooks() -> bool:
     return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks)
 
 
-def _build(module, x: Tensor, params: tuple) -> _Fast | None:
-    """A plan for ``module`` at ``x``'s batch size and dtype, cached; None if the CPU engine's stream
-    plan does not take the call."""
+def _plan(module, x: Tensor, params: tuple):
+    """The stream plan for ``x``'s batch size on this thread, over the module's current packed
+    weights (packed again when a parameter changed); None if the native path does not take it."""
+    packed = _PACKED.get(module)
+    if packed is None or not packed.current(params, x.dtype):
+        packed = _pack(module, x, params)
+        if packed is None:
+            return None
+    plans = _PLANS.get(module)
+    if plans is None:
+        plans = _PLANS[module] = {}
+    key = (threading.get_ident(), x.shape[1])
+    plan = plans.get(key)
+    if plan is None or plan.packed is not packed.packed:
+        if len(plans) >= _PLANS_PER_MODULE:
+            plans.pop(next(iter(plans)), None)  # (the oldest)
+        plan = plans[key] = engines.load("cpu").stream.StreamPlan(packed.packed, module.options, x.shape[1])
+    return plan
+
+
+def _pack(module, x: Tensor, params: tuple) -> _Packed | None:
+    """``module``'s weights packed for ``x``'s dtype, cached; None if the native path does not take
+    the module: a dtype, backend or options it does not run, a weight that is not a plain parameter
+    (parametrized, or a tensor attribute: ``_parameters`` would not show its changes), an inference
+    tensor (no version counter)."""
+    names = [name for field_names in module._direction_names for name in field_names if name is not None]
     if x.dtype not in (torch.float32, torch.float64) or module.backend not in ("auto", "cpu") \
             or x.dtype != module.weight_ih_l0.dtype or not engines.supports("cpu", x.device, x.dtype) \
-            or torch.nn.utils.parametrize.is_parametrized(module):
-        return None  # (a parametrized weight is computed in each call, from tensors _parameters does not hold)
+            or torch.nn.utils.parametrize.is_parametrized(module) \
+            or not all(name in module._parameters for name in names) \
+            or any(p.is_inference() or p.device.type != "cpu" for p in params):
+        return None
     layers = module._weights(x.dtype)
     stream = engines.load("cpu").stream
-    if not stream.takes(layers, module.options) or any(p.device.type != "cpu" for p in params):
+    if not stream.takes(layers, module.options):
         return None
-    plans = _PLANS.setdefault(module, {})
-    if len(plans) >= 16:  # (batch sizes and threads come and go: keep the cache small)
-        plans.clear()
-    fast = plans[(threading.get_ident(), x.shape[1], x.dtype)] = _Fast(
-        stream.StreamPlan(layers, module.options, x.shape[1], x.dtype), params)
-    return fast
+    packed = _PACKED[module] = _Packed(stream.PackedWeights(layers, x.dtype), params)
+    return packed

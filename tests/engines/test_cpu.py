@@ -571,3 +571,19 @@ def test_zero_lengths(cfg, arch, lengths, some_threads):
     size from the rows of the first step, which a zero-length sequence is not among)."""
     compare(lstm_layer, ARCHS[arch], OPTIONS[cfg], lengths=torch.tensor(lengths), training=cfg == "everything",
             dtype=torch.float64, tol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_rows_result_does_not_depend_on_its_place_in_the_batch(dtype):
+    """The same sequence in every row of a batch of 7 (one block of four rows and three rows past
+    it, which the kernels' GEMM takes by another loop) gives, through step's native path (every
+    product the kernels'), the same bits in every row as alone: a stream's output does not depend on
+    the streams batched with it. (The layer's input projection is torch's GEMM, whose blocking may
+    depend on the batch.)"""
+    torch.manual_seed(0)
+    model = fastlstm.LSTM(6, 40, num_layers=2, backend="cpu", dtype=dtype).eval()
+    one = torch.randn(5, 1, 6, dtype=dtype)
+    with torch.no_grad():
+        alone, _ = model.step(one)
+        batch, _ = model.step(one.expand(5, 7, 6).contiguous())
+    assert all(torch.equal(batch[:, r], alone[:, 0]) for r in range(7))

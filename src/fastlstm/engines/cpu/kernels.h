@@ -498,35 +498,36 @@ inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panel, T* c,
   }
 }
 
-// One row against one panel: with a single accumulator pair every k would wait for the previous
-// FMA's result (a B = 1 step ran at a quarter of the FMA units' rate); four pairs, over k mod 4, do not.
-template <typename T>
-inline void gemm_row(int64_t K, const T* a, const T* panel, T* c, int64_t ncols) {
+// One row against P panels at once: with a single panel's accumulator pair every k would wait for
+// the previous FMA's result (a B = 1 step ran at a quarter of the FMA units' rate); P = 4 panels give
+// eight independent chains. Each output is still summed over k in order, as gemm_block sums it, so a
+// row's result does not depend on where it sits in the batch.
+template <typename T, int P>
+inline void gemm_row(int64_t K, const T* a, const T* panels, int64_t panel_stride, T* c, int64_t ncols) {
   using V = typename Lanes<T>::V;
   constexpr int L = Lanes<T>::n;
-  V acc0[4] = {V{}, V{}, V{}, V{}}, acc1[4] = {V{}, V{}, V{}, V{}};
-  int64_t k = 0;
-  for (; k + 4 <= K; k += 4) {
-    for (int u = 0; u < 4; ++u) {
+  V acc0[P], acc1[P];
+  for (int q = 0; q < P; ++q) {
+    acc0[q] = V{};
+    acc1[q] = V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T av = a[k];
+    for (int q = 0; q < P; ++q) {
       V b0, b1;
-      std::memcpy(&b0, panel + (k + u) * 2 * L, sizeof(V));
-      std::memcpy(&b1, panel + (k + u) * 2 * L + L, sizeof(V));
-      acc0[u] += b0 * a[k + u];
-      acc1[u] += b1 * a[k + u];
+      std::memcpy(&b0, panels + q * panel_stride + k * 2 * L, sizeof(V));
+      std::memcpy(&b1, panels + q * panel_stride + k * 2 * L + L, sizeof(V));
+      acc0[q] += b0 * av;
+      acc1[q] += b1 * av;
     }
   }
-  for (; k < K; ++k) {
-    V b0, b1;
-    std::memcpy(&b0, panel + k * 2 * L, sizeof(V));
-    std::memcpy(&b1, panel + k * 2 * L + L, sizeof(V));
-    acc0[0] += b0 * a[k];
-    acc1[0] += b1 * a[k];
+  for (int q = 0; q < P; ++q) {
+    T out[2 * L];
+    std::memcpy(out, &acc0[q], sizeof(V));
+    std::memcpy(out + L, &acc1[q], sizeof(V));
+    const int64_t n = ncols - q * 2 * L < 2 * L ? ncols - q * 2 * L : 2 * L;
+    std::memcpy(c + q * 2 * L, out, sizeof(T) * n);
   }
-  const V sum0 = (acc0[0] + acc0[1]) + (acc0[2] + acc0[3]), sum1 = (acc1[0] + acc1[1]) + (acc1[2] + acc1[3]);
-  T out[2 * L];
-  std::memcpy(out, &sum0, sizeof(V));
-  std::memcpy(out + L, &sum1, sizeof(V));
-  std::memcpy(c, out, sizeof(T) * ncols);
 }
 
 // C[M, N] = A[M, K] @ B. Rows are taken in chunks that stay in cache while the panels stream past.
@@ -542,7 +543,13 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const
       const int64_t ncols = N - q * NR < NR ? N - q * NR : NR;
       int64_t m = m0;
       for (; m + 4 <= m1; m += 4) gemm_block<T, 4>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
-      for (; m < m1; ++m) gemm_row<T>(K, a + m * lda, panel, c + m * ldc + q * NR, ncols);
+    }
+    for (int64_t m = m0 + (m1 - m0) / 4 * 4; m < m1; ++m) {  // the rows past the last block of four
+      int64_t q = 0;
+      for (; q + 4 <= panels; q += 4)
+        gemm_row<T, 4>(K, a + m * lda, packed + q * K * NR, K * NR, c + m * ldc + q * NR, N - q * NR);
+      for (; q < panels; ++q)
+        gemm_row<T, 1>(K, a + m * lda, packed + q * K * NR, K * NR, c + m * ldc + q * NR, N - q * NR);
     }
   }
 }
