@@ -133,6 +133,14 @@ def test_time_and_batch_are_dynamic_inputs():
     assert dims[2].dim_value == INPUT
 
 
+def _assert_runs_like(program, inputs: dict, expected):
+    """onnxruntime running ``program`` on ``inputs`` (by graph input name) gives ``expected``."""
+    got = _session(program).run(None, {name: t.numpy() for name, t in inputs.items()})
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
+
+
 def test_a_torch_lstm_with_projection_exports_through_fastlstm_and_matches_torch():
     torch.manual_seed(0)
     theirs = torch.nn.LSTM(INPUT, HIDDEN, num_layers=2, proj_size=3, bidirectional=True).eval()
@@ -140,11 +148,9 @@ def test_a_torch_lstm_with_projection_exports_through_fastlstm_and_matches_torch
     ours.load_state_dict(theirs.state_dict())
     program = fastlstm.onnx.export(ours, (torch.randn(EXPORTED_T, EXPORTED_B, INPUT),))
     x = torch.randn(11, 4, INPUT)
-    got = _session(program).run(None, {program.model_proto.graph.input[0].name: x.numpy()})
     with torch.no_grad():
         y, (h, c) = theirs(x)
-    for a, b in zip(got, (y, h, c)):
-        torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
+    _assert_runs_like(program, {program.model_proto.graph.input[0].name: x}, (y, h, c))
 
 
 def test_translation_table_for_torch_onnx_export():
@@ -154,11 +160,9 @@ def test_translation_table_for_torch_onnx_export():
     program = torch.onnx.export(model, (x,), dynamo=True, verbose=False,
                                 custom_translation_table=fastlstm.onnx.translation_table())
     assert _ops(program)["LSTM"] == 1
-    got = _session(program).run(None, {program.model_proto.graph.input[0].name: x.numpy()})
     with torch.no_grad():
         y, (h, c) = model(x)
-    for a, b in zip(got, (y, h, c)):
-        torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
+    _assert_runs_like(program, {program.model_proto.graph.input[0].name: x}, (y, h, c))
 
 
 def test_an_lstm_cell_exports():
@@ -176,11 +180,9 @@ def test_an_lstm_cell_exports():
 
     program = fastlstm.onnx.export(Step(), (x, h, c))
     x, h, c = torch.randn(5, INPUT), torch.randn(5, HIDDEN), torch.randn(5, HIDDEN)
-    got = _session(program).run(None, {"x": x.numpy(), "h": h.numpy(), "c": c.numpy()})
     with torch.no_grad():
         expected = cell(x, (h, c))
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
+    _assert_runs_like(program, {"x": x, "h": h, "c": c}, expected)
 
 
 RANDOM = [(dict(zoneout=0.1), "zoneout"), (dict(recurrent_dropout=0.2), "recurrent_dropout"),

@@ -25,8 +25,9 @@ from .exporting import check_exportable
 from .modules import LSTM, LSTMCell
 from .options import make_options
 
-# Constants up to this many elements are folded into initializers after export (the exporter's
-# default, 8192, would leave the gate reordering of every weight above 64 x 128 to run each call).
+# Constants up to this many elements are folded into initializers by the export's optimizer pass
+# (onnxscript's default, 8192, would leave the gate reordering of every weight above 64 x 128 to run
+# in each call).
 _FOLD_LIMIT = 1 << 28
 
 
@@ -76,9 +77,13 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: dict | N
     dynamic_shapes = torch_onnx_kwargs.pop("dynamic_shapes", None)
     if dynamic and dynamic_shapes is None:
         dynamic_shapes = _every_dimension(model, args, kwargs)
+    # (torch's optimizer pass, run here once with a fold limit that takes the weights: see _FOLD_LIMIT)
+    optimize = torch_onnx_kwargs.pop("optimize", True)
     program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                opset_version=opset_version, custom_translation_table=table, **torch_onnx_kwargs)
-    _fold_weights(program)
+                                opset_version=opset_version, custom_translation_table=table, optimize=False,
+                                **torch_onnx_kwargs)
+    if optimize:
+        _optimize(program)
     _fix_static_dimensions(program)
     if f is not None:
         program.save(f)
@@ -135,7 +140,8 @@ def _every_dimension(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
     return {name: torch.utils._pytree.tree_map(spec, value) for name, value in bound.arguments.items()}
 
 
-def _fold_weights(program) -> None:
+def _optimize(program) -> None:
+    """torch's ``ONNXProgram.optimize`` (onnxscript's optimizer), with the weights folded too."""
     import onnxscript.optimizer
 
     onnxscript.optimizer.optimize(program.model, input_size_limit=_FOLD_LIMIT, output_size_limit=_FOLD_LIMIT)

@@ -471,6 +471,16 @@ template <> struct Lanes<double> {
   static constexpr int n = 4;
 };
 
+// The first ncols (at most 2 L) of an accumulator pair into c.
+template <typename T>
+inline void store_pair(const typename Lanes<T>::V& lo, const typename Lanes<T>::V& hi, T* c, int64_t ncols) {
+  constexpr int L = Lanes<T>::n;
+  T out[2 * L];
+  std::memcpy(out, &lo, sizeof lo);
+  std::memcpy(out + L, &hi, sizeof hi);
+  std::memcpy(c, out, sizeof(T) * ncols);
+}
+
 template <typename T, int MR>
 inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panel, T* c, int64_t ldc, int64_t ncols) {
   using V = typename Lanes<T>::V;
@@ -490,12 +500,7 @@ inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panel, T* c,
       acc1[m] += b1 * av;
     }
   }
-  for (int m = 0; m < MR; ++m) {
-    T out[2 * L];
-    std::memcpy(out, &acc0[m], sizeof(V));
-    std::memcpy(out + L, &acc1[m], sizeof(V));
-    std::memcpy(c + m * ldc, out, sizeof(T) * ncols);
-  }
+  for (int m = 0; m < MR; ++m) store_pair<T>(acc0[m], acc1[m], c + m * ldc, ncols);
 }
 
 // One row against P panels at once: with a single panel's accumulator pair every k would wait for
@@ -522,11 +527,8 @@ inline void gemm_row(int64_t K, const T* a, const T* panels, int64_t panel_strid
     }
   }
   for (int q = 0; q < P; ++q) {
-    T out[2 * L];
-    std::memcpy(out, &acc0[q], sizeof(V));
-    std::memcpy(out + L, &acc1[q], sizeof(V));
-    const int64_t n = ncols - q * 2 * L < 2 * L ? ncols - q * 2 * L : 2 * L;
-    std::memcpy(c + q * 2 * L, out, sizeof(T) * n);
+    const int64_t left = ncols - q * 2 * L;
+    store_pair<T>(acc0[q], acc1[q], c + q * 2 * L, left < 2 * L ? left : 2 * L);
   }
 }
 
@@ -761,10 +763,10 @@ void single_step(const Plan& p, const T* x, int64_t input_size, const T* w_ih, c
 
 // A chunk of a stream through every layer (LSTM.step without autograd), one C++ call: x [T, B, I]
 // time-major; the states h0 [L, B, Hout], c0 [L, B, H] in, h_n, c_n out; y [T, B, Hout] the last
-// layer's outputs. Row l of `table` describes layer l: its step plan (scratch, activations and a
-// [B, Hout] output buffer that the next layer reads), W_ih^T in column panels, its input size, and
-// b_ih + b_hh (or 0). Each step's input product runs over the panels (a dot product per gate would
-// spend more on horizontal sums than on the products at B = 1), then the plan's step. With
+// layer's outputs. Row l of `table` describes layer l: its step plan (scratch, activations, b_ih +
+// b_hh as the plan's bias, and a [B, Hout] output buffer that the next layer reads), W_ih^T in column
+// panels, and its input size. Each step's input product runs over the panels (a dot product per gate
+// would spend more on horizontal sums than on the products at B = 1), then the plan's step. With
 // `lengths` ([B], or null), a row at or past its length keeps its state bit for bit (it is computed
 // and then put back) and outputs zeros.
 template <typename T>
@@ -773,7 +775,7 @@ void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T
   const int64_t B = reinterpret_cast<const Plan*>(table[0])->batch;
   int64_t h_size = 0, c_size = 0, widest = 0;
   for (int64_t l = 0; l < layers; ++l) {
-    const Plan& p = *reinterpret_cast<const Plan*>(table[4 * l]);
+    const Plan& p = *reinterpret_cast<const Plan*>(table[3 * l]);
     h_size += B * p.h_out;
     c_size += B * p.hidden;
     widest = widest > p.h_out + p.hidden ? widest : p.h_out + p.hidden;
@@ -786,9 +788,8 @@ void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T
     T* h = h_n;
     T* c = c_n;
     for (int64_t l = 0; l < layers; ++l) {
-      Plan q = *reinterpret_cast<const Plan*>(table[4 * l]);
-      const int64_t I = table[4 * l + 2], G = 4 * q.hidden, ho = q.h_out, H = q.hidden;
-      const T* bias = reinterpret_cast<const T*>(table[4 * l + 3]);
+      Plan q = *reinterpret_cast<const Plan*>(table[3 * l]);
+      const int64_t I = table[3 * l + 2], ho = q.h_out, H = q.hidden;
       q.h_state = h;
       q.c_state = c;
       if (l == layers - 1) q.y = y + t * B * ho;
@@ -800,13 +801,7 @@ void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T
         }
       }
       T* xg = static_cast<T*>(const_cast<void*>(q.xg));
-      gemm_packed<T>(B, G, I, in, I, reinterpret_cast<const T*>(table[4 * l + 1]), xg, q.ld_xg);
-      if (bias) {
-        for (int64_t r = 0; r < B; ++r) {
-          T* row = xg + r * q.ld_xg;
-          for (int64_t j = 0; j < G; ++j) row[j] += bias[j];
-        }
-      }
+      gemm_packed<T>(B, 4 * H, I, in, I, reinterpret_cast<const T*>(table[3 * l + 1]), xg, q.ld_xg);
       forward_all<T>(q);
       if (lengths) {
         for (int64_t r = 0; r < B; ++r) {

@@ -68,9 +68,9 @@ class StreamPlan:
         keep = [arena, zeros, template]
         plan = step._plan(template, kept, kept + template.kept[1] * arena.element_size(), w, _NO_MASKS, zeros, keep)
         output = torch.empty(batch, hidden, dtype=dtype)  # (the next layer's input)
-        plan.y, plan.w_hh_packed = output.data_ptr(), w_hh.data_ptr()
+        plan.y, plan.w_hh_packed, plan.bias = output.data_ptr(), w_hh.data_ptr(), kernels.pointer(bias)
         self._keep += [*keep, plan, output]
-        return [kernels.address(plan), w_ih.data_ptr(), w.weight_ih.shape[1], 0 if bias is None else bias.data_ptr()]
+        return [kernels.address(plan), w_ih.data_ptr(), w.weight_ih.shape[1]]
 
     def run(self, x: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``x [T, B, I]``, ``h0``, ``c0 [L, B, H]`` (contiguous, the plan's dtype and batch), ``lengths``
