@@ -8,10 +8,10 @@ take MATLAB's ``lstmLayer`` / ``bilstmLayer`` learnables both ways, :func:`from_
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
-
-import warnings
 
 from .convert import (haste_from_lstm, keras_from_lstm, keras_layer_config, lstm_from_haste, lstm_from_keras,
                       lstm_from_matlab, lstm_from_onnx, lstm_from_tf1, matlab_from_lstm)
@@ -100,10 +100,15 @@ def from_onnx(model) -> dict[str, LSTM]:
             kwargs, state = lstm_from_onnx(attributes, tensors)
         except (KeyError, ValueError) as error:
             raise ValueError(f"{name}: {error}") from error
-        module = LSTM(**kwargs, dtype=tensors["W"].dtype)
-        module.load_state_dict(state)
-        modules[name] = module.eval()
+        modules[name] = _loaded(kwargs, state)
     return modules
+
+
+def _loaded(kwargs: dict, state: dict) -> LSTM:
+    """A ``fastlstm.LSTM(**kwargs)`` holding ``state`` (its dtype), in eval mode: every importer's last step."""
+    module = LSTM(**kwargs, dtype=state["weight_ih_l0"].dtype)
+    module.load_state_dict(state)
+    return module.eval()
 
 
 def from_matlab(input_weights, recurrent_weights, bias, *, gate_activation: str = "sigmoid",
@@ -114,10 +119,7 @@ def from_matlab(input_weights, recurrent_weights, bias, *, gate_activation: str 
     ``GateActivationFunction`` and ``StateActivationFunction``. MATLAB's sequences are its columns:
     feed ``x.T`` of an ``[I, T]`` sequence as ``[T, I]``."""
     tensors = [torch.as_tensor(t) for t in (input_weights, recurrent_weights, bias)]
-    kwargs, state = lstm_from_matlab(*tensors, gate_activation, state_activation)
-    module = LSTM(**kwargs, dtype=tensors[0].dtype)
-    module.load_state_dict(state)
-    return module.eval()
+    return _loaded(*lstm_from_matlab(*tensors, gate_activation, state_activation))
 
 
 def to_matlab(module: LSTM) -> dict:
@@ -143,9 +145,7 @@ def from_tf1(kernel, bias, *, forget_bias: float = 1.0, w_i_diag=None, w_f_diag=
         peepholes=None if w_i_diag is None else tuple(as_tensor(d) for d in diagonals),
         projection=None if projection is None else as_tensor(projection), cell_clip=cell_clip, proj_clip=proj_clip,
         activation=activation)
-    module = LSTM(**kwargs, dtype=state["weight_ih_l0"].dtype)
-    module.load_state_dict(state)
-    return module.eval()
+    return _loaded(kwargs, state)
 
 
 class GoBackwards(nn.Module):
@@ -207,9 +207,7 @@ def from_keras(layer, weights=None, *, keras_version: int | None = None):
     if inner.get("dropout", 0.0):
         warnings.warn(f"from_keras: the layer's dropout={inner['dropout']} (on its input, one mask per sequence) "
                       "has no fastlstm equivalent and is left out; the module is exact in eval", stacklevel=2)
-    module = LSTM(**kwargs, dtype=tensors[0].dtype)
-    module.load_state_dict(state, strict=True)
-    module.eval()
+    module = _loaded(kwargs, state)
     return GoBackwards(module) if go_backwards else module
 
 
@@ -252,11 +250,9 @@ def from_haste(model, *, batch_first: bool | None = None, zoneout: float | None 
         return value if value is not None else getattr(model, name, default)
 
     kwargs, ours = lstm_from_haste({k: torch.as_tensor(v) for k, v in state.items()})
-    module = LSTM(**kwargs, batch_first=setting(batch_first, "batch_first", False),
-                  zoneout=(float(setting(zoneout, "zoneout", 0.0)), 0.0),
-                  weight_drop=float(setting(dropout, "dropout", 0.0)), dtype=ours["weight_ih_l0"].dtype)
-    module.load_state_dict(ours, strict=True)
-    return module.eval()
+    return _loaded({**kwargs, "batch_first": setting(batch_first, "batch_first", False),
+                    "zoneout": (float(setting(zoneout, "zoneout", 0.0)), 0.0),
+                    "weight_drop": float(setting(dropout, "dropout", 0.0))}, ours)
 
 
 def to_haste(module: LSTM) -> dict:

@@ -100,13 +100,16 @@ def export_streaming(module: LSTM, f=None, *, opset_version: int | None = None):
     x = state.h.new_zeros(2, 2, module.input_size)
     steps, batch = torch.export.Dim("T"), torch.export.Dim("B")
     x_dims = {0: batch, 1: steps} if module.batch_first else {0: steps, 1: batch}
-    return export(_StreamingGraph(module), (x, state.h, state.c), f, opset_version=opset_version,
+    return export(StreamingGraph(module), (x, state.h, state.c), f, opset_version=opset_version,
                   dynamic_shapes=(x_dims, {1: batch}, {1: batch}), input_names=["x", "h", "c"],
                   output_names=["y", "h_out", "c_out"])
 
 
-class _StreamingGraph(torch.nn.Module):
-    def __init__(self, lstm: LSTM):
+class StreamingGraph(torch.nn.Module):
+    """``lstm`` (fastlstm's or torch's) with the streaming graph's signature:
+    ``forward(x, h, c) -> (y, h_out, c_out)``."""
+
+    def __init__(self, lstm):
         super().__init__()
         self.lstm = lstm
 

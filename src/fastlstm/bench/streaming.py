@@ -32,16 +32,6 @@ INPUT_SIZE, LAYERS, STREAMS = 40, 2, 64
 STEPS = 200  # calls per round
 
 
-class _Graph(torch.nn.Module):
-    def __init__(self, lstm):
-        super().__init__()
-        self.lstm = lstm
-
-    def forward(self, x, h, c):
-        y, (h_out, c_out) = self.lstm(x, (h, c))
-        return y, h_out, c_out
-
-
 def _session(model_bytes: bytes):
     import onnxruntime
 
@@ -75,8 +65,8 @@ def _onnx_steps(theirs: torch.nn.LSTM, ours: LSTM) -> dict:
             # (torch's TorchScript exporter: its dynamo exporter's graph of torch.nn.LSTM with a state
             # input computes wrong outputs in torch 2.13)
             buffer = io.BytesIO()
-            torch.onnx.export(_Graph(theirs), (torch.zeros(1, 1, INPUT_SIZE), zeros, zeros), buffer, dynamo=False,
-                              input_names=["x", "h", "c"], output_names=["y", "h_out", "c_out"])
+            torch.onnx.export(fastlstm_onnx.StreamingGraph(theirs), (torch.zeros(1, 1, INPUT_SIZE), zeros, zeros),
+                              buffer, dynamo=False, input_names=["x", "h", "c"], output_names=["y", "h_out", "c_out"])
             theirs_graph = buffer.getvalue()
         finally:
             logging.disable(logging.NOTSET)
