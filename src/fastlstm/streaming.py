@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from . import checks, engines
+from .engines import contract
 
 
 class LSTMState(NamedTuple):
@@ -190,7 +191,7 @@ def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] |
         return None
     if (module.training and (module.options.is_stochastic or (module.dropout > 0 and module.num_layers > 1))) \
             or module._forward_hooks or module._forward_pre_hooks or _global_hooks() \
-            or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled() \
+            or contract.transformed() or torch._C._is_any_autocast_enabled() \
             or torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None:
         return None  # (hooks run in forward: a pre-hook may recompute a weight, as weight_norm's does)
     x = input.transpose(0, 1) if module.batch_first else input

@@ -1,6 +1,7 @@
 """The autograd features beyond a first-order backward, on every engine (engines/contract.py):
 second-order gradients (``create_graph=True``), batched cotangents (``is_grads_batched=True``,
-``jacobian(vectorize=True)``) and ``torch.func`` transforms.
+``jacobian(vectorize=True)``), ``torch.func`` transforms and forward-mode AD
+(``torch.autograd.forward_ad``).
 
 Oracles: torch.nn.LSTM / LSTMCell in float64 where torch computes the same thing, and
 ``torch.autograd.gradgradcheck`` (finite differences of the first-order gradients) for the
@@ -10,6 +11,8 @@ variants torch does not have. Triton runs in its interpreter.
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
+
+import torch.autograd.forward_ad as fwad
 
 import fastlstm
 
@@ -149,6 +152,57 @@ def test_batched_cotangents_match_torch(backend, arch, form):
         results.append(torch.autograd.grad((y, h, c), [leaf, *module.parameters()], cotangents, is_grads_batched=True))
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _tangents(module, x, hx, grad_enabled):
+    """Forward-mode AD: the tangents of ``(y, h_n, c_n)`` for tangents on ``x``, ``hx`` and every
+    parameter (dual parameters through ``functional_call``)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.set_grad_enabled(grad_enabled), fwad.dual_level():
+        params = {n: fwad.make_dual(p.detach(), torch.randn(p.shape, dtype=F64, generator=g))
+                  for n, p in module.named_parameters()}
+        dual = [fwad.make_dual(t, torch.randn(t.shape, dtype=F64, generator=g)) for t in (x, *hx)]
+        inputs = (dual[0], tuple(dual[1:])) if hx else (dual[0],)
+        out = torch.func.functional_call(module, params, inputs)
+        outputs = [out[0], *out[1]] if isinstance(out[1], tuple) else list(out)
+        return [fwad.unpack_dual(t).tangent for t in outputs]
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("form", ["padded", "one-step"])
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+@pytest.mark.parametrize("backend", ENGINES)
+def test_forward_mode_tangents_match_torch(backend, arch, form, grad_enabled):
+    """``torch.autograd.forward_ad``: the engines have no tangent formulas, so a call inside a dual
+    level runs the reference engine (it raised with grad enabled and dropped the tangents under
+    no_grad). Tangents of every output for tangents on the input, states and parameters."""
+    ours, theirs = _pair(backend, **arch)
+    x = _input(form)
+    layers = 2 * ours.num_layers if ours.bidirectional else ours.num_layers
+    hx = [torch.randn(layers, 3, n, dtype=F64) for n in (ours.proj_size or 4, 4)]
+    for a, b in zip(_tangents(ours, x, hx, grad_enabled), _tangents(theirs, x, hx, grad_enabled)):
+        assert a is not None
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("grad_enabled", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("backend", ENGINES)
+def test_forward_mode_tangents_of_a_cell_and_of_step_match_torch(backend, grad_enabled):
+    """The cell's fused single step and ``LSTM.step``'s native path (no autograd) take the
+    reference engine inside a dual level too."""
+    ours = fastlstm.LSTMCell(3, 4, backend=backend, dtype=F64)
+    theirs = torch.nn.LSTMCell(3, 4, dtype=F64)
+    theirs.load_state_dict(ours.state_dict())
+    x, hx = _input("one-step")[0], [torch.randn(3, 4, dtype=F64) for _ in range(2)]
+    for a, b in zip(_tangents(ours, x, hx, grad_enabled), _tangents(theirs, x, hx, grad_enabled)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    layer, reference = _pair(backend)
+    x, v = _input("padded"), torch.randn(5, 3, 3, dtype=F64)
+    with torch.set_grad_enabled(grad_enabled), fwad.dual_level():
+        y, state = layer.step(fwad.make_dual(x, v))
+        y_ref, (h_ref, c_ref) = reference(fwad.make_dual(x, v))
+        for a, b in zip((y, *state), (y_ref, h_ref, c_ref)):
+            torch.testing.assert_close(fwad.unpack_dual(a).tangent, fwad.unpack_dual(b).tangent, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])

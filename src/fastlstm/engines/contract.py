@@ -25,10 +25,11 @@ backward. The places to attach the other transforms:
   backward does not read its input gates, the eager layer keeps their source instead (the layer's
   input rows and ``weight_ih``, which the input projection's own node keeps anyway) and recomputes
   them;
-* ``torch.func`` transforms (grad, vjp, jvp, vmap, jacrev): :func:`transformed` sends the shell to the
-  reference engine, which functorch transforms as plain torch ops, to any order (torch 2.13's
-  ``register_autograd`` generates no ``setup_context``, which functorch requires:
-  pytorch/pytorch#170834);
+* ``torch.func`` transforms (grad, vjp, jvp, vmap, jacrev) and forward-mode AD
+  (``torch.autograd.forward_ad``): :func:`transformed` sends the shell to the reference engine,
+  which functorch transforms (and forward AD differentiates) as plain torch ops, to any order
+  (torch 2.13's ``register_autograd`` generates no ``setup_context``, which functorch requires:
+  pytorch/pytorch#170834; the engines have no tangent formulas);
 * export lowerings (ONNX): the op's schema, with the options in ``call``.
 """
 
@@ -42,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import reference
@@ -397,8 +399,11 @@ class _EagerLayer(torch.autograd.Function):
 
 
 def transformed() -> bool:
-    """Whether a ``torch.func`` transform is active (the layer then runs on the reference engine)."""
-    return torch._C._are_functorch_transforms_active()
+    """Whether a ``torch.func`` transform or forward-mode AD is active: the layer then runs on the
+    reference engine, whose torch ops carry tangents. (``torch.autograd.forward_ad`` keeps no public
+    flag; its dual level counter is -1 outside ``dual_level()``. The compiled engines have no
+    tangent formulas: under ``no_grad`` they would drop the tangents silently.)"""
+    return torch._C._are_functorch_transforms_active() or _forward_ad._current_level >= 0
 
 
 def _batched(*cotangents: Tensor | None) -> bool:
