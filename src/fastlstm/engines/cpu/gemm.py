@@ -72,13 +72,37 @@ def widens(dtype: torch.dtype) -> bool:
     return dtype in NATIVE_HALF and not NATIVE_HALF[dtype]
 
 
+class _WidenedLinear(torch.autograd.Function):
+    """``x @ w^T`` of half-precision ``x`` and ``w``, computed on float32 copies that the backward
+    makes again rather than autograd keeping them from the forward (``x`` and ``W_ih`` at twice
+    their size, while the half-precision tensors are kept anyway). The result is float32; the
+    gradients come back in ``x``'s and ``w``'s dtypes, as through ``.float()``."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return _product(x.float(), w.float())
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy = dy.float()  # (bfloat16 where autocast ran the forward's product: autocast is off here)
+        dx = (dy @ w.float()).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (dy.t() @ x.float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def _product(x: Tensor, w: Tensor) -> Tensor:
+    """``x @ w^T`` by the oneDNN rule, outside autograd."""
+    return _onednn(x, w) if uses_onednn(x.shape[0], x.shape[1], x.dtype) else F.linear(x, w)
+
+
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """``x [M, K] @ w [N, K]^T`` by the rules above (eager calls only: traced ones take ``F.linear``);
     float32 for half-precision ``x`` where :func:`widens`."""
+    tracked = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
     if widens(x.dtype):
-        x, w = x.float(), w.float()
-    if not uses_onednn(x.shape[0], x.shape[1], x.dtype):
-        return F.linear(x, w)
-    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _WidenedLinear.apply(x, w) if tracked else _product(x.float(), w.float())
+    if tracked and uses_onednn(x.shape[0], x.shape[1], x.dtype):
         return _OneDNNLinear.apply(x, w)
-    return _onednn(x, w)
+    return _product(x, w)
