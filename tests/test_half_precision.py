@@ -110,3 +110,90 @@ def test_autocast_training_step_against_torch_in_that_dtype(dtype):
     for name, value in zip(truth, [y, h, c, *grads]):
         # the float32 gradients carry the rounding of the half-precision forward: bounded like it
         assert_within_twice(value, base[name], truth[name], name=name, dtype=dtype)
+
+
+# -- the CPU engine's storage in half precision (engines/cpu/layer.py) ----------------------------------
+
+from fastlstm.engines.cpu import kernels  # noqa: E402
+
+HALF_CODES = {torch.bfloat16: 1, torch.float16: 2}
+INSTRUCTION_SETS = kernels.module().instruction_sets()
+
+
+def _same_bits(ours, torchs, dtype):
+    """Bit for bit, NaNs compared as NaNs (their payloads aside)."""
+    nan = torchs.isnan()
+    assert torch.equal(ours.isnan(), nan)
+    int_type = torch.int32 if dtype == torch.float32 else torch.int16
+    mismatch = (ours[~nan].view(int_type) != torchs[~nan].view(int_type)).nonzero()
+    assert mismatch.numel() == 0, f"{mismatch.numel()} values differ, first at {torchs[~nan][mismatch[0]]}"
+
+
+def _narrowing_inputs(dtype):
+    """Random float32 bit patterns (every class: zeros, subnormals, normals, infinities, NaNs), the
+    largest finite values, and every midpoint between neighbouring ``dtype`` values with its two
+    float32 neighbours: where rounding to nearest even decides."""
+    g = torch.Generator().manual_seed(3)
+    random_bits = torch.randint(-2**31, 2**31 - 1, (1 << 20,), generator=g, dtype=torch.int64).to(torch.int32)
+    values = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype).float()
+    values = values[values.isfinite()].sort().values.unique()
+    mid = (values[:-1].double() + values[1:].double()) / 2  # exact in float32 (a half's significand is short)
+    mid_bits = mid.float().view(torch.int32)
+    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4e38, -3.4e38, 1e-45, 65504.0,
+                             65519.99, 65520.0, 6.1e-5, 5.96e-8, 2.98e-8, 2.99e-8])
+    bits = torch.cat([random_bits, mid_bits - 1, mid_bits, mid_bits + 1, specials.view(torch.int32)])
+    return bits.view(torch.float32)
+
+
+@pytest.mark.parametrize("instruction_set", INSTRUCTION_SETS)
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_kernel_conversions_round_as_torch(dtype, instruction_set):
+    """The kernels' conversions (outputs, output gradients, saved gates) against torch's, bit for bit:
+    every half-precision value widened, and float32 values narrowed at every rounding boundary."""
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(dtype)
+    widened = torch.empty(every.shape, dtype=torch.float32)
+    source = _narrowing_inputs(dtype)
+    narrowed = torch.empty(source.shape, dtype=dtype)
+    with kernels.instruction_set(instruction_set):
+        kernels.module().convert(HALF_CODES[dtype], False, every.data_ptr(), widened.data_ptr(), every.numel())
+        kernels.module().convert(HALF_CODES[dtype], True, source.data_ptr(), narrowed.data_ptr(), source.numel())
+    _same_bits(widened, every.float(), torch.float32)
+    _same_bits(narrowed, source.to(dtype), dtype)
+
+
+HALF_STORAGE_CASES = {
+    "bidirectional-proj": (dict(bidirectional=True, proj_size=5), 1.0, 1.0),
+    # outputs near zero: float16 subnormals (one layer: a second would take the first's rounded output)
+    "tiny": (dict(bias=True), 1e-6, 1.0),
+    # relu outputs beyond float16's range: rounded to infinity
+    "relu-large": (dict(activations=("sigmoid", "relu", "relu"), batch_first=True), 1e4, 10.0),
+}
+
+
+@pytest.mark.parametrize("instruction_set", INSTRUCTION_SETS)
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", HALF_STORAGE_CASES.values(), ids=HALF_STORAGE_CASES.keys())
+def test_half_outputs_are_the_float32_outputs_rounded(case, dtype, instruction_set):
+    """A half-precision call computes in float32 and writes its output rows in ``dtype`` itself: they
+    equal, bit for bit, the float32 module's outputs (same weights and input) narrowed by torch."""
+    arch, scale, weight_scale = case
+    torch.manual_seed(0)
+    half_module = fastlstm.LSTM(I, H, **arch, backend="cpu", dtype=dtype)
+    with torch.no_grad():
+        for name, p in half_module.named_parameters():
+            p.mul_(weight_scale if name.startswith("weight_ih") else 0.0 if scale < 1 and name.startswith("bias") else 1)
+    wide_module = fastlstm.LSTM(I, H, **arch, backend="cpu")
+    wide_module.load_state_dict({k: v.float() for k, v in half_module.state_dict().items()})
+    x = (_inputs(arch.get("batch_first", False)) * scale).to(dtype)
+    with kernels.instruction_set(instruction_set):
+        for grad in (False, True):  # (inference keeps one step's gates in float32; training saves them in dtype)
+            with torch.set_grad_enabled(grad):
+                y, (h, c) = half_module(x.clone().requires_grad_(grad))
+                y32, (h32, c32) = wide_module(x.float())
+            for ours, wide in ((y, y32), (h, h32), (c, c32)):
+                assert ours.dtype == dtype
+                _same_bits(ours.detach(), wide.detach().to(dtype), dtype)
+    if scale < 1 and dtype == torch.float16:
+        assert ((y != 0) & (y.abs() < 6.1e-5)).any()  # (the case reaches the subnormals)
+    if scale > 1 and dtype == torch.float16:
+        assert y.isinf().any()

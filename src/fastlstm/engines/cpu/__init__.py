@@ -48,7 +48,8 @@ HALF = (torch.bfloat16, torch.float16)
 """The dtypes computed in float32: the house rule (fp32 accumulation, the cell state fp32) taken
 whole. A call's inputs are widened once (gates ``[N, D*4H]``, states, weights: one pass each, against
 ``T`` steps of work), the time loop and the BPTT run in float32, and outputs and gradients come back
-in their tensors' dtypes. The saved arena is float32 (the backward reads what the forward computed)."""
+in their tensors' dtypes. A layer (:mod:`.layer`) writes its output and reads its output's gradient
+in the half precision, and keeps its saved gate activations in it; a single step's arena is float32."""
 
 
 def _wide(t: Tensor | None) -> Tensor | None:
@@ -67,25 +68,34 @@ def _narrowed(t: Tensor | None, like: Tensor | None) -> Tensor | None:
     return t if t is None or like is None or t.dtype == like.dtype else t.to(like.dtype)
 
 
-def _impl(call: LayerCall):
-    return step if call.fused_input else layer
+def _half(inputs: LayerInputs) -> dict:
+    """The keywords of a layer's call for its dtype (a single step takes none)."""
+    return {"half": inputs.h0.dtype if inputs.h0.dtype in HALF else None}
 
 
 def allocate(call: LayerCall, inputs: LayerInputs) -> list[Tensor]:
     # (the arenas' sizes read shapes and h0's dtype only: widening the gates and weights here would
     # copy them for nothing, before the forward widens them)
-    return _impl(call).allocate(call, inputs._replace(h0=_wide(inputs.h0)))
+    wide = inputs._replace(h0=_wide(inputs.h0))
+    return step.allocate(call, wide) if call.fused_input else layer.allocate(call, wide, **_half(inputs))
 
 
 def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
-    y, h_n, c_n = _impl(call).forward(call, widened(inputs), saved)
+    if call.fused_input:
+        y, h_n, c_n = step.forward(call, widened(inputs), saved)
+    else:
+        y, h_n, c_n = layer.forward(call, widened(inputs), saved, **_half(inputs))
     return _narrowed(y, inputs.h0), _narrowed(h_n, inputs.h0), _narrowed(c_n, inputs.c0)
 
 
 def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list[Tensor], dy: Tensor | None,
              dh_n: Tensor | None, dc_n: Tensor | None, *, needs_x: bool) -> LayerGrads:
-    grads = _impl(call).backward(call, widened(inputs), _wide(y), saved, _wide(dy), _wide(dh_n), _wide(dc_n),
-                                 needs_x=needs_x)
+    if call.fused_input:
+        grads = step.backward(call, widened(inputs), _wide(y), saved, _wide(dy), _wide(dh_n), _wide(dc_n),
+                              needs_x=needs_x)
+    else:  # (dy stays in the half precision: the kernels widen it row by row)
+        grads = layer.backward(call, widened(inputs), _wide(y), saved, dy, _wide(dh_n), _wide(dc_n),
+                               needs_x=needs_x, **_half(inputs))
     return LayerGrads(_narrowed(grads.x, inputs.x), _narrowed(grads.h0, inputs.h0), _narrowed(grads.c0, inputs.c0),
                       [DirectionWeights(*(_narrowed(g, t) for g, t in zip(gw, w)))
                        for gw, w in zip(grads.weights, inputs.weights)])

@@ -40,6 +40,7 @@ namespace {
 // mirror from it) both expand this list. Every field is 8 bytes wide (int64, double or a pointer).
 #define FASTLSTM_PLAN_FIELDS(FIELD)                                                                    \
   FIELD(int64_t, dtype)           /* 0 = float32, 1 = float64 */                                       \
+  FIELD(int64_t, half)            /* 1 bfloat16, 2 float16: y, dy and the saved gates are (else 0) */  \
   FIELD(int64_t, steps)                                                                                \
   FIELD(int64_t, batch)                                                                                \
   FIELD(int64_t, hidden)                                                                               \
@@ -77,7 +78,7 @@ namespace {
   FIELD(void*, c_state)           /* [B, H] */                                                         \
   FIELD(void*, y)                 /* [N, ld_y] */                                                      \
   FIELD(int64_t, ld_y)                                                                                 \
-  FIELD(void*, gates)             /* [N, 4H] activations i, f, g, o */                                 \
+  FIELD(void*, gates)             /* [N, 4H] activations i, f, g, o (in `half` when saving) */         \
   FIELD(void*, clip_mask)         /* uint8 [N, 4H], 1 where the gradient passes the clip */            \
   FIELD(void*, c_fresh)           /* [N, H] the cell after update and cell clip */                     \
   FIELD(void*, cclip_mask)        /* uint8 [N, H] */                                                   \
@@ -110,7 +111,7 @@ namespace {
   FIELD(const void*, w_hh_packed)   /* W_hh^T [Hout, 4H] in column panels (forward GEMM) */            \
   FIELD(const void*, w_hh_packed_t) /* W_hh [4H, Hout] in column panels (backward GEMM) */             \
   FIELD(int64_t, save)            /* 1: keep every step for backward; 0: inference, [B] rows reused */ \
-  FIELD(void*, work)              /* [2H] this plan's scratch for one row in the backward cell phase */\
+  FIELD(void*, work)              /* [2H] (6H with half) this plan's scratch for the backward cell */  \
   FIELD(int64_t, row_begin)       /* the batch rows this plan owns (one plan per thread) */            \
   FIELD(int64_t, row_end)                                                                              \
   FIELD(const void*, w_hr_packed)   /* W_hr^T [H, P] in column panels */                               \
@@ -402,6 +403,25 @@ PyObject* step_backward(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// convert(half, to_half, src, dst, n): n values between float32 and half precision `half` (1 bfloat16,
+// 2 float16) with the rows' conversions of the instruction set in use (tested against torch's).
+PyObject* convert(PyObject*, PyObject* args) {
+  long long half, n;
+  int to_half;
+  unsigned long long src, dst;
+  if (!PyArg_ParseTuple(args, "LpKKL", &half, &to_half, &src, &dst, &n)) return nullptr;
+  if (half != 1 && half != 2) {
+    PyErr_SetString(PyExc_ValueError, "half: 1 (bfloat16) or 2 (float16)");
+    return nullptr;
+  }
+  if (to_half) {
+    FASTLSTM_PICK(narrow_row, float)(half, reinterpret_cast<const float*>(src), reinterpret_cast<uint16_t*>(dst), n);
+  } else {
+    FASTLSTM_PICK(widen_row, float)(half, reinterpret_cast<const uint16_t*>(src), reinterpret_cast<float*>(dst), n);
+  }
+  Py_RETURN_NONE;
+}
+
 PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(kIsaNames[isa()]); }
 
 // The instruction sets this machine runs, lowest first.
@@ -464,6 +484,7 @@ PyMethodDef methods[] = {
     {"instruction_sets", instruction_sets, METH_NOARGS, "The instruction sets this machine runs, lowest first."},
     {"set_instruction_set", set_instruction_set, METH_VARARGS, "Run with a supported set; returns the previous."},
     {"threading", threading, METH_NOARGS, "How the kernels run threads: openmp or threads."},
+    {"convert", convert, METH_VARARGS, "Values between float32 and a half precision, as the kernels convert."},
     {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
     {"step_backward", step_backward, METH_VARARGS, "One step's backward and its weight gradients."},
     {"stream_forward", stream_forward, METH_VARARGS, "A stream's chunk through every layer, nothing saved."},

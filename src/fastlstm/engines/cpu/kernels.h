@@ -52,6 +52,72 @@ template <> inline float tanh_<float>(float x) {
   return x < 0.0f ? -r : r;
 }
 
+// -- half precision in storage: bfloat16 and float16 bits to and from float --------------------
+//
+// A half-precision call computes in float32; its outputs, output gradients and saved gate
+// activations are stored in the half precision (Plan::half). The conversions round to nearest
+// even, as torch's do (so an output narrowed here equals one narrowed by torch), and are written
+// with selects instead of branches so that the row loops vectorise.
+
+inline uint32_t float_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
+
+inline float bits_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+inline float bfloat16_to_float(uint16_t v) { return bits_float(uint32_t(v) << 16); }
+
+inline uint16_t float_to_bfloat16(float f) {
+  const uint32_t u = float_bits(f);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return uint16_t((u & 0x7fffffffu) > 0x7f800000u ? 0x7fc0u : rounded);  // NaN: torch's quiet NaN
+}
+
+inline float float16_to_float(uint16_t v) {
+  const uint32_t sign = uint32_t(v & 0x8000u) << 16, rest = v & 0x7fffu;
+  uint32_t normal = (rest << 13) + 0x38000000u;           // exponent rebiased from 15 to 127
+  normal = rest >= 0x7c00u ? normal + 0x38000000u : normal;  // inf and NaN: exponent 255
+  const uint32_t subnormal = float_bits(float(rest) * 5.9604644775390625e-8f);  // rest * 2^-24
+  return bits_float(sign | (rest < 0x400u ? subnormal : normal));
+}
+
+inline uint16_t float_to_float16(float f) {
+  const uint32_t u = float_bits(f), sign = (u >> 16) & 0x8000u, a = u & 0x7fffffffu;
+  uint32_t normal = a - 0x38000000u;
+  normal = (normal + 0xfffu + ((normal >> 13) & 1u)) >> 13;
+  // below 2^-14: adding 0.5 leaves a * 2^24, rounded to even, in the low mantissa bits
+  const uint32_t subnormal = float_bits(bits_float(a) + 0.5f) - 0x3f000000u;
+  uint32_t r = a < 0x38800000u ? subnormal : normal;
+  r = a >= 0x477ff000u ? 0x7c00u : r;  // 65520 and above round to infinity
+  r = a > 0x7f800000u ? 0x7e00u : r;   // NaN
+  return uint16_t(sign | r);
+}
+
+// n values of the half precision `half` (1 bfloat16, 2 float16) from and to T (float).
+template <typename T>
+inline void widen_row(int64_t half, const uint16_t* __restrict__ src, T* __restrict__ dst, int64_t n) {
+  if (half == 1) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = T(bfloat16_to_float(src[j]));
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = T(float16_to_float(src[j]));
+  }
+}
+
+template <typename T>
+inline void narrow_row(int64_t half, const T* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
+  if (half == 1) {
+    for (int64_t j = 0; j < n; ++j) dst[j] = float_to_bfloat16(float(src[j]));
+  } else {
+    for (int64_t j = 0; j < n; ++j) dst[j] = float_to_float16(float(src[j]));
+  }
+}
+
 // -- activations ----------------------------------------------------------------------------
 
 template <typename T>
@@ -195,6 +261,9 @@ inline int64_t rows_end(const Plan& p, int64_t t) {
 // reuses one step's worth of rows, so no memory grows with T).
 inline int64_t saved_row(const Plan& p, int64_t row, int64_t r) { return p.save ? row : r; }
 
+// Whether the saved gate activations are in half precision (a half-precision call that saves).
+inline bool half_gates(const Plan& p) { return p.half && p.save; }
+
 // -- forward phases -------------------------------------------------------------------------
 
 template <typename T>
@@ -215,9 +284,12 @@ void fwd_prepare(const Plan& p, int64_t t) {  // h_in = h (* recurrent dropout m
 template <typename T>
 inline void finish_row(const Plan& p, int64_t r, int64_t row, T* h_tilde) {
   T* h_state = static_cast<T*>(p.h_state) + r * p.h_out;
-  T* y = static_cast<T*>(p.y) + row * p.ld_y;
   if (has_zoneout_h(p)) zoneout_pass<T>(h_state, h_tilde, zh_row<T>(p, row), T(p.z_h), p.h_out);
-  std::memcpy(y, h_tilde, sizeof(T) * p.h_out);
+  if (p.half) {
+    narrow_row<T>(p.half, h_tilde, static_cast<uint16_t*>(p.y) + row * p.ld_y, p.h_out);
+  } else {
+    std::memcpy(static_cast<T*>(p.y) + row * p.ld_y, h_tilde, sizeof(T) * p.h_out);
+  }
   std::memcpy(h_state, h_tilde, sizeof(T) * p.h_out);
 }
 
@@ -225,12 +297,14 @@ template <typename T>
 void fwd_cell(const Plan& p, int64_t t) {
   const int64_t n = rows_end(p, t), row0 = p.offsets[t], H = p.hidden, G = 4 * H;
   const T* peep = static_cast<const T*>(p.peep);
-  const bool zc = has_zoneout_c(p);
+  const bool zc = has_zoneout_c(p), half = half_gates(p);
   for (int64_t r = p.row_begin; r < n; ++r) {
     const int64_t row = row0 + r, sr = saved_row(p, row, r);
     const T* xg = static_cast<const T*>(p.xg) + row * p.ld_xg;
     T* hw = static_cast<T*>(p.hw) + r * p.ld_hw;  // the step's recurrent product, then this row's scratch
-    T* a = static_cast<T*>(p.gates) + sr * G;     // pre-activations, then activations, i f g o
+    // pre-activations, then activations, i f g o: in the saved row, or where that row is in half
+    // precision in the product's row (its entries are each read once, here), stored when final
+    T* a = half ? hw : static_cast<T*>(p.gates) + sr * G;
     T* c_state = static_cast<T*>(p.c_state) + r * H;
     T* c = static_cast<T*>(p.c_fresh) + sr * H;
     uint8_t* clip_mask = p.clip_mask ? static_cast<uint8_t*>(p.clip_mask) + sr * G : nullptr;
@@ -265,8 +339,9 @@ void fwd_cell(const Plan& p, int64_t t) {
     if (p.peephole) for (int64_t j = 0; j < H; ++j) o[j] += peep[2 * H + j] * c[j];
     if (clip_mask) clip_pass<T>(o, H, p.clip, clip_mask + 3 * H);
     activate<T>(p.act_gate, o, H);
+    if (half) narrow_row<T>(p.half, a, static_cast<uint16_t*>(p.gates) + sr * G, G);
 
-    // m = o * act(LN(c)), built in hw's first H entries
+    // m = o * act(LN(c)), built in hw's first H entries (past i, f, g: o stays in a + 3H)
     T* shown = hw;
     if (p.layer_norm) {
       layer_norm_row<T>(c, H, static_cast<const T*>(p.ln_c_w), static_cast<const T*>(p.ln_c_b),
@@ -312,9 +387,14 @@ void bwd_begin(const Plan& p, int64_t t) {  // dh through zoneout (and the proje
   for (int64_t r = p.row_begin; r < n; ++r) {
     const int64_t row = row0 + r;
     T* dh_state = static_cast<T*>(p.dh_state) + r * ho;
-    const T* dy = static_cast<const T*>(p.dy) + row * p.ld_dy;
     T* dh_tilde = p.proj ? static_cast<T*>(p.dproj) + row * ho : static_cast<T*>(p.dm) + r * ho;
-    for (int64_t j = 0; j < ho; ++j) dh_tilde[j] = dh_state[j] + dy[j];
+    if (p.half) {
+      widen_row<T>(p.half, static_cast<const uint16_t*>(p.dy) + row * p.ld_dy, dh_tilde, ho);
+      for (int64_t j = 0; j < ho; ++j) dh_tilde[j] += dh_state[j];
+    } else {
+      const T* dy = static_cast<const T*>(p.dy) + row * p.ld_dy;
+      for (int64_t j = 0; j < ho; ++j) dh_tilde[j] = dh_state[j] + dy[j];
+    }
     if (zh) {
       // dh_state keeps the part that flows straight to h_{t-1}; bwd_end adds the GEMM's part
       const T* keep = zh_row<T>(p, row);
@@ -352,10 +432,14 @@ void bwd_cell(const Plan& p, int64_t t) {
   const T* peep = static_cast<const T*>(p.peep);
   T* dpeep = static_cast<T*>(p.dpeep);
   const bool zc = has_zoneout_c(p);
-  T* work = static_cast<T*>(p.work);  // [2H], this plan's own: act(shown) | d(shown)
+  T* work = static_cast<T*>(p.work);  // [2H], this plan's own: act(shown) | d(shown) (| the row's gates)
   for (int64_t r = p.row_begin; r < n; ++r) {
     const int64_t row = row0 + r;
     const T* i = static_cast<const T*>(p.gates) + row * G;
+    if (half_gates(p)) {
+      widen_row<T>(p.half, static_cast<const uint16_t*>(p.gates) + row * G, work + 2 * H, G);
+      i = work + 2 * H;
+    }
     const T* f = i + H;
     const T* g = i + 2 * H;
     const T* o = i + 3 * H;

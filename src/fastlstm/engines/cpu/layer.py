@@ -12,6 +12,11 @@ Work per layer:
 Saved for the backward (per direction, one float arena and one uint8 arena): gate activations (not
 pre-activations), the fresh cell, the recurrent GEMM's input, and what the options need (clip
 masks, zoneout-carried cell, layer-norm statistics). Without autograd only one step's rows are kept.
+
+Half precision (``half``: bfloat16 or float16 calls, computed in float32): the output ``y`` and its
+gradient ``dy`` are in the half precision (the kernels convert each row), and so are the saved gate
+activations, which lie in the uint8 arena (first, so aligned); the rest stays float32, the cell
+included. That halves what the backward reads of the gates, as torch's half-precision LSTM keeps them.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ ACTIVATION_CODES = {name: code for code, name in enumerate(GATE_ACTIVATIONS)}
 _FLOAT_BUFFERS = ("gates", "c_fresh", "h_in", "c_carried", "m", "hw_hat", "hw_rstd", "c_hat",
                   "c_rstd", "hw", "htilde")
 _MASK_BUFFERS = ("clip_mask", "cclip_mask", "pclip_mask")
+HALF_CODES = {torch.bfloat16: 1, torch.float16: 2}  # the kernels' Plan::half
 
 
 def zoneout_mode(call: LayerCall, masks: DirectionMasks) -> int:
@@ -48,18 +54,20 @@ def carries_cell(call: LayerCall, masks: DirectionMasks) -> bool:
 
 
 def buffer_sizes(call: LayerCall, rows: int, batch: int, hidden: int, proj: int, carried: bool,
-                 save: bool) -> tuple[dict[str, int], dict[str, int]]:
-    """The float and uint8 buffers of one direction, in elements; per-step ones for ``rows`` rows
-    (``N`` when saving, else one step's ``B``)."""
+                 save: bool, half: bool = False) -> tuple[dict[str, int], dict[str, int]]:
+    """The float and uint8 buffers of one direction, in elements (bytes); per-step ones for ``rows``
+    rows (``N`` when saving, else one step's ``B``). ``half``: a half-precision call, whose saved
+    gates are two bytes each."""
     o, G, ho = call.options, 4 * hidden, proj or hidden
-    ln = o.layer_norm
+    ln, half_gates = o.layer_norm, half and save
     floats = {
-        "gates": rows * G, "c_fresh": rows * hidden,
+        "gates": 0 if half_gates else rows * G, "c_fresh": rows * hidden,
         "h_in": rows * ho, "c_carried": rows * hidden if carried and save else 0, "m": rows * hidden if proj else 0,
         "hw_hat": rows * G if ln else 0, "hw_rstd": rows if ln else 0, "c_hat": rows * hidden if ln else 0,
         "c_rstd": rows if ln else 0, "hw": batch * G, "htilde": batch * proj,
     }
     masks = {
+        "half_gates": 2 * rows * G if half_gates else 0,
         "clip_mask": rows * G if o.clip is not None else 0,
         "cclip_mask": rows * hidden if o.cell_clip is not None else 0,
         "pclip_mask": rows * proj if proj and o.proj_clip is not None else 0,
@@ -67,14 +75,16 @@ def buffer_sizes(call: LayerCall, rows: int, batch: int, hidden: int, proj: int,
     return floats, masks
 
 
-def allocate(call: LayerCall, inputs: LayerInputs) -> list[Tensor]:
-    """Each direction's (float arena, uint8 arena) for its backward; also run on fake tensors."""
+def allocate(call: LayerCall, inputs: LayerInputs, *, half: torch.dtype | None = None) -> list[Tensor]:
+    """Each direction's (float arena, uint8 arena) for its backward; also run on fake tensors.
+    ``half``: the call's half precision (``inputs`` then float32), or None."""
     if not call.save:
         return []
     layout, dtype, saved = inputs.layout, inputs.h0.dtype, []
     for w, masks in zip(inputs.weights, inputs.masks):
         hidden, proj = w.weight_hh.shape[0] // 4, 0 if w.weight_hr is None else w.weight_hr.shape[0]
-        floats, uint8 = buffer_sizes(call, layout.total, layout.batch, hidden, proj, carries_cell(call, masks), True)
+        floats, uint8 = buffer_sizes(call, layout.total, layout.batch, hidden, proj, carries_cell(call, masks), True,
+                                     half is not None)
         saved += [inputs.h0.new_empty(arena_layout(floats)[1], dtype=dtype),
                   inputs.h0.new_empty(arena_layout(uint8)[1], dtype=torch.uint8)]
     return saved
@@ -115,10 +125,10 @@ class Direction:
     """One direction of one layer: its plans, for the forward and then, rebuilt from the same
     inputs and the saved arenas, for the backward (nothing is held between the two)."""
 
-    def __init__(self, call: LayerCall, inputs: LayerInputs, d: int):
+    def __init__(self, call: LayerCall, inputs: LayerInputs, d: int, half: torch.dtype | None = None):
         w, masks, layout = inputs.weights[d], inputs.masks[d], inputs.layout
         self.call, self.layout, self.d, self.reverse = call, layout, d, d == 1
-        self.dtype = inputs.h0.dtype
+        self.dtype, self.half = inputs.h0.dtype, half
         self.hidden = w.weight_hh.shape[0] // 4
         self.proj = 0 if w.weight_hr is None else w.weight_hr.shape[0]
         self.h_out = self.proj or self.hidden
@@ -137,7 +147,8 @@ class Direction:
 
     def sizes(self, save: bool) -> tuple[dict[str, int], dict[str, int]]:
         rows = self.layout.total if save else self.layout.batch
-        return buffer_sizes(self.call, rows, self.layout.batch, self.hidden, self.proj, self.carried, save)
+        return buffer_sizes(self.call, rows, self.layout.batch, self.hidden, self.proj, self.carried, save,
+                            self.half is not None)
 
     def plan(self, arena: Arena, masks: Arena, save: bool):
         """The plan's fields that the forward and the backward share, pointed at ``arena``/``masks``."""
@@ -151,6 +162,10 @@ class Direction:
         p.c0 = self.c0.data_ptr()
         arena.point(p, _FLOAT_BUFFERS)
         masks.point(p, _MASK_BUFFERS)
+        if self.half is not None:
+            p.half = HALF_CODES[self.half]
+            if save:
+                p.gates = masks.ptr("half_gates")
         return p
 
     def team(self, plan) -> list:
@@ -166,7 +181,7 @@ class Direction:
 
     def forward(self, xg: Tensor, y: Tensor, h: Tensor, c: Tensor, arena: Arena, masks: Arena, *, save: bool):
         """Run the loop over ``xg [N, D*4H]`` (this direction's columns at ``d*4H``), writing ``y [N, D*H_out]``
-        columns ``d*H_out``; the states ``h [B, H_out]`` and ``c [B, H]`` go in as ``h0``, ``c0`` and
+        (in the half precision, if any) columns ``d*H_out``; the states ``h [B, H_out]`` and ``c [B, H]`` go in as ``h0``, ``c0`` and
         come out as ``h_n``, ``c_n``."""
         lay, G, d = self.layout, 4 * self.hidden, self.d
         p = self.plan(arena, masks, save)
@@ -184,7 +199,7 @@ class Direction:
 
     def backward(self, arena: Arena, masks: Arena, dy: Tensor, dh_n: Tensor, dc_n: Tensor,
                  dxg: Tensor) -> dict[str, Tensor | None]:
-        """BPTT over the saved arenas: ``dy [N, D*H_out]``, ``dh_n``/``dc_n`` of this direction; writes
+        """BPTT over the saved arenas: ``dy [N, D*H_out]`` (in the half precision, if any), ``dh_n``/``dc_n`` of this direction; writes
         ``dxg [N, D*4H]`` columns ``d*4H``. Returns the gradients of ``h0``, ``c0`` and of this
         direction's recurrent weights (of ``weight_hh`` as the kernels read it: DropConnect applied)."""
         lay, H, G, P, ho, d = self.layout, self.hidden, 4 * self.hidden, self.proj, self.h_out, self.d
@@ -212,7 +227,7 @@ class Direction:
         # each plan of a team accumulates its own parameter-gradient sums and has its own scratch
         sums = []
         for q in team:
-            acc = Arena.allocate(self.dtype, {"work": 2 * H, "dpeep": 3 * H if self.peep is not None else 0,
+            acc = Arena.allocate(self.dtype, {"work": (2 if self.half is None else 6) * H, "dpeep": 3 * H if self.peep is not None else 0,
                                               "dln_hh": G if ln else 0, "dln_c_w": H if ln else 0,
                                               "dln_c_b": H if ln else 0}, zero=True)
             acc.point(q, ("work", "dpeep", "dln_hh", "dln_c_w", "dln_c_b"))
@@ -232,13 +247,16 @@ class Direction:
         return grads
 
 
-def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor], *,
+            half: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The layer's ``(y, h_n, c_n)``; ``half``: the call's half precision (``inputs`` float32), the
+    dtype of ``y``."""
     xg, layout = inputs.x.contiguous(), inputs.layout
     D, ho = len(inputs.weights), inputs.h0.shape[2]
-    y = inputs.h0.new_empty(layout.total, D * ho)
+    y = inputs.h0.new_empty(layout.total, D * ho, dtype=half or inputs.h0.dtype)
     h_n, c_n = inputs.h0.clone(memory_format=torch.contiguous_format), inputs.c0.clone(memory_format=torch.contiguous_format)
     for d in range(D):
-        direction = Direction(call, inputs, d)
+        direction = Direction(call, inputs, d, half)
         if call.save:
             floats, uint8 = direction.sizes(save=True)
             arena = Arena(saved[2 * d], arena_layout(floats)[0])
@@ -251,16 +269,18 @@ def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[
 
 
 def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list[Tensor], dy: Tensor, dh_n: Tensor,
-             dc_n: Tensor, *, needs_x: bool) -> LayerGrads:
+             dc_n: Tensor, *, needs_x: bool, half: torch.dtype | None = None) -> LayerGrads:
+    """The layer's gradients; ``half`` as for :func:`forward` (``dy`` in it)."""
     layout, D, h0, c0 = inputs.layout, len(inputs.weights), inputs.h0, inputs.c0
     G = inputs.weights[0].weight_hh.shape[0]
-    dy = h0.new_zeros(layout.total, D * h0.shape[2]) if dy is None else dy.contiguous()
+    dy_dtype = half or h0.dtype
+    dy = h0.new_zeros(layout.total, D * h0.shape[2], dtype=dy_dtype) if dy is None else dy.to(dy_dtype).contiguous()
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
     dxg = h0.new_empty(layout.total, D * G)
     per_direction = []
     for d in range(D):
-        direction = Direction(call, inputs, d)
+        direction = Direction(call, inputs, d, half)
         floats, uint8 = direction.sizes(save=True)
         arena = Arena(saved[2 * d].contiguous(), arena_layout(floats)[0])
         masks = Arena(saved[2 * d + 1].contiguous(), arena_layout(uint8)[0])
