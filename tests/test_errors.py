@@ -212,3 +212,61 @@ def test_bad_masks_are_refused():
         lstm.eval()(x, masks=good)
     with pytest.raises(ValueError, match="masks.layers"):
         lstm.train()(x, masks=LSTMMasks(layers=[good.layers[0]]))
+
+
+def _replacements(p):
+    """Wrong versions of parameter ``p``: (label, tensor)."""
+    return [("transposed" if p.dim() == 2 else "short", p.detach().t().clone() if p.dim() == 2 else p.detach()[:-1].clone()),
+            ("float64", p.detach().double()), ("meta", p.detach().to("meta"))]
+
+
+MODULES = {
+    "LSTM": (lambda: torch.nn.LSTM(3, 4, 2, bidirectional=True, proj_size=2),
+             lambda: fastlstm.LSTM(3, 4, 2, bidirectional=True, proj_size=2), torch.randn(5, 2, 3)),
+    "LSTM-peephole-layer_norm": (None, lambda: fastlstm.LSTM(3, 4, 2, peephole=True, layer_norm=True),
+                                 torch.randn(5, 2, 3)),
+    "LSTMCell": (lambda: torch.nn.LSTMCell(3, 4), lambda: fastlstm.LSTMCell(3, 4), torch.randn(2, 3)),
+}
+
+
+@pytest.mark.parametrize("through", ["Parameter", ".data"])
+@pytest.mark.parametrize("kind", MODULES)
+def test_a_replaced_parameter_of_the_wrong_shape_dtype_or_device_is_refused(kind, through):
+    """A weight replaced (or assigned through ``.data``) with another shape, dtype or device: torch
+    raises a RuntimeError (some of them); fastlstm raises one for every parameter, naming it and what
+    it expected. (Before, the engines read such a weight as the module's dtype and shape: wrong
+    numbers, or memory past its end.)"""
+    make_torch, make_ours, x = MODULES[kind]
+    for name, p in list(make_ours().named_parameters()):
+        for label, wrong in _replacements(p):
+            ours = make_ours()
+            if through == "Parameter":
+                setattr(ours, name, torch.nn.Parameter(wrong))
+            elif label == "meta":
+                continue  # (torch refuses .data of another device type itself)
+            else:
+                getattr(ours, name).data = wrong
+            expected = {"transposed": "shape", "short": "shape", "float64": "dtype", "meta": "device"}[label]
+            if name.startswith("weight_ih_l0") or name == "weight_ih":
+                if label in ("float64", "meta"):
+                    continue  # (the input is checked against the first weight_ih: torch's errors, tested above)
+            with pytest.raises(RuntimeError, match=f"parameter {name} .*{expected}"):
+                ours(x)
+            if make_torch is not None and label == "transposed":
+                theirs = make_torch()
+                setattr(theirs, name, torch.nn.Parameter(wrong))
+                with pytest.raises(RuntimeError):
+                    theirs(x)
+
+
+def test_a_missing_bias_and_a_bad_weight_on_the_step_path_are_refused():
+    cell = fastlstm.LSTMCell(3, 4)
+    cell.bias_hh = None
+    with pytest.raises(RuntimeError, match="parameter bias_hh is NoneType, expected a tensor of shape \\[16\\]"):
+        cell(torch.randn(2, 3))
+    layer = fastlstm.LSTM(3, 4, 2).eval()
+    with torch.no_grad():
+        layer.step(torch.randn(1, 1, 3))  # (a native step plan now exists)
+        layer.weight_hh_l1 = torch.nn.Parameter(layer.weight_hh_l1.double())
+        with pytest.raises(RuntimeError, match="parameter weight_hh_l1 has dtype torch.float64"):
+            layer.step(torch.randn(1, 1, 3))

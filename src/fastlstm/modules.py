@@ -59,23 +59,48 @@ _FIELDS = frozenset(DirectionWeights._fields)
 _MISSING = object()
 
 
-def _direction_weights(module: nn.Module, names: tuple[str | None, ...], dtype: torch.dtype) -> DirectionWeights:
-    """A direction's parameters as the module holds them now (after .to(), functional_call, etc.).
+def _direction_weights(module: nn.Module, names: tuple[str | None, ...], shapes: tuple, dtype: torch.dtype,
+                       like: Tensor) -> DirectionWeights:
+    """A direction's parameters as the module holds them now (after .to(), functional_call, etc.),
+    each checked against its shape (``shapes``, by field) and the dtype and device of ``like`` (the
+    module's first ``weight_ih``, which the input was checked against): a weight replaced or
+    assigned through ``.data`` can differ, and the engines would read it as that dtype and shape.
 
     ``names`` gives each DirectionWeights field's parameter name, or None where the module has none.
     """
     params = module._parameters  # the fast path; getattr covers re-parametrised or plain-tensor attributes
     values = []
-    for name in names:
+    for name, shape in zip(names, shapes):
         if name is None:
             values.append(None)
             continue
         value = params.get(name, _MISSING)
-        values.append(getattr(module, name) if value is _MISSING else value)
+        if value is _MISSING:
+            value = getattr(module, name)
+        if value is None or value.shape != shape or value.dtype != like.dtype or value.device != like.device:
+            _refuse_weight(module, name, value, shape, like)
+        values.append(value)
     w = DirectionWeights(*values)
-    if w.weight_ih.dtype != dtype:  # only under autocast; the dtype check ran before
+    if like.dtype != dtype:  # only under autocast; the dtype check ran before
         w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
     return w
+
+
+def _refuse_weight(module: nn.Module, name: str, value, shape: tuple, like: Tensor) -> None:
+    where = f"{type(module).__name__}: parameter {name}"
+    if not isinstance(value, Tensor):
+        raise RuntimeError(f"{where} is {type(value).__name__}, expected a tensor of shape {list(shape)}")
+    if value.shape != shape:
+        raise RuntimeError(f"{where} has shape {list(value.shape)}, expected {list(shape)}")
+    if value.dtype != like.dtype:
+        raise RuntimeError(f"{where} has dtype {value.dtype}, expected {like.dtype} (every parameter has the dtype "
+                           "of the first weight_ih: convert it, or the module with .to(dtype))")
+    raise RuntimeError(f"{where} is on {value.device}, expected {like.device} (every parameter is on the device "
+                       "of the first weight_ih: move it, or the module with .to(device))")
+
+
+def _shapes_by_field(shapes: dict) -> tuple:
+    return tuple(shapes.get(f) for f in DirectionWeights._fields)
 
 
 def _names_by_field(shapes: dict, layer: int | None, reverse: bool) -> tuple[str | None, ...]:
@@ -253,6 +278,7 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
         self._flat_weights_names: list[str] = []
         self._all_weights: list[list[str]] = []
         self._direction_names: list[tuple[str | None, ...]] = []  # per (layer, direction), by field
+        self._direction_shapes: list[tuple] = []  # the parameters' shapes, likewise
         for layer in range(num_layers):
             layer_input_size = input_size if layer == 0 else h_out * num_directions
             shapes = direction_shapes(
@@ -273,6 +299,7 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                         self._flat_weights_names.append(name)
                 self._all_weights.append(names)
                 self._direction_names.append(_names_by_field(shapes, layer, direction == 1))
+                self._direction_shapes.append(_shapes_by_field(shapes))
         self.reset_parameters()
 
     # -- torch.nn.LSTM's public surface ---------------------------------------------------------
@@ -358,9 +385,10 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
         )
 
     def _weights(self, dtype: torch.dtype) -> list[list[DirectionWeights]]:
-        num_directions = 2 if self.bidirectional else 1
+        num_directions, like = 2 if self.bidirectional else 1, self.weight_ih_l0
         return [
-            [_direction_weights(self, self._direction_names[layer * num_directions + d], dtype) for d in range(num_directions)]
+            [_direction_weights(self, self._direction_names[k], self._direction_shapes[k], dtype, like)
+             for k in range(layer * num_directions, (layer + 1) * num_directions)]
             for layer in range(self.num_layers)
         ]
 
@@ -514,6 +542,7 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
         for field, shape in shapes.items():
             setattr(self, field, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
         self._direction_names = _names_by_field(shapes, None, False)
+        self._direction_shapes = _shapes_by_field(shapes)
         if not bias:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
@@ -543,7 +572,7 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
         return functional.draw_cell_masks(x, self._weights(x.dtype), self.options, training=True)
 
     def _weights(self, dtype: torch.dtype) -> DirectionWeights:
-        return _direction_weights(self, self._direction_names, dtype)
+        return _direction_weights(self, self._direction_names, self._direction_shapes, dtype, self.weight_ih)
 
     def _parse(self, input, hx) -> tuple[Tensor, Tensor, Tensor, bool]:
         checks.check_input_tensor(input)
