@@ -197,3 +197,26 @@ def test_half_outputs_are_the_float32_outputs_rounded(case, dtype, instruction_s
         assert ((y != 0) & (y.abs() < 6.1e-5)).any()  # (the case reaches the subnormals)
     if scale > 1 and dtype == torch.float16:
         assert y.isinf().any()
+
+
+@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+def test_a_cell_under_cpu_autocast_keeps_torchs_dtypes(dtype):
+    """torch.nn.LSTMCell under CPU autocast returns float32 (the cell is on none of the CPU's autocast
+    lists; only its products run in ``dtype``), also for an input in ``dtype``; fastlstm's cell
+    computes in float32 there, so its error is within torch's."""
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTMCell(I, H, dtype=torch.float64)
+    ours = fastlstm.LSTMCell(I, H)
+    ours.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
+    theirs32 = torch.nn.LSTMCell(I, H)
+    theirs32.load_state_dict(ours.state_dict())
+    g = torch.Generator().manual_seed(4)
+    x, h, c = (torch.randn(B, n, generator=g, dtype=torch.float64) for n in (I, H, H))
+    truth = theirs(x, (h, c))
+    for x_in in (x.float(), x.to(dtype)):
+        with torch.autocast("cpu", dtype=dtype):
+            base = theirs32(x_in, (h.float(), c.float()))
+            mine = ours(x_in, (h.float(), c.float()))
+        for name, a, b, t in zip(("h", "c"), mine, base, truth):
+            assert a.dtype == b.dtype == torch.float32
+            assert_within_twice(a, b, t, name=name, dtype=dtype)

@@ -279,3 +279,19 @@ def test_quantization_of_other_modules_warns_that_fastlstm_stays_in_float():
     assert type(quantized[1]) is not torch.nn.Linear  # the Linear was converted
     torch.testing.assert_close(quantized[0](x)[0], expected, rtol=0, atol=0)
     assert not hasattr(quantized[0], "qconfig")
+
+
+def test_forward_on_the_meta_device_gives_torchs_shapes():
+    """Shape inference on the meta device (torch's LSTM runs there): a forward and backward of
+    tensors without data. (Reading autocast's state for the meta device raised.)"""
+    for ours, theirs, x in (
+        (fastlstm.LSTM(3, 5, 2, bidirectional=True, proj_size=2, device="meta"),
+         torch.nn.LSTM(3, 5, 2, bidirectional=True, proj_size=2, device="meta"), torch.randn(4, 2, 3, device="meta")),
+        (fastlstm.LSTMCell(3, 5, device="meta"), torch.nn.LSTMCell(3, 5, device="meta"), torch.randn(2, 3, device="meta")),
+    ):
+        x.requires_grad_()
+        mine, expected = ours(x), theirs(x)
+        flat = lambda out: [out[0], *out[1]] if isinstance(out[1], tuple) else list(out)  # noqa: E731
+        assert [(t.shape, t.device) for t in flat(mine)] == [(t.shape, t.device) for t in flat(expected)]
+        sum(t.sum() for t in flat(mine)).backward()
+        assert x.grad.shape == x.shape and x.grad.device.type == "meta"

@@ -113,8 +113,11 @@ def _options_repr(options: LSTMOptions, backend: str) -> str:
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
+    try:
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+    except RuntimeError:  # a device type without autocast (meta): torch asks nothing of it either
+        pass
     return None
 
 
@@ -603,6 +606,10 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
             if state.dim() != 2:  # (an unbatched input with [1, B, H] states: torch fails later, in its kernel)
                 raise RuntimeError(f"LSTMCell: for unbatched 1-D input, hx[{idx}] should be 1-D, got {state.dim() - 1}-D")
         cast = _autocast_dtype(x.device)
+        if cast is not None and x.device.type == "cpu":
+            # torch's LSTMCell is on none of the CPU's autocast lists (on CUDA's it is): its products
+            # run in the autocast dtype, its cell and outputs in the weights' dtype; here all of it does
+            cast = self.weight_ih.dtype
         if cast is not None and x.is_floating_point():
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
         elif x.dtype != self.weight_ih.dtype:
