@@ -207,14 +207,17 @@ def test_backend_is_selectable_and_reference_is_always_available():
 
 def test_autocast_runs_in_the_autocast_dtype():
     """Under autocast the input may differ from the weights' dtype (torch skips its dtype check too);
-    the call runs in the autocast dtype, with float32 accumulation, close to the float32 result."""
+    the call runs in the autocast dtype, with float32 accumulation, close to the float32 result. A
+    cell on the CPU keeps torch's LSTMCell's dtypes there: float32 (test_half_precision.py)."""
     lstm = fastlstm.LSTM(4, 8, num_layers=2, layer_norm=True)
     x = torch.randn(6, 3, 4)
     exact, _ = lstm(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, (h, c) = lstm(x)
         h1, c1 = fastlstm.LSTMCell(4, 8)(x[0])
-    assert y.dtype == h.dtype == c.dtype == h1.dtype == torch.bfloat16
+        h1_torch, _ = torch.nn.LSTMCell(4, 8)(x[0])
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16
+    assert h1.dtype == c1.dtype == h1_torch.dtype == torch.float32
     assert (y.float() - exact).abs().max() < 0.05
 
 
