@@ -1,4 +1,4 @@
-"""The modules' checks of their inputs: torch's exception types, and torch's words where torch has
+"""The modules' checks of their inputs (and of their parameters): torch's exception types, and torch's words where torch has
 a check of its own (its tests match them); elsewhere a message that names the argument and what
 it should be."""
 
@@ -57,3 +57,18 @@ def check_lengths(lengths, steps: int, batch: int, batched: bool) -> Tensor:
     if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > steps):
         raise ValueError(f"lengths should be between 0 and the input's {steps} steps, got {lengths.tolist()}")
     return lengths
+
+
+def refuse_parameter(module_name: str, name: str, value, shape: tuple, like: Tensor) -> None:
+    """Raise for parameter ``name`` (``value``), which should have ``shape`` and the dtype and device of
+    ``like`` (the module's first ``weight_ih``): a weight replaced or assigned through ``.data``."""
+    where = f"{module_name}: parameter {name}"
+    if not isinstance(value, Tensor):
+        raise RuntimeError(f"{where} is {type(value).__name__}, expected a tensor of shape {list(shape)}")
+    if value.shape != shape:
+        raise RuntimeError(f"{where} has shape {list(value.shape)}, expected {list(shape)}")
+    if value.dtype != like.dtype:
+        raise RuntimeError(f"{where} has dtype {value.dtype}, expected {like.dtype} (every parameter has the dtype "
+                           "of the first weight_ih: convert it, or the module with .to(dtype))")
+    raise RuntimeError(f"{where} is on {value.device}, expected {like.device} (every parameter is on the device "
+                       "of the first weight_ih: move it, or the module with .to(device))")

@@ -22,7 +22,7 @@ from .engines import check_backend
 from .masks import DirectionMasks, LSTMMasks
 from .options import DEFAULT_ACTIVATIONS, LSTMOptions, make_options
 from .streaming import Streaming
-from .weights import TORCH_FIELDS, DirectionWeights, direction_shapes, parameter_name
+from .weights import TORCH_FIELDS, DirectionWeights, direction_shapes, names_by_field, parameter_name, shapes_by_field
 
 _LAYER_NORM_ONES = ("layer_norm_ih_weight", "layer_norm_hh_weight", "layer_norm_cell_weight")
 _LAYER_NORM_ZEROS = ("layer_norm_cell_bias",)
@@ -62,12 +62,10 @@ _MISSING = object()
 def _direction_weights(module: nn.Module, names: tuple[str | None, ...], shapes: tuple, dtype: torch.dtype,
                        like: Tensor) -> DirectionWeights:
     """A direction's parameters as the module holds them now (after .to(), functional_call, etc.),
-    each checked against its shape (``shapes``, by field) and the dtype and device of ``like`` (the
-    module's first ``weight_ih``, which the input was checked against): a weight replaced or
-    assigned through ``.data`` can differ, and the engines would read it as that dtype and shape.
-
-    ``names`` gives each DirectionWeights field's parameter name, or None where the module has none.
-    """
+    each checked against its shape and the dtype and device of ``like`` (the module's first
+    ``weight_ih``, which the input was checked against): a weight replaced or assigned through
+    ``.data`` can differ, and the engines would read it as the expected one. ``names`` and ``shapes``
+    give each DirectionWeights field's parameter name and shape, or None where the module has none."""
     params = module._parameters  # the fast path; getattr covers re-parametrised or plain-tensor attributes
     values = []
     for name, shape in zip(names, shapes):
@@ -78,33 +76,12 @@ def _direction_weights(module: nn.Module, names: tuple[str | None, ...], shapes:
         if value is _MISSING:
             value = getattr(module, name)
         if value is None or value.shape != shape or value.dtype != like.dtype or value.device != like.device:
-            _refuse_weight(module, name, value, shape, like)
+            checks.refuse_parameter(type(module).__name__, name, value, shape, like)
         values.append(value)
     w = DirectionWeights(*values)
     if like.dtype != dtype:  # only under autocast; the dtype check ran before
         w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
     return w
-
-
-def _refuse_weight(module: nn.Module, name: str, value, shape: tuple, like: Tensor) -> None:
-    where = f"{type(module).__name__}: parameter {name}"
-    if not isinstance(value, Tensor):
-        raise RuntimeError(f"{where} is {type(value).__name__}, expected a tensor of shape {list(shape)}")
-    if value.shape != shape:
-        raise RuntimeError(f"{where} has shape {list(value.shape)}, expected {list(shape)}")
-    if value.dtype != like.dtype:
-        raise RuntimeError(f"{where} has dtype {value.dtype}, expected {like.dtype} (every parameter has the dtype "
-                           "of the first weight_ih: convert it, or the module with .to(dtype))")
-    raise RuntimeError(f"{where} is on {value.device}, expected {like.device} (every parameter is on the device "
-                       "of the first weight_ih: move it, or the module with .to(device))")
-
-
-def _shapes_by_field(shapes: dict) -> tuple:
-    return tuple(shapes.get(f) for f in DirectionWeights._fields)
-
-
-def _names_by_field(shapes: dict, layer: int | None, reverse: bool) -> tuple[str | None, ...]:
-    return tuple(parameter_name(f, layer, reverse) if f in shapes else None for f in DirectionWeights._fields)
 
 
 def _options_repr(options: LSTMOptions, backend: str) -> str:
@@ -301,8 +278,8 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                     if field in TORCH_FIELDS:
                         self._flat_weights_names.append(name)
                 self._all_weights.append(names)
-                self._direction_names.append(_names_by_field(shapes, layer, direction == 1))
-                self._direction_shapes.append(_shapes_by_field(shapes))
+                self._direction_names.append(names_by_field(shapes, layer, direction == 1))
+                self._direction_shapes.append(shapes_by_field(shapes))
         self.reset_parameters()
 
     # -- torch.nn.LSTM's public surface ---------------------------------------------------------
@@ -544,8 +521,8 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
         )
         for field, shape in shapes.items():
             setattr(self, field, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
-        self._direction_names = _names_by_field(shapes, None, False)
-        self._direction_shapes = _shapes_by_field(shapes)
+        self._direction_names = names_by_field(shapes, None, False)
+        self._direction_shapes = shapes_by_field(shapes)
         if not bias:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)

@@ -75,3 +75,13 @@ def parameter_name(field: str, layer: int | None, reverse: bool) -> str:
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype engines compute and keep the cell state in: at least float32."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def names_by_field(shapes: dict, layer: int | None, reverse: bool) -> tuple[str | None, ...]:
+    """Each DirectionWeights field's parameter name (None where ``shapes`` has no such parameter)."""
+    return tuple(parameter_name(f, layer, reverse) if f in shapes else None for f in DirectionWeights._fields)
+
+
+def shapes_by_field(shapes: dict) -> tuple:
+    """Each DirectionWeights field's shape (None where ``shapes`` has no such parameter)."""
+    return tuple(shapes.get(f) for f in DirectionWeights._fields)

@@ -62,6 +62,22 @@ def test_compiled_model_matches_eager(backend, inputs):
     _compare(backend, "aot_eager", inputs, options=dict(peephole=True, zoneout=0.2, cell_clip=2.0))
 
 
+@pytest.mark.parametrize("dynamic", [None, True], ids=["recompiled", "dynamic"])
+def test_compiled_model_follows_changing_shapes(dynamic):
+    """One compiled model called with several T and B (a training loop's last batch, variable-length
+    data): torch recompiles with symbolic sizes, under which the choice of the single step's form
+    (T = 1) must stay a plain bool (it was a symbolic one, which the op's constant argument
+    refused). Each call matches eager, forward and backward."""
+    torch.manual_seed(0)
+    model = Tagger("cpu").double()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=dynamic, backend="aot_eager")
+    for steps, batch in [(6, 4), (9, 4), (5, 3), (1, 3)]:
+        x = torch.randn(steps, batch, 5, dtype=torch.float64)
+        for a, b in zip(_outputs_and_grads(model, x), _outputs_and_grads(compiled, x)):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 def test_compiled_training_with_replayed_masks_matches_eager():
     """Training mode with the random options: the masks are drawn in eager and passed in, so that
     both runs see the same noise (a compiled graph draws its own random numbers)."""

@@ -27,8 +27,19 @@ from .layer import _FLOAT_BUFFERS, _MASK_BUFFERS, Direction, carries_cell
 def takes(layout: Layout, weights: list[DirectionWeights], options: LSTMOptions) -> bool:
     """Whether a call is one step of this form: T = 1 without lengths, one direction, no projection,
     no layer norm."""
-    return bool(layout.steps == 1 and layout.full and len(weights) == 1 and weights[0].weight_hr is None
+    return bool(_one_step(layout.steps) and layout.full and len(weights) == 1 and weights[0].weight_hr is None
                 and not options.layer_norm)
+
+
+def _one_step(steps) -> bool:
+    """``steps == 1`` as a plain bool. Under torch.compile with dynamic shapes ``T`` is symbolic
+    (T = 1 is specialised to a constant there): a symbolic ``T`` takes the layer's form, with no guard
+    on its value (the comparison would be a symbolic bool, which the op's constant argument refuses)."""
+    if not torch.compiler.is_compiling():
+        return steps == 1
+    from torch.fx.experimental.symbolic_shapes import statically_known_true  # (imports sympy: compiling has)
+
+    return statically_known_true(steps == 1)
 
 
 @dataclass
