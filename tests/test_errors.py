@@ -270,3 +270,20 @@ def test_a_missing_bias_and_a_bad_weight_on_the_step_path_are_refused():
         layer.weight_hh_l1 = torch.nn.Parameter(layer.weight_hh_l1.double())
         with pytest.raises(RuntimeError, match="parameter weight_hh_l1 has dtype torch.float64"):
             layer.step(torch.randn(1, 1, 3))
+
+
+def test_numpy_integers_are_taken_where_torch_takes_them():
+    """torch.nn.LSTM takes NumPy integers for num_layers and proj_size (not for the sizes) and
+    LSTMCell for its sizes; so does fastlstm, keeping Python ints (bools stay refused by the cell)."""
+    import numpy as np
+    for args, kwargs in (((4, 5, np.int64(2)), dict(proj_size=np.int32(2))), ((4, 5), dict(num_layers=np.int64(1)))):
+        theirs, ours = torch.nn.LSTM(*args, **kwargs), fastlstm.LSTM(*args, **kwargs)
+        assert type(ours.num_layers) is int and ours.num_layers == theirs.num_layers
+        assert ours.state_dict().keys() == theirs.state_dict().keys()
+    for module in (torch.nn.LSTM, fastlstm.LSTM):
+        with pytest.raises(TypeError, match="input_size"):
+            module(np.int64(4), 5)
+    cell = fastlstm.LSTMCell(np.int64(4), np.int32(5))
+    assert (cell.input_size, cell.hidden_size) == (4, 5) and type(cell.hidden_size) is int
+    with pytest.raises(TypeError, match="input_size"):
+        fastlstm.LSTMCell(True, 5)

@@ -84,6 +84,13 @@ def _direction_weights(module: nn.Module, names: tuple[str | None, ...], shapes:
     return w
 
 
+def _integer(value, name: str, bools: bool = False) -> int:
+    """An integer argument as a Python int: torch takes NumPy's too (and bools for LSTM's sizes)."""
+    if not isinstance(value, numbers.Integral) or (isinstance(value, bool) and not bools):
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    return int(value)
+
+
 def _options_repr(options: LSTMOptions, backend: str) -> str:
     extra = "".join(f", {name}={value!r}" for name, value in options.non_defaults().items())
     return extra + (f", backend={backend!r}" if backend != "auto" else "")
@@ -216,12 +223,9 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                 raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} must be greater than zero")
-        if not isinstance(num_layers, int):
-            raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+        num_layers, proj_size = _integer(num_layers, "num_layers", True), _integer(proj_size, "proj_size", True)
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
-        if not isinstance(proj_size, int):
-            raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
@@ -488,9 +492,8 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        input_size, hidden_size = _integer(input_size, "input_size"), _integer(hidden_size, "hidden_size")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} must be greater than zero")
         self.options = make_options(
@@ -584,8 +587,7 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
                 raise RuntimeError(f"LSTMCell: for unbatched 1-D input, hx[{idx}] should be 1-D, got {state.dim() - 1}-D")
         cast = _autocast_dtype(x.device)
         if cast is not None and x.device.type == "cpu":
-            # torch's LSTMCell is on none of the CPU's autocast lists (on CUDA's it is): its products
-            # run in the autocast dtype, its cell and outputs in the weights' dtype; here all of it does
+            # (torch's LSTMCell is on no CPU autocast list, only CUDA's: its cell and outputs keep this dtype)
             cast = self.weight_ih.dtype
         if cast is not None and x.is_floating_point():
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
