@@ -287,3 +287,24 @@ def test_numpy_integers_are_taken_where_torch_takes_them():
     assert (cell.input_size, cell.hidden_size) == (4, 5) and type(cell.hidden_size) is int
     with pytest.raises(TypeError, match="input_size"):
         fastlstm.LSTMCell(True, 5)
+
+
+def _raised(call):
+    try:
+        call()
+    except Exception as error:  # noqa: BLE001 (the type is what is compared)
+        return type(error)
+    return None
+
+
+def test_state_pair_and_packed_dtype_errors_have_torchs_types():
+    """LSTMCell's hx as one tensor (TypeError) or of one or three tensors (RuntimeError), and a
+    PackedSequence of another dtype than the weights (RuntimeError; padded input: ValueError)."""
+    x, h = torch.randn(2, 3), torch.randn(2, 4)
+    packed = pack_padded_sequence(torch.randn(5, 2, 3, dtype=torch.float64), [5, 3])
+    cases = [lambda m: m.LSTMCell(3, 4)(x, h), lambda m: m.LSTMCell(3, 4)(x, (h,)),
+             lambda m: m.LSTMCell(3, 4)(x, (h, h, h)), lambda m: m.LSTM(3, 4)(packed),
+             lambda m: m.LSTM(3, 4)(torch.randn(5, 2, 3, dtype=torch.float64))]
+    for case in cases:
+        expected = _raised(lambda: case(torch.nn))
+        assert expected is not None and _raised(lambda: case(fastlstm)) is expected

@@ -14,15 +14,18 @@ def check_input_tensor(input) -> None:
 
 
 def check_state_pair(hx, module_name: str) -> tuple[Tensor, Tensor]:
-    """``hx`` must be ``(h_0, c_0)``; the exception types follow what torch raises for each misuse."""
+    """``hx`` must be ``(h_0, c_0)``; the exception types follow what torch raises for each misuse
+    (LSTMCell's ``lstm_cell`` is stricter than LSTM's indexing: a TypeError for a tensor, a
+    RuntimeError for any other count)."""
+    cell = module_name == "LSTMCell"
     if isinstance(hx, Tensor):
-        raise RuntimeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")
+        raise (TypeError if cell else RuntimeError)(
+            f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")
     if not isinstance(hx, (tuple, list)):
         raise TypeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
-    if len(hx) < 2:
-        raise IndexError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} element(s)")
-    if len(hx) > 2:
-        raise ValueError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} elements")
+    if len(hx) != 2:
+        error = RuntimeError if cell else IndexError if len(hx) < 2 else ValueError
+        raise error(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} element(s)")
     for idx, value in enumerate(hx):
         if not isinstance(value, Tensor):
             raise TypeError(f"{module_name}: hx[{idx}] should be a Tensor, got {type(value).__name__}")

@@ -444,7 +444,7 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
 
     def _check_input(self, x: Tensor, weight_dtype: torch.dtype, expected_dim: int) -> None:
         if x.dtype != weight_dtype and _autocast_dtype(x.device) is None:
-            raise ValueError(
+            raise (RuntimeError if expected_dim == 2 else ValueError)(  # (torch's types: packed, padded)
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight_dtype}). "
                 f"Convert input: input.to({weight_dtype}), or convert model: model.to({x.dtype})"
             )
