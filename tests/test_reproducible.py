@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastlstm
 
@@ -87,3 +88,36 @@ def test_two_processes_give_bitwise_equal_results():
     digests = [subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True, check=True,
                               env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout for _ in range(2)]
     assert digests[0] == digests[1] and len(digests[0].strip()) == 64
+
+
+@pytest.mark.parametrize("form", ["padded", "packed-sorted", "packed-unsorted"])
+def test_inter_layer_dropout_draws_torchs_masks(form):
+    """Training-mode inter-layer dropout, seeded: the same outputs, states, gradients and RNG state
+    after the call as torch.nn.LSTM's, float64 (torch draws a PackedSequence's masks over its rows);
+    ``lengths=`` on the padded input draws what the PackedSequence does, and ``sample_masks``
+    replays it."""
+    x = torch.randn(6, 4, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    lengths = [6, 5, 3, 2] if form == "packed-sorted" else [3, 6, 2, 5]
+    results = []
+    for lstm_class in (torch.nn.LSTM, fastlstm.LSTM):
+        torch.manual_seed(0)
+        lstm = lstm_class(3, 5, num_layers=3, dropout=0.5, bidirectional=True, dtype=torch.float64).train()
+        inputs = x if form == "padded" else pack_padded_sequence(x, lengths, enforce_sorted=form == "packed-sorted")
+        y, (h, c) = lstm(inputs)
+        y = y if form == "padded" else y.data
+        grads = torch.autograd.grad(y.square().sum() + c.sum(), list(lstm.parameters()))
+        results.append([y, h, c, *grads, torch.get_rng_state()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b) if a.dtype == torch.uint8 else torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+    if form == "padded":
+        return
+    lstm = fastlstm.LSTM(3, 5, num_layers=3, dropout=0.5, dtype=torch.float64).train()
+    torch.manual_seed(2)
+    y_packed = lstm(pack_padded_sequence(x, lengths, enforce_sorted=False))[1]
+    torch.manual_seed(2)
+    y_lengths = lstm(x, lengths=torch.tensor(lengths))[1]
+    torch.manual_seed(2)
+    masks = lstm.sample_masks(x, lengths=torch.tensor(lengths))
+    y_replayed = lstm(x, lengths=torch.tensor(lengths), masks=masks)[1]
+    for a, b in ((y_packed, y_lengths), (y_packed, y_replayed)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

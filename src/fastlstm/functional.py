@@ -76,7 +76,7 @@ def lstm(
     engine = engines.select_engine(backend, data.device, data.dtype, options)
     layout = packing.layout_of(input, lengths)
     masks = draw_masks(layout.steps, layout.batch, data, h0, weights, options, dropout=dropout, training=training,
-                       given=masks)
+                       given=masks, layout=layout)
     num_layers, num_directions = len(weights), len(weights[0])
     rows = data if packed else layout.rows(input)
     h0, c0 = layout.sort(h0, 1), layout.sort(c0, 1)
@@ -224,11 +224,9 @@ def _mask_rows(layout: packing.Layout, masks: DirectionMasks) -> DirectionMasks:
                           None if masks.recurrent is None else layout.sort(masks.recurrent, 0), masks.weight_hh)
 
 
-def extent(input: Tensor | PackedSequence) -> tuple[int, int]:
-    """``(T, B)`` of a padded, time-major tensor or of a PackedSequence."""
-    if isinstance(input, PackedSequence):
-        return len(input.batch_sizes), int(input.batch_sizes[0])
-    return input.shape[0], input.shape[1]
+def layout_of(input: Tensor | PackedSequence, lengths: Tensor | None) -> packing.Layout:
+    """The call's layout (:func:`fastlstm.packing.layout_of`), for the modules' ``sample_masks``."""
+    return packing.layout_of(input, lengths)
 
 
 def draw_masks(
@@ -242,10 +240,12 @@ def draw_masks(
     dropout: float,
     training: bool,
     given: LSTMMasks | None = None,
+    layout: packing.Layout | None = None,
 ) -> LSTMMasks | None:
     """The masks :func:`lstm` uses for ``T = steps``, ``B = batch`` and input ``like`` (for its device
     and dtype): ``given`` ones kept, missing ones drawn. Masks are time-major and padded (``[T, B, .]``)
-    whatever the input's form.
+    whatever the input's form; ``layout``, the call's: where sequences differ in length, the
+    inter-layer dropout is drawn over its rows, as torch draws it for a PackedSequence.
 
     Returns None when the call is deterministic (eval mode, or no stochastic option).
     """
@@ -269,6 +269,7 @@ def draw_masks(
         device=like.device,
         dtype=accumulation_dtype(like.dtype),
         given=given,
+        rows=None if layout is None or layout.full else (layout.total, layout.padded),
     )
 
 

@@ -16,6 +16,7 @@ Mask values:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
@@ -117,11 +118,15 @@ def sample_masks(
     device,
     dtype,
     given: LSTMMasks | None = None,
+    rows: tuple[int, Callable[[Tensor], Tensor]] | None = None,
 ) -> LSTMMasks:
     """Draw every training-mode mask of an ``LSTM`` call, layer by layer, keeping any ``given`` one.
 
     Draw order: for each layer, each direction's masks (``DirectionMasks`` field order), then the
-    dropout mask on that layer's output if another layer follows.
+    dropout mask on that layer's output if another layer follows. ``rows``: ``(N, padded)`` for a
+    call whose sequences differ in length (a PackedSequence, ``lengths=``): the dropout mask is drawn
+    over its ``N`` rows, as torch draws it on a PackedSequence's data, and ``padded`` lays it out
+    ``[T, B, .]``.
     """
     h_out = proj_size if proj_size > 0 else hidden_size
     if given is not None:
@@ -165,6 +170,8 @@ def sample_masks(
                 inter_layer.append(None)
             elif supplied is not None:
                 inter_layer.append(_checked(name, supplied, shape, device, dtype))
+            elif rows is not None:
+                inter_layer.append(rows[1](_dropout_mask((rows[0], shape[-1]), dropout, device, dtype)))
             else:
                 inter_layer.append(_dropout_mask(shape, dropout, device, dtype))
     return LSTMMasks(layers=layers, inter_layer=inter_layer)

@@ -348,25 +348,17 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
             y = y.transpose(0, 1)
         return y, (h_n, c_n)
 
-    def sample_masks(self, input, hx=None) -> LSTMMasks | None:
-        """Draw the masks a training-mode ``forward(input, hx)`` would draw, from torch's RNG.
-
-        ``forward(input, hx, masks=m)`` then replays them. Masks are time-major, in the user's
-        batch order (see :mod:`fastlstm.masks`). Returns None if the module draws no masks.
+    def sample_masks(self, input, hx=None, *, lengths: Tensor | None = None) -> LSTMMasks | None:
+        """Draw the masks a training-mode ``forward(input, hx, lengths=lengths)`` would draw, from
+        torch's RNG. ``forward(input, hx, lengths=lengths, masks=m)`` then replays them. Masks are
+        time-major, in the user's batch order (see :mod:`fastlstm.masks`); None if the module draws none.
         """
-        parsed = self._parse(input, hx)
-        steps, batch = functional.extent(parsed.packed if parsed.packed is not None else parsed.x)
-        like = parsed.packed.data if parsed.packed is not None else parsed.x
-        return functional.draw_masks(
-            steps,
-            batch,
-            like,
-            parsed.h0,
-            self._weights(parsed.dtype),
-            self.options,
-            dropout=self.dropout,
-            training=True,
-        )
+        parsed = self._parse(input, hx, lengths)
+        packed = parsed.packed is not None
+        layout = functional.layout_of(parsed.packed if packed else parsed.x, parsed.lengths)
+        return functional.draw_masks(layout.steps, layout.batch, parsed.packed.data if packed else parsed.x, parsed.h0,
+                                     self._weights(parsed.dtype), self.options, dropout=self.dropout, training=True,
+                                     layout=layout)
 
     def _weights(self, dtype: torch.dtype) -> list[list[DirectionWeights]]:
         num_directions, like = 2 if self.bidirectional else 1, self.weight_ih_l0
