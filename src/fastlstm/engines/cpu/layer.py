@@ -181,8 +181,8 @@ class Direction:
 
     def forward(self, xg: Tensor, y: Tensor, h: Tensor, c: Tensor, arena: Arena, masks: Arena, *, save: bool):
         """Run the loop over ``xg [N, D*4H]`` (this direction's columns at ``d*4H``), writing ``y [N, D*H_out]``
-        (in the half precision, if any) columns ``d*H_out``; the states ``h [B, H_out]`` and ``c [B, H]`` go in as ``h0``, ``c0`` and
-        come out as ``h_n``, ``c_n``."""
+        (in the half precision, if any) columns ``d*H_out``; the states ``h [B, H_out]`` and ``c [B, H]``
+        go in as ``h0``, ``c0`` and come out as ``h_n``, ``c_n``."""
         lay, G, d = self.layout, 4 * self.hidden, self.d
         p = self.plan(arena, masks, save)
         p.h_state, p.c_state = h.data_ptr(), c.data_ptr()
@@ -199,9 +199,10 @@ class Direction:
 
     def backward(self, arena: Arena, masks: Arena, dy: Tensor, dh_n: Tensor, dc_n: Tensor,
                  dxg: Tensor) -> dict[str, Tensor | None]:
-        """BPTT over the saved arenas: ``dy [N, D*H_out]`` (in the half precision, if any), ``dh_n``/``dc_n`` of this direction; writes
-        ``dxg [N, D*4H]`` columns ``d*4H``. Returns the gradients of ``h0``, ``c0`` and of this
-        direction's recurrent weights (of ``weight_hh`` as the kernels read it: DropConnect applied)."""
+        """BPTT over the saved arenas: ``dy [N, D*H_out]`` (in the half precision, if any),
+        ``dh_n``/``dc_n`` of this direction; writes ``dxg [N, D*4H]`` columns ``d*4H``. Returns the
+        gradients of ``h0``, ``c0`` and of this direction's recurrent weights (of ``weight_hh`` as the
+        kernels read it: DropConnect applied)."""
         lay, H, G, P, ho, d = self.layout, self.hidden, 4 * self.hidden, self.proj, self.h_out, self.d
         N, B, ln = lay.total, lay.batch, self.call.options.layer_norm
         dgates = dxg[:, d * G : (d + 1) * G]
@@ -227,9 +228,10 @@ class Direction:
         # each plan of a team accumulates its own parameter-gradient sums and has its own scratch
         sums = []
         for q in team:
-            acc = Arena.allocate(self.dtype, {"work": (2 if self.half is None else 6) * H, "dpeep": 3 * H if self.peep is not None else 0,
-                                              "dln_hh": G if ln else 0, "dln_c_w": H if ln else 0,
-                                              "dln_c_b": H if ln else 0}, zero=True)
+            # (work: 2H, and the row's gates widened from half precision: 4H more)
+            acc = Arena.allocate(self.dtype, {"work": (2 if self.half is None else 6) * H,
+                                              "dpeep": 3 * H if self.peep is not None else 0, "dln_hh": G if ln else 0,
+                                              "dln_c_w": H if ln else 0, "dln_c_b": H if ln else 0}, zero=True)
             acc.point(q, ("work", "dpeep", "dln_hh", "dln_c_w", "dln_c_b"))
             sums.append(acc)
         kernels.module().backward_all(tuple(kernels.address(q) for q in team))
