@@ -298,11 +298,13 @@ def _raised(call):
 
 
 def test_state_pair_and_packed_dtype_errors_have_torchs_types():
-    """LSTMCell's hx as one tensor (TypeError) or of one or three tensors (RuntimeError), and a
-    PackedSequence of another dtype than the weights (RuntimeError; padded input: ValueError)."""
+    """LSTMCell's hx as one tensor (TypeError) or of one or three tensors (RuntimeError), with
+    unbatched input as one tensor (ValueError) or of one (IndexError), and a PackedSequence of
+    another dtype than the weights (RuntimeError; padded input: ValueError)."""
     x, h = torch.randn(2, 3), torch.randn(2, 4)
     packed = pack_padded_sequence(torch.randn(5, 2, 3, dtype=torch.float64), [5, 3])
     cases = [lambda m: m.LSTMCell(3, 4)(x, h), lambda m: m.LSTMCell(3, 4)(x, (h,)),
+             lambda m: m.LSTMCell(3, 4)(x[0], h[0]), lambda m: m.LSTMCell(3, 4)(x[0], (h[0],)),
              lambda m: m.LSTMCell(3, 4)(x, (h, h, h)), lambda m: m.LSTM(3, 4)(packed),
              lambda m: m.LSTM(3, 4)(torch.randn(5, 2, 3, dtype=torch.float64))]
     for case in cases:

@@ -121,3 +121,11 @@ def test_inter_layer_dropout_draws_torchs_masks(form):
     y_replayed = lstm(x, lengths=torch.tensor(lengths), masks=masks)[1]
     for a, b in ((y_packed, y_lengths), (y_packed, y_replayed)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # many sequences of equal lengths: pack_padded_sequence's sort is unstable above 16, and lengths=
+    # sorts as it does, so the rows (and the masks drawn over them) are in the same order
+    many = torch.randint(1, 7, (40,), generator=torch.Generator().manual_seed(5))
+    x = torch.randn(6, 40, 3, dtype=torch.float64)
+    torch.manual_seed(2)
+    y_packed = lstm(pack_padded_sequence(x, many, enforce_sorted=False))[1]
+    torch.manual_seed(2)
+    torch.testing.assert_close(lstm(x, lengths=many)[1], y_packed, rtol=1e-12, atol=1e-12)

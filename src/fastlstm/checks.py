@@ -15,16 +15,17 @@ def check_input_tensor(input) -> None:
 
 def check_state_pair(hx, module_name: str) -> tuple[Tensor, Tensor]:
     """``hx`` must be ``(h_0, c_0)``; the exception types follow what torch raises for each misuse
-    (LSTMCell's ``lstm_cell`` is stricter than LSTM's indexing: a TypeError for a tensor, a
-    RuntimeError for any other count)."""
-    cell = module_name == "LSTMCell"
+    (``module_name`` "LSTM", "LSTMCell", or "LSTMCell (unbatched)": a batched cell's ``lstm_cell``
+    raises a TypeError for a tensor and a RuntimeError for another count; LSTM and the unbatched
+    cell index ``hx`` first: an IndexError for one element, a tensor's dimension checks after)."""
+    batched_cell = module_name == "LSTMCell"
     if isinstance(hx, Tensor):
-        raise (TypeError if cell else RuntimeError)(
-            f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")
+        error = TypeError if batched_cell else ValueError if module_name.startswith("LSTMCell") else RuntimeError
+        raise error(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")
     if not isinstance(hx, (tuple, list)):
         raise TypeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
-    if len(hx) != 2:
-        error = RuntimeError if cell else IndexError if len(hx) < 2 else ValueError
+    if len(hx) != 2:  # (more than two: torch ignores the rest where it indexes; refused here)
+        error = RuntimeError if batched_cell else IndexError if len(hx) < 2 else ValueError
         raise error(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} element(s)")
     for idx, value in enumerate(hx):
         if not isinstance(value, Tensor):

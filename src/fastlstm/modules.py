@@ -85,7 +85,7 @@ def _direction_weights(module: nn.Module, names: tuple[str | None, ...], shapes:
 
 
 def _integer(value, name: str, bools: bool = False) -> int:
-    """An integer argument as a Python int: torch takes NumPy's too (and bools for LSTM's sizes)."""
+    """An integer argument as a Python int: torch takes NumPy's too (and bools for some)."""
     if not isinstance(value, numbers.Integral) or (isinstance(value, bool) and not bools):
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
     return int(value)
@@ -223,7 +223,7 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                 raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} must be greater than zero")
-        num_layers, proj_size = _integer(num_layers, "num_layers", True), _integer(proj_size, "proj_size", True)
+        num_layers, proj_size = _integer(num_layers, "num_layers", True), _integer(proj_size, "proj_size")
         if num_layers <= 0:
             raise ValueError("num_layers must be greater than zero")
         if proj_size < 0:
@@ -554,7 +554,7 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
-            hx = checks.check_state_pair(hx, "LSTMCell")
+            hx = checks.check_state_pair(hx, "LSTMCell" if input.dim() == 2 else "LSTMCell (unbatched)")
             for idx, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{idx}] to be 1D or 2D, got {value.dim()}D instead")

@@ -59,7 +59,9 @@ class Layout:
         lengths = lengths.to(device="cpu", dtype=torch.int64)
         if bool((lengths == steps).all()):
             return Layout.of_full(steps, lengths.numel(), device)
-        sorted_lengths, order = torch.sort(lengths, descending=True, stable=True)
+        # (the very sort pack_padded_sequence does, unstable above 16 sequences: equal lengths then take
+        # its order, so the rows, and inter-layer dropout drawn over them, are the PackedSequence's)
+        sorted_lengths, order = torch.sort(lengths, descending=True)
         batch_sizes = (sorted_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
         layout = Layout(steps, lengths.numel(), int(sorted_lengths.sum()), device, batch_sizes=batch_sizes,
                         order=order.to(device))

@@ -3,6 +3,9 @@
 per layer (engines/contract.py); the reference is plain torch and is traced through.
 """
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -76,6 +79,16 @@ def test_compiled_model_follows_changing_shapes(dynamic):
         x = torch.randn(steps, batch, 5, dtype=torch.float64)
         for a, b in zip(_outputs_and_grads(model, x), _outputs_and_grads(compiled, x)):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_dynamic_compile_as_a_process_first_call():
+    """``torch.compile(model, dynamic=True)`` called before any eager call, in a fresh process: the
+    first trace imports the engine, and dynamo's restarted analysis must take the same path."""
+    script = ("import torch, fastlstm; m = fastlstm.LSTM(5, 7, backend='cpu'); "
+              "f = torch.compile(m, fullgraph=True, dynamic=True, backend='aot_eager'); x = torch.randn(6, 4, 5); "
+              "torch.testing.assert_close(f(x)[0], m(x)[0]); print('ok')")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-2000:]
 
 
 def test_compiled_training_with_replayed_masks_matches_eager():

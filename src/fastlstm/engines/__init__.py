@@ -33,10 +33,13 @@ _LOADED: dict[str, ModuleType] = {}
 
 
 def load(name: str) -> ModuleType:
-    """The engine's module, imported on first use (import statements, which torch.compile traces)."""
-    engine = _LOADED.get(name)
-    if engine is not None:
-        return engine
+    """The engine's module, imported on first use (import statements, which torch.compile traces:
+    there the cache is not read, so that a restarted analysis, after the first pass imported the
+    engine, takes the same path as that pass)."""
+    if not torch.compiler.is_compiling():
+        engine = _LOADED.get(name)
+        if engine is not None:
+            return engine
     if name == "cpu":
         from . import cpu as engine
     elif name == "triton":
