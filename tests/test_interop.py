@@ -2,6 +2,8 @@
 fastlstm's and back. Oracle: the original torch model, outputs and every gradient in float64;
 back-conversion restores torch modules with identical state_dicts."""
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -108,3 +110,30 @@ def test_what_cannot_be_converted_raises_a_type_error_that_says_why():
         fastlstm.LSTM.from_torch(nn.GRU(3, 4))
     with pytest.raises(ValueError, match="to should be"):
         fastlstm.convert_lstms(nn.LSTM(3, 4), to="keras")
+
+
+@pytest.mark.parametrize("to", ["fastlstm", "torch"])
+def test_conversion_keeps_the_parameter_objects(to):
+    """As convert_sync_batchnorm does: the converted modules hold the same Parameter objects, so a
+    weight tied across modules stays tied and an optimizer built before the conversion trains the
+    converted model exactly as it trains an unconverted copy (float64)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LSTM(3, 4, dtype=torch.float64), nn.LSTM(4, 4, dtype=torch.float64))
+    model[1].weight_hh_l0 = model[0].weight_hh_l0  # tied
+    if to == "torch":
+        model = fastlstm.convert_lstms(model)  # (start from fastlstm's modules)
+    reference = copy.deepcopy(model)  # (ties kept within the copy)
+    before = list(model.parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    reference_optimizer = torch.optim.SGD(reference.parameters(), lr=0.5)
+    converted = fastlstm.convert_lstms(model, to=to)
+    after = list(converted.parameters())
+    assert len(after) == len(before) and all(a is b for a, b in zip(after, before))
+    assert converted[1].weight_hh_l0 is converted[0].weight_hh_l0
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for net, opt in ((converted, optimizer), (reference, reference_optimizer)):
+        opt.zero_grad()
+        net[1](net[0](x)[0])[0].square().sum().backward()
+        opt.step()
+    torch.testing.assert_close(converted[1](converted[0](x)[0])[0], reference[1](reference[0](x)[0])[0],
+                               rtol=1e-12, atol=1e-12)

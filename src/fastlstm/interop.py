@@ -22,10 +22,10 @@ _TO_FASTLSTM = {nn.LSTM: LSTM, nn.LSTMCell: LSTMCell}
 
 def convert_lstms(model: nn.Module, *, to: str = "fastlstm", **options) -> nn.Module:
     """Replace every ``torch.nn.LSTM`` / ``torch.nn.LSTMCell`` of ``model`` (recursively, in place) by
-    the fastlstm module with the same weights, device, dtype, ``requires_grad`` and training mode,
-    ``options`` (keywords of ``fastlstm.LSTM``) applied to each; with ``to="torch"``, the fastlstm
-    modules by torch's (a ValueError naming the option and the module's path where one is not
-    torch's behaviour). A module shared by several parents stays shared. Returns ``model`` (or, if
+    the fastlstm module with the same weights (the same Parameter objects), device, dtype,
+    ``requires_grad`` and training mode, ``options`` (keywords of ``fastlstm.LSTM``) applied to each;
+    with ``to="torch"``, the fastlstm modules by torch's (a ValueError naming the option and the
+    module's path where one is not torch's behaviour). A module shared by several parents stays shared. Returns ``model`` (or, if
     ``model`` is itself an LSTM, its conversion), like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
     """
     if to not in ("fastlstm", "torch"):
@@ -61,10 +61,21 @@ def _convert_one(module: nn.Module, path: str, to: str, options: dict) -> nn.Mod
     try:
         if to == "fastlstm":
             target = next((ours for theirs, ours in _TO_FASTLSTM.items() if isinstance(module, theirs)), None)
-            return module if target is None else target.from_torch(module, **options)
-        return module.to_torch() if isinstance(module, (LSTM, LSTMCell)) else module
+            return module if target is None else _sharing(module, target.from_torch(module, **options))
+        return _sharing(module, module.to_torch()) if isinstance(module, (LSTM, LSTMCell)) else module
     except (TypeError, ValueError) as error:
         raise type(error)(f"{path}: {error}") from error
+
+
+def _sharing(source: nn.Module, converted: nn.Module) -> nn.Module:
+    """``converted`` holding ``source``'s Parameter objects themselves (its copies of their values
+    dropped), as ``convert_sync_batchnorm`` keeps them: a weight tied to another module stays tied,
+    an optimizer built before the conversion keeps training it, and ``.grad`` stays. (setattr: torch's
+    LSTM updates its flat weights there.)"""
+    for name, param in source.named_parameters(recurse=False):
+        if name in converted._parameters:
+            setattr(converted, name, param)
+    return converted
 
 
 def from_onnx(model) -> dict[str, LSTM]:
