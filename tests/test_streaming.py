@@ -105,6 +105,10 @@ def test_state_stack_unstack_and_select():
     picked = state.select([3, 1])
     assert torch.equal(picked.c, state.c[:, [3, 1]])
     assert torch.equal(state.select(2).h, state.h[:, 2:3])
+    assert torch.equal(state.select(-1).h, state.h[:, 3:4]) and torch.equal(state.select([-1, 0]).c, state.c[:, [3, 0]])
+    for bad in (4, -5, [4]):
+        with pytest.raises(IndexError):
+            state.select(bad)
 
 
 def test_streaming_a_bidirectional_lstm_raises():
@@ -172,6 +176,24 @@ def test_the_fast_step_sees_weights_changed_in_place_and_replaced():
         y, state = model.step(x.float())
         assert y.dtype == state.h.dtype == torch.float32
         torch.testing.assert_close(y, model(x.float())[0])  # (float32's default tolerance: the input product's order differs)
+
+
+@pytest.mark.parametrize("optimizer", ["Adam", "SGD"])
+def test_the_fast_step_sees_a_fused_optimizers_step(optimizer):
+    """torch's fused optimizers update the weights in place without a new version: the plans count
+    optimizer steps (a global post-step hook) and pack again after one."""
+    model = _model("auto")
+    opt = getattr(torch.optim, optimizer)(model.parameters(), lr=0.1, fused=True)
+    x = torch.randn(3, 2, 3, dtype=F64)
+    with torch.no_grad():
+        model.step(x)
+        assert _took_the_fast_path(model)
+    model(x)[0].sum().backward()
+    version = model.weight_hh_l0._version
+    opt.step()
+    assert model.weight_hh_l0._version == version  # (what made it invisible)
+    with torch.no_grad():
+        torch.testing.assert_close(model.step(x)[0], model(x)[0], rtol=1e-12, atol=1e-12)
 
 
 def test_a_step_with_autograd_takes_forward_and_has_gradients():

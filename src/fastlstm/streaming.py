@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Hashable, Mapping, Sequence
 from typing import NamedTuple
 
+import numbers
 import operator
 import threading
 import weakref
@@ -44,11 +45,12 @@ class LSTMState(NamedTuple):
         return [LSTMState(h, c) for h, c in zip(self.h.split(1, 1), self.c.split(1, 1))]
 
     def select(self, index: int | Sequence[int] | Tensor) -> LSTMState:
-        """The rows ``index`` (an int keeps a batch dimension of 1)."""
+        """The rows ``index`` (an int keeps a batch dimension of 1; negative ones count from the end,
+        as in indexing; one out of range raises an IndexError)."""
         if isinstance(index, int):
-            return LSTMState(self.h[:, index : index + 1], self.c[:, index : index + 1])
+            return LSTMState(self.h[:, index].unsqueeze(1), self.c[:, index].unsqueeze(1))
         index = torch.as_tensor(index, dtype=torch.int64, device=self.h.device)
-        return LSTMState(self.h.index_select(1, index), self.c.index_select(1, index))
+        return LSTMState(self.h[:, index], self.c[:, index])
 
 
 class Streaming:
@@ -63,8 +65,11 @@ class Streaming:
         """Zeros, ``h [L, batch_size, H_out]`` and ``c [L, batch_size, H]``, on the parameters' device
         and in their dtype unless given."""
         self._check_streaming()
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 0:
-            raise TypeError(f"batch_size should be a non-negative int, got {batch_size!r}")
+        if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
+            raise TypeError(f"batch_size should be an int, got {type(batch_size).__name__}")
+        if batch_size < 0:
+            raise ValueError(f"batch_size should be non-negative, got {batch_size}")
+        batch_size = int(batch_size)
         like = self.weight_ih_l0
         device = like.device if device is None else device
         dtype = like.dtype if dtype is None else dtype
@@ -155,20 +160,35 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {(t
 _PLANS_PER_MODULE = 64  # (batch sizes come and go with a server's streams; a plan is a few small buffers)
 
 
+_OPTIMIZER_STEPS = [0]  # torch.optim steps taken in this process, once a stream plan exists
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
 class _Packed:
     """A module's weights as the stream plans read them, and the parameters they were packed from:
-    valid while ``_parameters`` holds the same tensors at the same versions and addresses. (An
-    in-place change through ``.data`` is invisible to both: call :meth:`Streaming.clear_step_plans`.)"""
+    valid while ``_parameters`` holds the same tensors at the same versions and addresses and no
+    torch.optim optimizer has stepped since (fused optimizers update weights in place without a
+    new version). (An in-place change through ``.data`` is invisible to all of these: call
+    :meth:`Streaming.clear_step_plans`.)"""
 
-    __slots__ = ("packed", "params", "stamps")
+    __slots__ = ("packed", "params", "stamps", "optimizer_steps")
 
     def __init__(self, packed, params: tuple):
         self.packed, self.params, self.stamps = packed, params, _stamps(params)
+        if not _OPTIMIZER_STEPS[1:]:  # (the first plan registers the hook: a global one, never removed)
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            _OPTIMIZER_STEPS.append(register_optimizer_step_post_hook(_count_optimizer_step))
+        self.optimizer_steps = _OPTIMIZER_STEPS[0]
 
     def current(self, params: tuple, dtype: torch.dtype) -> bool:
         try:
-            return self.packed.dtype == dtype and len(params) == len(self.params) \
-                and all(map(operator.is_, params, self.params)) and _stamps(params) == self.stamps
+            return self.packed.dtype == dtype and self.optimizer_steps == _OPTIMIZER_STEPS[0] \
+                and len(params) == len(self.params) and all(map(operator.is_, params, self.params)) \
+                and _stamps(params) == self.stamps
         except RuntimeError:  # (an inference tensor has no version counter: such modules take forward)
             return False
 
