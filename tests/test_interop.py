@@ -99,8 +99,12 @@ class MyLSTM(nn.LSTM):
 
 
 def test_what_cannot_be_converted_raises_a_type_error_that_says_why():
-    with pytest.raises(TypeError, match=r"rnn: module: MyLSTM is a subclass of torch.nn.LSTM"):
+    with pytest.raises(TypeError, match=r"^rnn: MyLSTM is a subclass of torch.nn.LSTM"):
         fastlstm.convert_lstms(nn.ModuleDict({"rnn": MyLSTM(3, 4)}))
+    parametrized = nn.Sequential(nn.LSTM(3, 4))
+    torch.nn.utils.parametrizations.weight_norm(parametrized[0], "weight_hh_l0")
+    with pytest.raises(TypeError, match=r"^0: this torch.nn.LSTM has parametrizations"):
+        fastlstm.convert_lstms(parametrized)
     scripted = torch.jit.script(nn.Sequential(nn.LSTM(3, 4)))
     with pytest.raises(TypeError, match="TorchScript module holding an LSTM"):
         fastlstm.convert_lstms(nn.ModuleDict({"scripted": scripted}))

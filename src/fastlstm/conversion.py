@@ -19,6 +19,11 @@ def _check_torch_module(module, torch_class: type) -> None:
     if isinstance(module, torch.jit.ScriptModule):
         raise TypeError(f"module: a TorchScript module ({module.original_name}) cannot be converted: its Python "
                         "class is gone; convert the eager model before scripting it")
+    if torch.nn.utils.parametrize.is_parametrized(module):
+        raise TypeError(f"module: this torch.nn.{torch_class.__name__} has parametrizations (weight_norm, ...), "
+                        "whose parametrized weights a conversion would freeze: convert it before registering them "
+                        "(fastlstm's modules take parametrizations), or remove them first "
+                        "(torch.nn.utils.parametrize.remove_parametrizations)")
     if type(module) is not torch_class:
         kind = f"a subclass of torch.nn.{torch_class.__name__} (it may change forward)" \
             if isinstance(module, torch_class) else f"not a torch.nn.{torch_class.__name__}"

@@ -64,7 +64,7 @@ def _convert_one(module: nn.Module, path: str, to: str, options: dict) -> nn.Mod
             return module if target is None else _sharing(module, target.from_torch(module, **options))
         return _sharing(module, module.to_torch()) if isinstance(module, (LSTM, LSTMCell)) else module
     except (TypeError, ValueError) as error:
-        raise type(error)(f"{path}: {error}") from error
+        raise type(error)(f"{path}: {str(error).removeprefix('module: ')}") from error  # (the path names it)
 
 
 def _sharing(source: nn.Module, converted: nn.Module) -> nn.Module:
