@@ -66,22 +66,25 @@ def _direction_weights(module: nn.Module, names: tuple[str | None, ...], shapes:
     ``weight_ih``, which the input was checked against): a weight replaced or assigned through
     ``.data`` can differ, and the engines would read it as the expected one. ``names`` and ``shapes``
     give each DirectionWeights field's parameter name and shape, or None where the module has none."""
-    params = module._parameters  # the fast path; getattr covers re-parametrised or plain-tensor attributes
-    values = []
+    values, dtype_like, device_like = [], like.dtype, like.device
     for name, shape in zip(names, shapes):
         if name is None:
             values.append(None)
             continue
-        value = params.get(name, _MISSING)
-        if value is _MISSING:
-            value = getattr(module, name)
-        if value is None or value.shape != shape or value.dtype != like.dtype or value.device != like.device:
+        value = _parameter(module, name)
+        if value is None or value.shape != shape or value.dtype != dtype_like or value.device != device_like:
             checks.refuse_parameter(type(module).__name__, name, value, shape, like)
         values.append(value)
     w = DirectionWeights(*values)
     if like.dtype != dtype:  # only under autocast; the dtype check ran before
         w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
     return w
+
+
+def _parameter(module: nn.Module, name: str):
+    """``getattr(module, name)`` for a parameter, without nn.Module's attribute fallback where it can."""
+    value = module._parameters.get(name, _MISSING)
+    return getattr(module, name) if value is _MISSING else value
 
 
 def _integer(value, name: str, bools: bool = False) -> int:
@@ -361,7 +364,7 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                                      layout=layout)
 
     def _weights(self, dtype: torch.dtype) -> list[list[DirectionWeights]]:
-        num_directions, like = 2 if self.bidirectional else 1, self.weight_ih_l0
+        num_directions, like = 2 if self.bidirectional else 1, _parameter(self, "weight_ih_l0")
         return [
             [_direction_weights(self, self._direction_names[k], self._direction_shapes[k], dtype, like)
              for k in range(layer * num_directions, (layer + 1) * num_directions)]
@@ -547,7 +550,8 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
         return functional.draw_cell_masks(x, self._weights(x.dtype), self.options, training=True)
 
     def _weights(self, dtype: torch.dtype) -> DirectionWeights:
-        return _direction_weights(self, self._direction_names, self._direction_shapes, dtype, self.weight_ih)
+        return _direction_weights(self, self._direction_names, self._direction_shapes, dtype,
+                                  _parameter(self, "weight_ih"))
 
     def _parse(self, input, hx) -> tuple[Tensor, Tensor, Tensor, bool]:
         checks.check_input_tensor(input)
