@@ -81,6 +81,20 @@ def test_compiled_model_follows_changing_shapes(dynamic):
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+def test_compiled_model_takes_sorted_packed_input():
+    """A PackedSequence made with enforce_sorted=True (no sorted_indices): its row count is data to
+    the compiler, and the engine's fake result must not guard on it (it did: the arena's layout
+    asked whether a buffer was empty). Two sets of lengths, forward and backward against eager."""
+    torch.manual_seed(0)
+    model = Tagger("cpu").double()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    for lengths in ([6, 5, 3, 2], [7, 4, 4, 1]):
+        x = pack_padded_sequence(torch.randn(max(lengths), 4, 5, dtype=torch.float64), lengths)
+        for a, b in zip(_outputs_and_grads(model, x), _outputs_and_grads(compiled, x)):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 def test_dynamic_compile_as_a_process_first_call():
     """``torch.compile(model, dynamic=True)`` called before any eager call, in a fresh process: the
     first trace imports the engine, and dynamo's restarted analysis must take the same path."""

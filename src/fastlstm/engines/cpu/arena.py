@@ -15,9 +15,19 @@ def arena_layout(sizes: dict[str, int]) -> tuple[dict[str, int | None], int]:
     offsets: dict[str, int | None] = {}
     total = 0
     for name, count in sizes.items():
-        offsets[name] = total if count else None
+        offsets[name] = total if _nonzero(count) else None
         total += count
     return offsets, total
+
+
+def _nonzero(count) -> bool:
+    """``count != 0``; a data-dependent count (``torch.compile`` of a PackedSequence's rows) is taken
+    as nonzero without a guard (only the total is read there: the custom op's fake result)."""
+    if isinstance(count, int):
+        return count != 0
+    from torch.fx.experimental.symbolic_shapes import guard_or_true  # (imports sympy: compiling has)
+
+    return guard_or_true(count != 0)
 
 
 class Arena:
