@@ -40,23 +40,6 @@ def _onednn(x: Tensor, w: Tensor) -> Tensor:
     return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w.contiguous(), None, "none", [], "")
 
 
-class _OneDNNLinear(torch.autograd.Function):
-    """``x @ w^T`` through oneDNN, its backward through torch's GEMMs (which autograd can
-    differentiate again)."""
-
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return _onednn(x, w)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w = ctx.saved_tensors
-        dx = dy @ w if ctx.needs_input_grad[0] else None
-        dw = dy.t() @ x if ctx.needs_input_grad[1] else None
-        return dx, dw
-
-
 def _native_half(dtype: torch.dtype) -> bool:
     if dtype == torch.bfloat16:
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -72,11 +55,13 @@ def widens(dtype: torch.dtype) -> bool:
     return dtype in NATIVE_HALF and not NATIVE_HALF[dtype]
 
 
-class _WidenedLinear(torch.autograd.Function):
-    """``x @ w^T`` of half-precision ``x`` and ``w``, computed on float32 copies that the backward
-    makes again rather than autograd keeping them from the forward (``x`` and ``W_ih`` at twice
-    their size, while the half-precision tensors are kept anyway). The result is float32; the
-    gradients come back in ``x``'s and ``w``'s dtypes, as through ``.float()``."""
+class _Float32Linear(torch.autograd.Function):
+    """``x @ w^T`` computed in float32 outside autograd (oneDNN's product by the rule; half-precision
+    operands on float32 copies where :func:`widens`), its backward through torch's GEMMs (which
+    autograd can differentiate again). It keeps ``x`` and ``w`` as they are and widens them again in
+    the backward: autograd would keep float32 copies of half-precision ones, at twice their size,
+    from the forward to the backward. The gradients come back in ``x``'s and ``w``'s dtypes.
+    (``.float()`` of a float32 tensor is the tensor itself: float32 calls copy nothing.)"""
 
     @staticmethod
     def forward(ctx, x, w):
@@ -100,9 +85,8 @@ def _product(x: Tensor, w: Tensor) -> Tensor:
 def linear(x: Tensor, w: Tensor) -> Tensor:
     """``x [M, K] @ w [N, K]^T`` by the rules above (eager calls only: traced ones take ``F.linear``);
     float32 for half-precision ``x`` where :func:`widens`."""
-    tracked = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)
-    if widens(x.dtype):
-        return _WidenedLinear.apply(x, w) if tracked else _product(x.float(), w.float())
-    if tracked and uses_onednn(x.shape[0], x.shape[1], x.dtype):
-        return _OneDNNLinear.apply(x, w)
-    return _product(x, w)
+    if not widens(x.dtype) and not uses_onednn(x.shape[0], x.shape[1], x.dtype):
+        return F.linear(x, w)
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return _Float32Linear.apply(x, w)
+    return _product(x.float(), w.float())
