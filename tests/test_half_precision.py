@@ -116,7 +116,6 @@ def test_autocast_training_step_against_torch_in_that_dtype(dtype):
 
 from fastlstm.engines.cpu import kernels  # noqa: E402
 
-HALF_CODES = {torch.bfloat16: 1, torch.float16: 2}
 INSTRUCTION_SETS = kernels.module().instruction_sets()
 
 
@@ -155,8 +154,8 @@ def test_kernel_conversions_round_as_torch(dtype, instruction_set):
     source = _narrowing_inputs(dtype)
     narrowed = torch.empty(source.shape, dtype=dtype)
     with kernels.instruction_set(instruction_set):
-        kernels.module().convert(HALF_CODES[dtype], False, every.data_ptr(), widened.data_ptr(), every.numel())
-        kernels.module().convert(HALF_CODES[dtype], True, source.data_ptr(), narrowed.data_ptr(), source.numel())
+        kernels.module().convert(kernels.HALF_CODES[dtype], False, every.data_ptr(), widened.data_ptr(), every.numel())
+        kernels.module().convert(kernels.HALF_CODES[dtype], True, source.data_ptr(), narrowed.data_ptr(), source.numel())
     _same_bits(widened, every.float(), torch.float32)
     _same_bits(narrowed, source.to(dtype), dtype)
 

@@ -101,3 +101,8 @@ def dense(t: Tensor | None) -> Tensor | None:
 def dtype_code(dtype: torch.dtype) -> int:
     """The Plan's ``dtype``: 0 float32, 1 float64."""
     return 0 if dtype == torch.float32 else 1
+
+
+HALF_CODES = {torch.bfloat16: 1, torch.float16: 2}
+"""The Plan's ``half`` (and ``convert``'s): the half precision a call's output, output gradient and
+saved gates are stored in."""

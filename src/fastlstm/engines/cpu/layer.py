@@ -37,7 +37,6 @@ ACTIVATION_CODES = {name: code for code, name in enumerate(GATE_ACTIVATIONS)}
 _FLOAT_BUFFERS = ("gates", "c_fresh", "h_in", "c_carried", "m", "hw_hat", "hw_rstd", "c_hat",
                   "c_rstd", "hw", "htilde")
 _MASK_BUFFERS = ("clip_mask", "cclip_mask", "pclip_mask")
-HALF_CODES = {torch.bfloat16: 1, torch.float16: 2}  # the kernels' Plan::half
 
 
 def zoneout_mode(call: LayerCall, masks: DirectionMasks) -> int:
@@ -163,7 +162,7 @@ class Direction:
         arena.point(p, _FLOAT_BUFFERS)
         masks.point(p, _MASK_BUFFERS)
         if self.half is not None:
-            p.half = HALF_CODES[self.half]
+            p.half = kernels.HALF_CODES[self.half]
             if save:
                 p.gates = masks.ptr("half_gates")
         return p
