@@ -75,8 +75,7 @@ def lstm(
     data = input.data if packed else input
     engine = engines.select_engine(backend, data.device, data.dtype, options)
     layout = packing.layout_of(input, lengths)
-    masks = draw_masks(layout.steps, layout.batch, data, h0, weights, options, dropout=dropout, training=training,
-                       given=masks, layout=layout)
+    masks = draw_masks(layout, data, h0, weights, options, dropout=dropout, training=training, given=masks)
     num_layers, num_directions = len(weights), len(weights[0])
     rows = data if packed else layout.rows(input)
     h0, c0 = layout.sort(h0, 1), layout.sort(c0, 1)
@@ -230,8 +229,7 @@ def layout_of(input: Tensor | PackedSequence, lengths: Tensor | None) -> packing
 
 
 def draw_masks(
-    steps: int,
-    batch: int,
+    layout: packing.Layout,
     like: Tensor,
     h0: Tensor,
     weights: Sequence[Sequence[DirectionWeights]],
@@ -240,12 +238,11 @@ def draw_masks(
     dropout: float,
     training: bool,
     given: LSTMMasks | None = None,
-    layout: packing.Layout | None = None,
 ) -> LSTMMasks | None:
-    """The masks :func:`lstm` uses for ``T = steps``, ``B = batch`` and input ``like`` (for its device
-    and dtype): ``given`` ones kept, missing ones drawn. Masks are time-major and padded (``[T, B, .]``)
-    whatever the input's form; ``layout``, the call's: where sequences differ in length, the
-    inter-layer dropout is drawn over its rows, as torch draws it for a PackedSequence.
+    """The masks :func:`lstm` uses for a call of ``layout`` (its ``T`` and ``B``) and input ``like``
+    (for its device and dtype): ``given`` ones kept, missing ones drawn. Masks are time-major and
+    padded (``[T, B, .]``) whatever the input's form; where sequences differ in length, the
+    inter-layer dropout is drawn over the layout's rows, as torch draws it for a PackedSequence.
 
     Returns None when the call is deterministic (eval mode, or no stochastic option).
     """
@@ -262,14 +259,14 @@ def draw_masks(
         num_layers=num_layers,
         num_directions=num_directions,
         dropout=inter_layer_dropout,
-        steps=steps,
-        batch=batch,
+        steps=layout.steps,
+        batch=layout.batch,
         hidden_size=hidden_size,
         proj_size=h_out if h_out != hidden_size else 0,
         device=like.device,
         dtype=accumulation_dtype(like.dtype),
         given=given,
-        rows=None if layout is None or layout.full else (layout.total, layout.padded),
+        rows=None if layout.full else (layout.total, layout.padded),
     )
 
 

@@ -359,9 +359,8 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
         parsed = self._parse(input, hx, lengths)
         packed = parsed.packed is not None
         layout = functional.layout_of(parsed.packed if packed else parsed.x, parsed.lengths)
-        return functional.draw_masks(layout.steps, layout.batch, parsed.packed.data if packed else parsed.x, parsed.h0,
-                                     self._weights(parsed.dtype), self.options, dropout=self.dropout, training=True,
-                                     layout=layout)
+        return functional.draw_masks(layout, parsed.packed.data if packed else parsed.x, parsed.h0,
+                                     self._weights(parsed.dtype), self.options, dropout=self.dropout, training=True)
 
     def _weights(self, dtype: torch.dtype) -> list[list[DirectionWeights]]:
         num_directions, like = 2 if self.bidirectional else 1, _parameter(self, "weight_ih_l0")
