@@ -160,11 +160,25 @@ _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {(t
 _PLANS_PER_MODULE = 64  # (batch sizes come and go with a server's streams; a plan is a few small buffers)
 
 
-_OPTIMIZER_STEPS = [0]  # torch.optim steps taken in this process, once a stream plan exists
+class _OptimizerSteps:
+    """torch.optim steps taken in this process, counted from the first stream plan on by a global
+    optimizer post-step hook (registered then, never removed): fused optimizers update weights in
+    place without a new version, so a plan packed before a step is stale after it."""
 
+    count = 0
+    hook = None
 
-def _count_optimizer_step(optimizer, args, kwargs) -> None:
-    _OPTIMIZER_STEPS[0] += 1
+    @classmethod
+    def now(cls) -> int:
+        if cls.hook is None:
+            from torch.optim.optimizer import register_optimizer_step_post_hook
+
+            cls.hook = register_optimizer_step_post_hook(cls._counted)
+        return cls.count
+
+    @classmethod
+    def _counted(cls, optimizer, args, kwargs) -> None:
+        cls.count += 1
 
 
 class _Packed:
@@ -178,15 +192,11 @@ class _Packed:
 
     def __init__(self, packed, params: tuple):
         self.packed, self.params, self.stamps = packed, params, _stamps(params)
-        if not _OPTIMIZER_STEPS[1:]:  # (the first plan registers the hook: a global one, never removed)
-            from torch.optim.optimizer import register_optimizer_step_post_hook
-
-            _OPTIMIZER_STEPS.append(register_optimizer_step_post_hook(_count_optimizer_step))
-        self.optimizer_steps = _OPTIMIZER_STEPS[0]
+        self.optimizer_steps = _OptimizerSteps.now()
 
     def current(self, params: tuple, dtype: torch.dtype) -> bool:
         try:
-            return self.packed.dtype == dtype and self.optimizer_steps == _OPTIMIZER_STEPS[0] \
+            return self.packed.dtype == dtype and self.optimizer_steps == _OptimizerSteps.count \
                 and len(params) == len(self.params) and all(map(operator.is_, params, self.params)) \
                 and _stamps(params) == self.stamps
         except RuntimeError:  # (an inference tensor has no version counter: such modules take forward)
