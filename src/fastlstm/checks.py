@@ -1,6 +1,6 @@
-"""The modules' checks of their inputs (and of their parameters): torch's exception types, and torch's words where torch has
-a check of its own (its tests match them); elsewhere a message that names the argument and what
-it should be."""
+"""The modules' checks of their inputs (and of their parameters): torch's exception types, and
+torch's words where torch has a check of its own (its tests match them); elsewhere a message that
+names the argument and what it should be."""
 
 from __future__ import annotations
 

@@ -25,8 +25,9 @@ def convert_lstms(model: nn.Module, *, to: str = "fastlstm", **options) -> nn.Mo
     the fastlstm module with the same weights (the same Parameter objects), device, dtype,
     ``requires_grad`` and training mode, ``options`` (keywords of ``fastlstm.LSTM``) applied to each;
     with ``to="torch"``, the fastlstm modules by torch's (a ValueError naming the option and the
-    module's path where one is not torch's behaviour). A module shared by several parents stays shared. Returns ``model`` (or, if
-    ``model`` is itself an LSTM, its conversion), like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
+    module's path where one is not torch's behaviour). A module shared by several parents stays
+    shared. Returns ``model`` (or, if ``model`` is itself an LSTM, its conversion), like
+    ``torch.nn.SyncBatchNorm.convert_sync_batchnorm``.
     """
     if to not in ("fastlstm", "torch"):
         raise ValueError(f"to should be 'fastlstm' or 'torch', got {to!r}")
