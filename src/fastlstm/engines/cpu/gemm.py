@@ -18,7 +18,11 @@ for float16); elsewhere oneDNN converts and is slower than float32 (development 
 bfloat16 layer B8 T64 H128: 12.6 ms forward with torch's bfloat16 projection, see
 ``benchmarks/results/``). So without those instructions the projection runs on float32 copies of
 ``x`` and ``W_ih`` (the gates stay float32, as the engine would widen them anyway); with them it
-stays torch's. The second branch is a rule written from that reasoning, not measured here.
+stays torch's, its gates rounded to the half precision (within the 2x rule: tests/test_half_precision.py
+runs both ways on any machine). Measured on a Zen 4 (AVX512-BF16, no AMX; 2 threads,
+``benchmarks/projection_half.py``, ``benchmarks/results/projection-half-2core-epyc-zen4.txt``):
+bfloat16's native product took 0.51-0.64x the float32 copies' time at the CPU grid's shapes, and
+float16's (no AMX-FP16) 3.8-7.6x, which is the rule.
 """
 
 from __future__ import annotations
