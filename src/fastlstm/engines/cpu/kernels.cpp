@@ -174,6 +174,9 @@ struct Columns {
   }
 };
 
+// The GEMMs' vector width in bytes (kernels.h, "GEMM"): 32 for the generic and AVX2 builds (the
+// compiler splits a 32-byte vector into two where it has only 16-byte registers), 64 for AVX-512.
+#define FASTLSTM_VECTOR_BYTES 32
 namespace generic {
 #include "kernels.h"
 }  // namespace generic
@@ -185,15 +188,18 @@ namespace generic {
 namespace avx2 {
 #include "kernels.h"
 }  // namespace avx2
+#undef FASTLSTM_VECTOR_BYTES
 #pragma GCC pop_options
 // AVX-512 (f, bw, vl): the same code, which the compiler vectorises with 512-bit registers and masks.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx2,fma")
+#define FASTLSTM_VECTOR_BYTES 64
 namespace avx512 {
 #include "kernels.h"
 }  // namespace avx512
 #pragma GCC pop_options
 #endif
+#undef FASTLSTM_VECTOR_BYTES
 
 // ---------------------------------------------------------------------------------------------
 // Python bindings: every function takes the plan's address (and a step where it applies).

@@ -1,6 +1,6 @@
 // fastlstm CPU engine: the math of one LSTM direction, forward and backward, as phases.
 //
-// Included twice by kernels.cpp, once per instruction set (generic, and AVX2+FMA on x86-64),
+// Included by kernels.cpp once per instruction set (generic; AVX2+FMA and AVX-512 on x86-64),
 // inside a namespace; so this file includes nothing and defines nothing outside templates and
 // inline functions. `Plan` (the description of a direction) is defined in kernels.cpp.
 //
@@ -541,99 +541,105 @@ void bwd_end(const Plan& p, int64_t t) {  // dh_{t-1} += (dhw W_hh) * recurrent 
 // -- GEMM: C[M, N] = A[M, K] @ B, with B packed once per call into panels ---------------------
 //
 // The recurrent weights are reused by every step, so they are packed once per call into column
-// panels of NR = two vectors (packed[panel][k][NR], zero-padded past N; built in layer.py) that each
-// step streams; a 4-row x NR register block keeps 8 accumulators busy (about 80% of an AVX2
-// core's FMA peak at B = 8, H = 256 on the development machine).
+// panels of 64 bytes (packed[panel][k][NR], NR = 16 floats or 8 doubles, zero-padded past N; built
+// in layer.py) that each step streams. A panel row is two vectors under AVX2 and one under AVX-512
+// (kernels.cpp sets FASTLSTM_VECTOR_BYTES per instruction set), so the layout does not depend on the
+// instruction set. A register block of 8 / VP rows x one panel (VP vectors per panel row) keeps 8
+// accumulators busy: about 80% of an AVX2 core's FMA peak at B = 8, H = 256 on the development
+// machine; under AVX-512 the same 8 accumulators take 8 rows, with half the instructions per FMA.
 
-template <typename T> struct Lanes;
-template <> struct Lanes<float> {
-  typedef float V __attribute__((vector_size(32)));
-  static constexpr int n = 8;
-};
-template <> struct Lanes<double> {
-  typedef double V __attribute__((vector_size(32)));
-  static constexpr int n = 4;
+#ifndef FASTLSTM_VECTOR_BYTES
+#error "kernels.cpp defines FASTLSTM_VECTOR_BYTES (32 or 64) before each inclusion"
+#endif
+
+template <typename T> struct Lanes {
+  typedef T V __attribute__((vector_size(FASTLSTM_VECTOR_BYTES)));
+  static constexpr int n = FASTLSTM_VECTOR_BYTES / sizeof(T);
 };
 
-// The first ncols (at most 2 L) of an accumulator pair into c.
+constexpr int64_t kPanelBytes = 64;
+template <typename T> constexpr int64_t panel_width() { return kPanelBytes / sizeof(T); }           // NR
+template <typename T> constexpr int panel_vectors() { return kPanelBytes / FASTLSTM_VECTOR_BYTES; }  // VP
+// Independent accumulators per register block: 8 (two FMA pipes, each 4 cycles deep, stay fed).
+constexpr int kAccumulators = 8;
+
+// The first ncols (at most NR) of one panel row's accumulators into c.
 template <typename T>
-inline void store_pair(const typename Lanes<T>::V& lo, const typename Lanes<T>::V& hi, T* c, int64_t ncols) {
-  constexpr int L = Lanes<T>::n;
-  T out[2 * L];
-  std::memcpy(out, &lo, sizeof lo);
-  std::memcpy(out + L, &hi, sizeof hi);
+inline void store_panel_row(const typename Lanes<T>::V* acc, T* c, int64_t ncols) {
+  T out[panel_width<T>()];
+  std::memcpy(out, acc, sizeof out);
   std::memcpy(c, out, sizeof(T) * ncols);
 }
 
+// MR rows x one panel: acc[m][v] += a[m][k] * panel[k][v].
 template <typename T, int MR>
 inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panel, T* c, int64_t ldc, int64_t ncols) {
   using V = typename Lanes<T>::V;
-  constexpr int L = Lanes<T>::n;
-  V acc0[MR], acc1[MR];
-  for (int m = 0; m < MR; ++m) {
-    acc0[m] = V{};
-    acc1[m] = V{};
-  }
+  constexpr int L = Lanes<T>::n, VP = panel_vectors<T>(), NR = panel_width<T>();
+  V acc[MR][VP];
+  for (int m = 0; m < MR; ++m)
+    for (int v = 0; v < VP; ++v) acc[m][v] = V{};
   for (int64_t k = 0; k < K; ++k) {
-    V b0, b1;
-    std::memcpy(&b0, panel + k * 2 * L, sizeof(V));
-    std::memcpy(&b1, panel + k * 2 * L + L, sizeof(V));
+    V b[VP];
+    for (int v = 0; v < VP; ++v) std::memcpy(&b[v], panel + k * NR + v * L, sizeof(V));
     for (int m = 0; m < MR; ++m) {
       const T av = a[m * lda + k];  // scalar operand: broadcast by the vector extension
-      acc0[m] += b0 * av;
-      acc1[m] += b1 * av;
+      for (int v = 0; v < VP; ++v) acc[m][v] += b[v] * av;
     }
   }
-  for (int m = 0; m < MR; ++m) store_pair<T>(acc0[m], acc1[m], c + m * ldc, ncols);
+  for (int m = 0; m < MR; ++m) store_panel_row<T>(acc[m], c + m * ldc, ncols);
 }
 
-// One row against P panels at once: with a single panel's accumulator pair every k would wait for
-// the previous FMA's result (a B = 1 step ran at a quarter of the FMA units' rate); P = 4 panels give
-// eight independent chains. Each output is still summed over k in order, as gemm_block sums it, so a
-// row's result does not depend on where it sits in the batch.
+// One row against P panels at once: with a single panel's accumulators every k would wait for
+// the previous FMA's result (a B = 1 step ran at a quarter of the FMA units' rate); P panels give
+// P * VP independent chains. Each output is still summed over k in order, as gemm_block sums it, so
+// a row's result does not depend on where it sits in the batch.
 template <typename T, int P>
 inline void gemm_row(int64_t K, const T* a, const T* panels, int64_t panel_stride, T* c, int64_t ncols) {
   using V = typename Lanes<T>::V;
-  constexpr int L = Lanes<T>::n;
-  V acc0[P], acc1[P];
-  for (int q = 0; q < P; ++q) {
-    acc0[q] = V{};
-    acc1[q] = V{};
-  }
+  constexpr int L = Lanes<T>::n, VP = panel_vectors<T>(), NR = panel_width<T>();
+  V acc[P][VP];
+  for (int q = 0; q < P; ++q)
+    for (int v = 0; v < VP; ++v) acc[q][v] = V{};
   for (int64_t k = 0; k < K; ++k) {
     const T av = a[k];
     for (int q = 0; q < P; ++q) {
-      V b0, b1;
-      std::memcpy(&b0, panels + q * panel_stride + k * 2 * L, sizeof(V));
-      std::memcpy(&b1, panels + q * panel_stride + k * 2 * L + L, sizeof(V));
-      acc0[q] += b0 * av;
-      acc1[q] += b1 * av;
+      for (int v = 0; v < VP; ++v) {
+        V b;
+        std::memcpy(&b, panels + q * panel_stride + k * NR + v * L, sizeof(V));
+        acc[q][v] += b * av;
+      }
     }
   }
   for (int q = 0; q < P; ++q) {
-    const int64_t left = ncols - q * 2 * L;
-    store_pair<T>(acc0[q], acc1[q], c + q * 2 * L, left < 2 * L ? left : 2 * L);
+    const int64_t left = ncols - q * NR;
+    store_panel_row<T>(acc[q], c + q * NR, left < NR ? left : NR);
   }
 }
 
 // C[M, N] = A[M, K] @ B. Rows are taken in chunks that stay in cache while the panels stream past.
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* packed, T* c, int64_t ldc) {
-  constexpr int64_t NR = 2 * Lanes<T>::n;
+  constexpr int64_t NR = panel_width<T>();
+  constexpr int MR = kAccumulators / panel_vectors<T>(), P = kAccumulators / panel_vectors<T>();
   const int64_t panels = (N + NR - 1) / NR;
   const int64_t chunk = 64;
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
+    const int64_t blocked = m0 + (m1 - m0) / MR * MR;
+    const int64_t half_blocked = blocked + (MR > 4 && m1 - blocked >= MR / 2 ? MR / 2 : 0);
     for (int64_t q = 0; q < panels; ++q) {  // a panel stays in L1 while every row block uses it
       const T* panel = packed + q * K * NR;
       const int64_t ncols = N - q * NR < NR ? N - q * NR : NR;
-      int64_t m = m0;
-      for (; m + 4 <= m1; m += 4) gemm_block<T, 4>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
+      for (int64_t m = m0; m < blocked; m += MR)
+        gemm_block<T, MR>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
+      if (half_blocked > blocked)
+        gemm_block<T, MR / 2>(K, a + blocked * lda, lda, panel, c + blocked * ldc + q * NR, ldc, ncols);
     }
-    for (int64_t m = m0 + (m1 - m0) / 4 * 4; m < m1; ++m) {  // the rows past the last block of four
+    for (int64_t m = half_blocked; m < m1; ++m) {  // the rows past the last block
       int64_t q = 0;
-      for (; q + 4 <= panels; q += 4)
-        gemm_row<T, 4>(K, a + m * lda, packed + q * K * NR, K * NR, c + m * ldc + q * NR, N - q * NR);
+      for (; q + P <= panels; q += P)
+        gemm_row<T, P>(K, a + m * lda, packed + q * K * NR, K * NR, c + m * ldc + q * NR, N - q * NR);
       for (; q < panels; ++q)
         gemm_row<T, 1>(K, a + m * lda, packed + q * K * NR, K * NR, c + m * ldc + q * NR, N - q * NR);
     }
@@ -729,7 +735,7 @@ inline void step_product(const Columns& cols, int64_t M, int64_t N, int64_t K, c
   cols.range(N, &n0, &n1);
   if (n1 <= n0) return;
   if (packed) {
-    constexpr int64_t NR = 2 * Lanes<T>::n;
+    constexpr int64_t NR = panel_width<T>();
     gemm_packed<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(packed) + n0 / NR * K * NR, c + n0, ldc);
   } else if (TRANSPOSED) {
     gemm_nt_natural<T>(M, n1 - n0, K, a, lda, static_cast<const T*>(w) + n0 * K, c + n0, ldc);

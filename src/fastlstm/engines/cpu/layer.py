@@ -111,8 +111,8 @@ def _constant_fields(call: LayerCall, dtype: torch.dtype, steps: int, batch: int
 
 
 def _panels(b: Tensor) -> Tensor:
-    """``b [K, N]`` -> ``[ceil(N / NR), K, NR]``: the column panels the loop's GEMM streams (NR = two
-    32-byte vectors: 16 floats or 8 doubles), zero-padded past N."""
+    """``b [K, N]`` -> ``[ceil(N / NR), K, NR]``: the column panels the loop's GEMM streams (NR = 64
+    bytes: 16 floats or 8 doubles, whatever the instruction set), zero-padded past N."""
     nr = 16 if b.dtype == torch.float32 else 8
     k, n = b.shape
     if n % nr:
