@@ -179,8 +179,12 @@ HALF_STORAGE_CASES = {
 }
 
 
-@pytest.mark.parametrize("instruction_set", INSTRUCTION_SETS)
-@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
+# (bfloat16 under avx512_bf16 multiplies bfloat16 operands: test_bfloat16_products below)
+FLOAT32_LOOPS = [(d, isa) for d in HALF for isa in INSTRUCTION_SETS if (d, isa) != (torch.bfloat16, "avx512_bf16")]
+
+
+@pytest.mark.parametrize("dtype,instruction_set", FLOAT32_LOOPS,
+                         ids=[f"{str(d)[6:]}-{isa}" for d, isa in FLOAT32_LOOPS])
 @pytest.mark.parametrize("case", HALF_STORAGE_CASES.values(), ids=HALF_STORAGE_CASES.keys())
 def test_half_outputs_are_the_float32_outputs_rounded(case, dtype, instruction_set, monkeypatch):
     """A half-precision call computes in float32 and writes its output rows in ``dtype`` itself: they
@@ -209,6 +213,55 @@ def test_half_outputs_are_the_float32_outputs_rounded(case, dtype, instruction_s
         assert ((y != 0) & (y.abs() < 6.1e-5)).any()  # (the case reaches the subnormals)
     if scale > 1 and dtype == torch.float16:
         assert y.isinf().any()
+
+
+BF16_PRODUCT_CASES = {  # (the engine sees 2 threads; threads.py's rules pick the threading)
+    # one thread: 13 rows, a block of 8 and 5 single rows; 4H = 160 columns: 8 panels at once, then 2
+    "rows-and-blocks": (13, 40, dict(num_layers=2)),
+    # 2 threads of 8 rows each; an odd projection (K = 5, padded to a pair) in both directions
+    "odd-reduction": (16, 24, dict(bidirectional=True, proj_size=5)),
+    # 8 rows on 2 threads: a column team (each member its panels), with recurrent dropout in training
+    "column-team": (8, 64, dict(recurrent_dropout=0.3)),
+}
+
+
+@pytest.mark.parametrize("case", BF16_PRODUCT_CASES.values(), ids=BF16_PRODUCT_CASES.keys())
+def test_bfloat16_products(case, monkeypatch):
+    """Where the CPU multiplies bfloat16 pairs (AVX512-BF16), a bfloat16 layer's recurrent product
+    takes h and W_hh in bfloat16 (as torch's bfloat16 LSTM does) and accumulates in float32: outputs,
+    states and every gradient within the 2x rule of torch.nn.LSTM in bfloat16, against float64, and
+    the forced lower set (float32 products) agrees by the same rule. A CPU without the instruction
+    must not offer the set."""
+    if "avx512_bf16" not in INSTRUCTION_SETS:
+        assert not kernels.module().bfloat16_products()
+        with pytest.raises(ValueError, match="avx512_bf16"):
+            kernels.module().set_instruction_set("avx512_bf16")
+        return
+    batch, hidden, arch = case
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    torch.manual_seed(0)
+    options = {k: v for k, v in arch.items() if k != "recurrent_dropout"}
+    theirs = torch.nn.LSTM(I, hidden, **options, dtype=torch.float64)
+    ours = fastlstm.LSTM(I, hidden, **arch, backend="cpu", dtype=torch.float64)
+    ours.load_state_dict(theirs.state_dict())
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, batch, I, generator=g, dtype=torch.float64)
+    if "recurrent_dropout" in arch:  # (torch has no such option: the reference engine, same masks)
+        reference = fastlstm.LSTM(I, hidden, **arch, backend="reference", dtype=torch.float64)
+        reference.load_state_dict(ours.state_dict())
+        theirs = reference
+    runs = {}
+    for name, module, dtype, isa in (("truth", theirs, torch.float64, None), ("base", theirs, torch.bfloat16, None),
+                                     ("products", ours, torch.bfloat16, "avx512_bf16"),
+                                     ("float32", ours, torch.bfloat16, "avx512")):
+        torch.manual_seed(5)  # (the same recurrent dropout masks in every run)
+        with kernels.instruction_set(isa or kernels.module().instruction_set()):
+            runs[name], cot = _run(module, x, dtype, runs.get("cot"))
+        runs["cot"] = cot
+        module.double()
+    assert not torch.equal(runs["products"]["output"], runs["float32"]["output"])  # (two different products)
+    for name in ("products", "float32"):
+        _check(runs[name], runs["base"], runs["truth"], torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])

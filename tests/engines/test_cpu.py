@@ -7,6 +7,7 @@ the reference's own); gradcheck covers the hand-written backward on its own.
 
 import gc
 import os
+import platform
 
 import pytest
 import torch
@@ -37,8 +38,30 @@ def test_kernels_were_built():
     """The kernels build at install (optional, so fastlstm installs without a compiler); in this
     project's CI they must have built, so their absence fails here rather than skipping tests."""
     assert kernels.available(), "fastlstm.engines.cpu._kernels is missing: pip install printed why it did not build"
-    assert kernels.module().instruction_set() in ("avx512", "avx2", "generic")
+    assert kernels.module().instruction_set() in ("avx512_bf16", "avx512", "avx2", "generic")
     assert kernels.module().instruction_set() == kernels.module().instruction_sets()[-1]  # the best, by default
+    assert kernels.module().bfloat16_products() == (kernels.module().instruction_set() == "avx512_bf16")
+
+
+def _cpu_flags() -> set[str]:
+    with open("/proc/cpuinfo") as info:
+        return {flag for line in info if line.startswith("flags") for flag in line.split(":", 1)[1].split()}
+
+
+def test_instruction_sets_follow_the_cpus_flags():
+    """The best set the kernels pick is the one the CPU's flags allow (on Linux; other machines than
+    x86-64 have the generic build only)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        assert kernels.module().instruction_sets() == ("generic",)
+        return
+    flags = _cpu_flags()
+    assert flags, "no flags in /proc/cpuinfo"
+    expected = "generic"
+    if {"avx2", "fma"} <= flags:
+        expected = "avx2"
+    if {"avx512f", "avx512bw", "avx512vl", "fma"} <= flags:
+        expected = "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+    assert kernels.module().instruction_sets()[-1] == expected
     assert kernels.module().threading() in ("openmp", "threads")
 
 

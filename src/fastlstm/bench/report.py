@@ -62,6 +62,7 @@ def cpu_engine_facts() -> dict[str, object] | None:
     except OSError:
         flags = []
     return {"instruction_set": kernels.module().instruction_set(), "avx512_flags": flags,
+            "bfloat16_recurrent_products": kernels.module().bfloat16_products(),
             "half_projection": {str(d).removeprefix("torch."): "float32" if gemm.widens(d) else "native"
                                 for d in gemm.NATIVE_HALF}}
 

@@ -28,9 +28,13 @@
 #include <memory>
 #include <system_error>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
 #endif
 
 namespace {
@@ -116,7 +120,10 @@ namespace {
   FIELD(int64_t, row_end)                                                                              \
   FIELD(const void*, w_hr_packed)   /* W_hr^T [H, P] in column panels */                               \
   FIELD(const void*, w_hr_packed_t) /* W_hr [P, H] in column panels */                                 \
-  FIELD(int64_t, column_threads)  /* > 1: this plan's GEMMs are split by columns across threads */
+  FIELD(int64_t, column_threads)  /* > 1: this plan's GEMMs are split by columns across threads */ \
+  FIELD(const void*, w_hh_bf16)   /* W_hh^T in bfloat16 pair panels (forward GEMM on AVX512-BF16), or null */ \
+  FIELD(void*, h_bf16)            /* [B, ld_h_bf16] scratch: h_in in bfloat16, zero-padded to even */  \
+  FIELD(int64_t, ld_h_bf16)
 
 struct Plan {
 #define FASTLSTM_DECLARE(type, name) type name;
@@ -174,6 +181,97 @@ struct Columns {
   }
 };
 
+// -- bfloat16 products on AVX512-BF16 -----------------------------------------------------------
+//
+// A bfloat16 call's recurrent product hw = h_in W_hh^T, with h_in rounded to bfloat16 (as torch's
+// bfloat16 LSTM holds h) and W_hh's bfloat16 values, accumulated in float32 by VDPBF16PS: each
+// instruction adds 16 dot products of bfloat16 pairs, twice the float32 FMA's products. Operands:
+// A rows of K2 pairs (a[m][2k], a[m][2k+1]; K zero-padded to even), B in column panels of 16,
+// [panel][K2][16][2] (layer.py packs them). Used only where the CPU has the instruction (the
+// kernels' instruction set avx512_bf16); elsewhere the same product is summed in scalar code so
+// that no build lacks the function (never called there: layer.py packs no bfloat16 panels).
+constexpr int64_t kBf16PanelColumns = 16;
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
+
+inline __m512 bf16_pair(const uint16_t* a) {  // a[0], a[1] broadcast to every pair of a vector
+  int32_t pair;
+  std::memcpy(&pair, a, sizeof pair);
+  return _mm512_castsi512_ps(_mm512_set1_epi32(pair));
+}
+
+inline void store_columns(float* c, __m512 acc, int64_t ncols) {
+  const __mmask16 mask = ncols >= 16 ? __mmask16(0xffff) : __mmask16((1u << ncols) - 1);
+  _mm512_mask_storeu_ps(c, mask, acc);
+}
+
+// MR rows x one panel (8 rows: 8 independent accumulator chains).
+template <int MR>
+inline void bf16_block(int64_t K2, const uint16_t* a, int64_t lda, const uint16_t* panel, float* c, int64_t ldc,
+                       int64_t ncols) {
+  __m512 acc[MR];
+  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    const __m512bh b = (__m512bh)_mm512_loadu_ps(panel + k * 32);
+    for (int m = 0; m < MR; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)bf16_pair(a + m * lda + 2 * k), b);
+  }
+  for (int m = 0; m < MR; ++m) store_columns(c + m * ldc, acc[m], ncols);
+}
+
+// One row x P panels (as gemm_row: P chains, each output summed over k in order).
+template <int P>
+inline void bf16_row(int64_t K2, const uint16_t* a, const uint16_t* panels, int64_t panel_stride, float* c,
+                     int64_t ncols) {
+  __m512 acc[P];
+  for (int q = 0; q < P; ++q) acc[q] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K2; ++k) {
+    const __m512bh av = (__m512bh)bf16_pair(a + 2 * k);
+    for (int q = 0; q < P; ++q)
+      acc[q] = _mm512_dpbf16_ps(acc[q], av, (__m512bh)_mm512_loadu_ps(panels + q * panel_stride + k * 32));
+  }
+  for (int q = 0; q < P; ++q) store_columns(c + q * 16, acc[q], ncols - q * 16);
+}
+
+void gemm_bf16_pairs(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_t lda, const uint16_t* packed,
+                     float* c, int64_t ldc) {
+  const int64_t panels = (N + 15) / 16, stride = K2 * 32, chunk = 64;
+  for (int64_t m0 = 0; m0 < M; m0 += chunk) {
+    const int64_t m1 = m0 + chunk < M ? m0 + chunk : M, blocked = m0 + (m1 - m0) / 8 * 8;
+    for (int64_t q = 0; q < panels; ++q) {
+      const int64_t ncols = N - q * 16 < 16 ? N - q * 16 : 16;
+      for (int64_t m = m0; m < blocked; m += 8)
+        bf16_block<8>(K2, a + m * lda, lda, packed + q * stride, c + m * ldc + q * 16, ldc, ncols);
+    }
+    for (int64_t m = blocked; m < m1; ++m) {
+      int64_t q = 0;
+      for (; q + 8 <= panels; q += 8) bf16_row<8>(K2, a + m * lda, packed + q * stride, stride, c + m * ldc + q * 16, N - q * 16);
+      for (; q < panels; ++q) bf16_row<1>(K2, a + m * lda, packed + q * stride, stride, c + m * ldc + q * 16, N - q * 16);
+    }
+  }
+}
+#pragma GCC pop_options
+#else
+void gemm_bf16_pairs(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_t lda, const uint16_t* packed,
+                     float* c, int64_t ldc) {
+  auto wide = [](uint16_t v) {
+    const uint32_t u = uint32_t(v) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  };
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t n = 0; n < N; ++n) {
+      const uint16_t* b = packed + (n / 16) * K2 * 32 + (n % 16) * 2;
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K2; ++k) sum += wide(a[m * lda + 2 * k]) * wide(b[k * 32]) + wide(a[m * lda + 2 * k + 1]) * wide(b[k * 32 + 1]);
+      c[m * ldc + n] = sum;
+    }
+  }
+}
+#endif
+
 // The GEMMs' vector width in bytes (kernels.h, "GEMM"): 32 for the generic and AVX2 builds (the
 // compiler splits a 32-byte vector into two where it has only 16-byte registers), 64 for AVX-512.
 #define FASTLSTM_VECTOR_BYTES 32
@@ -205,15 +303,16 @@ namespace avx512 {
 // Python bindings: every function takes the plan's address (and a step where it applies).
 
 // Instruction sets, lowest first; kernels.h is compiled once per set (one set on other machines).
-enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2 };
-const char* const kIsaNames[] = {"generic", "avx2", "avx512"};
+// avx512_bf16 runs the avx512 build and adds the bfloat16 products above (gemm_bf16_pairs).
+enum Isa : int { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+const char* const kIsaNames[] = {"generic", "avx2", "avx512", "avx512_bf16"};
 
 int supported_isa() {
 #ifdef FASTLSTM_X86
   static const int level =
       (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-          ? kAvx512
+          ? (__builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512)
           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? kAvx2 : kGeneric;
   return level;
 #else
@@ -228,12 +327,15 @@ int isa() {
   return chosen < 0 ? supported_isa() : chosen;
 }
 
+// The compiled build that set runs (avx512_bf16 runs avx512's).
+int build() { return isa() < kAvx512 ? isa() : kAvx512; }
+
 using LoopFn = void (*)(const Plan&, const Columns&);
 
 // A driver's instantiations: [instruction set][dtype code: float, double].
 struct Loop {
   LoopFn fns[3][2];
-  LoopFn pick(const Plan& p) const { return fns[isa()][p.dtype == 0 ? 0 : 1]; }
+  LoopFn pick(const Plan& p) const { return fns[build()][p.dtype == 0 ? 0 : 1]; }
 };
 
 #ifdef FASTLSTM_X86
@@ -241,7 +343,7 @@ struct Loop {
   {{{generic::name<float>, generic::name<double>}, {avx2::name<float>, avx2::name<double>},     \
     {avx512::name<float>, avx512::name<double>}}}
 #define FASTLSTM_PICK(name, T) \
-  (isa() == kAvx512 ? avx512::name<T> : isa() == kAvx2 ? avx2::name<T> : generic::name<T>)
+  (build() == kAvx512 ? avx512::name<T> : build() == kAvx2 ? avx2::name<T> : generic::name<T>)
 #else
 #define FASTLSTM_VARIANTS(name)                                                                   \
   {{{generic::name<float>, generic::name<double>}, {generic::name<float>, generic::name<double>}, \
@@ -430,6 +532,8 @@ PyObject* convert(PyObject*, PyObject* args) {
 
 PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(kIsaNames[isa()]); }
 
+PyObject* bfloat16_products(PyObject*, PyObject*) { return PyBool_FromLong(isa() >= kAvx512Bf16); }
+
 // The instruction sets this machine runs, lowest first.
 PyObject* instruction_sets(PyObject*, PyObject*) {
   PyObject* names = PyTuple_New(supported_isa() + 1);
@@ -487,6 +591,8 @@ PyMethodDef methods[] = {
     {"plan_size", plan_size, METH_NOARGS, "sizeof(Plan) in bytes."},
     {"plan_fields", plan_fields, METH_NOARGS, "(name, kind, offset) of every Plan field, in order."},
     {"instruction_set", instruction_set, METH_NOARGS, "The instruction set the kernels run with."},
+    {"bfloat16_products", bfloat16_products, METH_NOARGS,
+     "Whether the instruction set in use multiplies bfloat16 pairs (a bfloat16 layer's panels in w_hh_bf16)."},
     {"instruction_sets", instruction_sets, METH_NOARGS, "The instruction sets this machine runs, lowest first."},
     {"set_instruction_set", set_instruction_set, METH_VARARGS, "Run with a supported set; returns the previous."},
     {"threading", threading, METH_NOARGS, "How the kernels run threads: openmp or threads."},

@@ -268,7 +268,7 @@ inline bool half_gates(const Plan& p) { return p.half && p.save; }
 
 template <typename T>
 void fwd_prepare(const Plan& p, int64_t t) {  // h_in = h (* recurrent dropout mask)
-  const int64_t rb = p.row_begin, count = (rows_end(p, t) - rb) * p.h_out;
+  const int64_t rb = p.row_begin, rows = rows_end(p, t) - rb, count = rows * p.h_out;
   if (count <= 0) return;
   const T* h = static_cast<const T*>(p.h_state) + rb * p.h_out;
   T* h_in = static_cast<T*>(p.h_in) + (saved_row(p, p.offsets[t], 0) + rb) * p.h_out;
@@ -277,6 +277,14 @@ void fwd_prepare(const Plan& p, int64_t t) {  // h_in = h (* recurrent dropout m
     for (int64_t k = 0; k < count; ++k) h_in[k] = h[k] * rm[k];
   } else {
     std::memcpy(h_in, h, sizeof(T) * count);
+  }
+  if (p.h_bf16) {  // the bfloat16 product's operand; h_in keeps the rounded values (dW_hh reads them)
+    for (int64_t r = 0; r < rows; ++r) {
+      uint16_t* narrow = static_cast<uint16_t*>(p.h_bf16) + (rb + r) * p.ld_h_bf16;
+      T* wide = h_in + r * p.h_out;
+      narrow_row<T>(1, wide, narrow, p.h_out);
+      widen_row<T>(1, narrow, wide, p.h_out);
+    }
   }
 }
 
@@ -744,6 +752,21 @@ inline void step_product(const Columns& cols, int64_t M, int64_t N, int64_t K, c
   }
 }
 
+// The forward's recurrent product from bfloat16 operands (kernels.cpp, gemm_bf16_pairs): h_bf16's
+// rows of this plan against W_hh^T's bfloat16 panels, this member's columns. Float plans only.
+template <typename T>
+inline void step_product_bf16(const Columns& cols, int64_t M, int64_t N, int64_t K, const Plan& p, T* c) {
+  if constexpr (std::is_same<T, float>::value) {
+    int64_t n0, n1;
+    cols.range(N, &n0, &n1);
+    if (n1 <= n0) return;
+    const int64_t pairs = (K + 1) / 2;
+    gemm_bf16_pairs(M, n1 - n0, pairs, static_cast<const uint16_t*>(p.h_bf16) + p.row_begin * p.ld_h_bf16,
+                    p.ld_h_bf16, static_cast<const uint16_t*>(p.w_hh_bf16) + n0 / kBf16PanelColumns * pairs * 32,
+                    c + n0, p.ld_hw);
+  }
+}
+
 // -- drivers: the whole loop of one plan (for one member of its column team) --------------------
 
 template <typename T>
@@ -755,8 +778,12 @@ void forward_loop(const Plan& p, const Columns& cols) {
     if (count <= 0) continue;
     if (cols.lead()) fwd_prepare<T>(p, t);
     cols.sync();
-    step_product<T, true>(cols, count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho, p.w_hh_packed, p.w_hh,
-               static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
+    if (p.w_hh_bf16) {
+      step_product_bf16<T>(cols, count, 4 * H, ho, p, static_cast<T*>(p.hw) + rb * p.ld_hw);
+    } else {
+      step_product<T, true>(cols, count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho, p.w_hh_packed,
+                            p.w_hh, static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
+    }
     cols.sync();
     if (cols.lead()) fwd_cell<T>(p, t);
     if (p.proj) {

@@ -34,8 +34,8 @@ def _spec_found() -> bool:
 
 
 ISA_VARIABLE = "FASTLSTM_CPU_ISA"
-"""The environment variable that lowers the kernels' instruction set: ``generic``, ``avx2`` or
-``avx512`` (one this machine runs; read when the kernels are first imported)."""
+"""The environment variable that lowers the kernels' instruction set: ``generic``, ``avx2``,
+``avx512`` or ``avx512_bf16`` (one this machine runs; read when the kernels are first imported)."""
 
 
 @functools.cache

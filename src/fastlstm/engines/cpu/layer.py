@@ -17,6 +17,10 @@ Half precision (``half``: bfloat16 or float16 calls, computed in float32): the o
 gradient ``dy`` are in the half precision (the kernels convert each row), and so are the saved gate
 activations, which lie in the uint8 arena (first, so aligned); the rest stays float32, the cell
 included. That halves what the backward reads of the gates, as torch's half-precision LSTM keeps them.
+Where the kernels multiply bfloat16 pairs (instruction set ``avx512_bf16``), a bfloat16 call's forward
+recurrent product takes ``h_in`` rounded to bfloat16 and ``W_hh`` in bfloat16 panels (twice the
+float32 products per instruction); the saved ``h_in`` holds the rounded values, so ``dW_hh`` is the
+gradient of the product computed.
 """
 
 from __future__ import annotations
@@ -120,6 +124,15 @@ def _panels(b: Tensor) -> Tensor:
     return b.reshape(k, -1, nr).permute(1, 0, 2).contiguous()
 
 
+def _bfloat16_pair_panels(b: Tensor) -> Tensor:
+    """``b [K, N]`` (float32 holding bfloat16 values) -> bfloat16 ``[ceil(N / 16), ceil(K / 2), 16, 2]``:
+    the panels of the AVX512-BF16 product (kernels.cpp, ``gemm_bf16_pairs``), rows k = 2j and 2j + 1
+    of a column side by side, zero-padded past K and N."""
+    k, n = b.shape
+    b = torch.nn.functional.pad(b.to(torch.bfloat16), (0, -n % 16, 0, k % 2))
+    return b.reshape(-1, 2, b.shape[1] // 16, 16).permute(2, 0, 3, 1).contiguous()
+
+
 class Direction:
     """One direction of one layer: its plans, for the forward and then, rebuilt from the same
     inputs and the saved arenas, for the backward (nothing is held between the two)."""
@@ -192,7 +205,13 @@ class Direction:
         packed = [None, None]
         if threads.packs(lay.steps, lay.batch, self.threads):
             packed = [_panels(self.w_hh.t()), None if self.w_hr is None else _panels(self.w_hr.t())]
-        p.w_hh_packed, p.w_hr_packed = (kernels.pointer(t) for t in packed)
+            if self.half == torch.bfloat16 and kernels.module().bfloat16_products():
+                # the product in bfloat16 pairs (W_hh holds bfloat16 values; h_in is rounded to them)
+                w_hh_bf16 = _bfloat16_pair_panels(self.w_hh.t())
+                h_bf16 = torch.zeros(lay.batch, self.h_out + self.h_out % 2, dtype=torch.bfloat16)
+                p.w_hh_bf16, p.h_bf16, p.ld_h_bf16 = w_hh_bf16.data_ptr(), h_bf16.data_ptr(), h_bf16.shape[1]
+                packed = [None, packed[1], w_hh_bf16, h_bf16]
+        p.w_hh_packed, p.w_hr_packed = (kernels.pointer(t) for t in packed[:2])
         team = self.team(p)  # the plans (and what they point at) live until the call returns
         kernels.module().forward_all(tuple(kernels.address(q) for q in team))
 
