@@ -227,8 +227,9 @@ BF16_PRODUCT_CASES = {  # (the engine sees 2 threads; threads.py's rules pick th
 
 @pytest.mark.parametrize("case", BF16_PRODUCT_CASES.values(), ids=BF16_PRODUCT_CASES.keys())
 def test_bfloat16_products(case, monkeypatch):
-    """Where the CPU multiplies bfloat16 pairs (AVX512-BF16), a bfloat16 layer's recurrent product
-    takes h and W_hh in bfloat16 (as torch's bfloat16 LSTM does) and accumulates in float32: outputs,
+    """Where the CPU multiplies bfloat16 pairs (AVX512-BF16), a bfloat16 layer's recurrent products
+    (forward h W_hh^T, backward dgates W_hh) take bfloat16 operands (as torch's bfloat16 LSTM does)
+    and accumulate in float32: outputs,
     states and every gradient within the 2x rule of torch.nn.LSTM in bfloat16, against float64, and
     the forced lower set (float32 products) agrees by the same rule. A CPU without the instruction
     must not offer the set."""

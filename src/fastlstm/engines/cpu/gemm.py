@@ -94,3 +94,14 @@ def linear(x: Tensor, w: Tensor) -> Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
         return _Float32Linear.apply(x, w)
     return _product(x.float(), w.float())
+
+
+def gradient_product(a: Tensor, b: Tensor, half: torch.dtype | None) -> Tensor:
+    """``a^T @ b`` for float32 ``a [K, M]`` and ``b [K, N]`` (a weight's gradient, summed over ``K``
+    rows), in float32; for a ``half``-precision call (``half`` not None) where the CPU multiplies
+    that precision natively (the rule above), from operands rounded to it, as torch's half-precision
+    LSTM computes its weight gradients (the gradient is returned in ``half`` anyway)."""
+    if half is not None and not widens(half):
+        return (a.t().to(half) @ b.to(half)).float()
+    return a.t() @ b
+

@@ -122,8 +122,9 @@ namespace {
   FIELD(const void*, w_hr_packed_t) /* W_hr [P, H] in column panels */                                 \
   FIELD(int64_t, column_threads)  /* > 1: this plan's GEMMs are split by columns across threads */ \
   FIELD(const void*, w_hh_bf16)   /* W_hh^T in bfloat16 pair panels (forward GEMM on AVX512-BF16), or null */ \
-  FIELD(void*, h_bf16)            /* [B, ld_h_bf16] scratch: h_in in bfloat16, zero-padded to even */  \
-  FIELD(int64_t, ld_h_bf16)
+  FIELD(const void*, w_hh_bf16_t) /* W_hh in bfloat16 pair panels (backward GEMM on AVX512-BF16), or null */ \
+  FIELD(void*, operand_bf16)      /* [B, ld_operand_bf16] scratch: a bfloat16 GEMM's A rows (h_in; dhw) */ \
+  FIELD(int64_t, ld_operand_bf16) /* (h_in's rows zero-padded to even) */
 
 struct Plan {
 #define FASTLSTM_DECLARE(type, name) type name;
@@ -203,21 +204,28 @@ inline __m512 bf16_pair(const uint16_t* a) {  // a[0], a[1] broadcast to every p
 }
 
 inline void store_columns(float* c, __m512 acc, int64_t ncols) {
-  const __mmask16 mask = ncols >= 16 ? __mmask16(0xffff) : __mmask16((1u << ncols) - 1);
+  const __mmask16 mask = ncols >= 16 ? __mmask16(0xffff) : ncols <= 0 ? __mmask16(0) : __mmask16((1u << ncols) - 1);
   _mm512_mask_storeu_ps(c, mask, acc);
 }
 
-// MR rows x one panel (8 rows: 8 independent accumulator chains).
-template <int MR>
-inline void bf16_block(int64_t K2, const uint16_t* a, int64_t lda, const uint16_t* panel, float* c, int64_t ldc,
-                       int64_t ncols) {
-  __m512 acc[MR];
-  for (int m = 0; m < MR; ++m) acc[m] = _mm512_setzero_ps();
+// MR rows x NP panels (8 x 2: 16 independent accumulator chains, as many as a dot product's
+// latency times its throughput needs).
+template <int MR, int NP>
+inline void bf16_block(int64_t K2, const uint16_t* a, int64_t lda, const uint16_t* panels, int64_t panel_stride,
+                       float* c, int64_t ldc, int64_t ncols) {
+  __m512 acc[MR][NP];
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_setzero_ps();
   for (int64_t k = 0; k < K2; ++k) {
-    const __m512bh b = (__m512bh)_mm512_loadu_ps(panel + k * 32);
-    for (int m = 0; m < MR; ++m) acc[m] = _mm512_dpbf16_ps(acc[m], (__m512bh)bf16_pair(a + m * lda + 2 * k), b);
+    __m512bh b[NP];
+    for (int q = 0; q < NP; ++q) b[q] = (__m512bh)_mm512_loadu_ps(panels + q * panel_stride + k * 32);
+    for (int m = 0; m < MR; ++m) {
+      const __m512bh av = (__m512bh)bf16_pair(a + m * lda + 2 * k);
+      for (int q = 0; q < NP; ++q) acc[m][q] = _mm512_dpbf16_ps(acc[m][q], av, b[q]);
+    }
   }
-  for (int m = 0; m < MR; ++m) store_columns(c + m * ldc, acc[m], ncols);
+  for (int m = 0; m < MR; ++m)
+    for (int q = 0; q < NP; ++q) store_columns(c + m * ldc + q * 16, acc[m][q], ncols - q * 16);
 }
 
 // One row x P panels (as gemm_row: P chains, each output summed over k in order).
@@ -239,10 +247,14 @@ void gemm_bf16_pairs(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_
   const int64_t panels = (N + 15) / 16, stride = K2 * 32, chunk = 64;
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t m1 = m0 + chunk < M ? m0 + chunk : M, blocked = m0 + (m1 - m0) / 8 * 8;
-    for (int64_t q = 0; q < panels; ++q) {
-      const int64_t ncols = N - q * 16 < 16 ? N - q * 16 : 16;
+    int64_t q = 0;
+    for (; q + 2 <= panels; q += 2) {
       for (int64_t m = m0; m < blocked; m += 8)
-        bf16_block<8>(K2, a + m * lda, lda, packed + q * stride, c + m * ldc + q * 16, ldc, ncols);
+        bf16_block<8, 2>(K2, a + m * lda, lda, packed + q * stride, stride, c + m * ldc + q * 16, ldc, N - q * 16);
+    }
+    for (; q < panels; ++q) {
+      for (int64_t m = m0; m < blocked; m += 8)
+        bf16_block<8, 1>(K2, a + m * lda, lda, packed + q * stride, stride, c + m * ldc + q * 16, ldc, N - q * 16);
     }
     for (int64_t m = blocked; m < m1; ++m) {
       int64_t q = 0;

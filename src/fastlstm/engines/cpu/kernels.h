@@ -278,9 +278,9 @@ void fwd_prepare(const Plan& p, int64_t t) {  // h_in = h (* recurrent dropout m
   } else {
     std::memcpy(h_in, h, sizeof(T) * count);
   }
-  if (p.h_bf16) {  // the bfloat16 product's operand; h_in keeps the rounded values (dW_hh reads them)
+  if (p.operand_bf16) {  // the bfloat16 product's operand; h_in keeps the rounded values (dW_hh reads them)
     for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* narrow = static_cast<uint16_t*>(p.h_bf16) + (rb + r) * p.ld_h_bf16;
+      uint16_t* narrow = static_cast<uint16_t*>(p.operand_bf16) + (rb + r) * p.ld_operand_bf16;
       T* wide = h_in + r * p.h_out;
       narrow_row<T>(1, wide, narrow, p.h_out);
       widen_row<T>(1, narrow, wide, p.h_out);
@@ -579,23 +579,33 @@ inline void store_panel_row(const typename Lanes<T>::V* acc, T* c, int64_t ncols
   std::memcpy(c, out, sizeof(T) * ncols);
 }
 
-// MR rows x one panel: acc[m][v] += a[m][k] * panel[k][v].
-template <typename T, int MR>
-inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panel, T* c, int64_t ldc, int64_t ncols) {
+// MR rows x NP panels: acc[m][q][v] += a[m][k] * panel_q[k][v]. ncols: the columns left from the
+// first panel's first (the last panel may be partial; every panel of the block has one or more).
+template <typename T, int MR, int NP>
+inline void gemm_block(int64_t K, const T* a, int64_t lda, const T* panels, int64_t panel_stride, T* c, int64_t ldc,
+                       int64_t ncols) {
   using V = typename Lanes<T>::V;
   constexpr int L = Lanes<T>::n, VP = panel_vectors<T>(), NR = panel_width<T>();
-  V acc[MR][VP];
+  V acc[MR][NP][VP];
   for (int m = 0; m < MR; ++m)
-    for (int v = 0; v < VP; ++v) acc[m][v] = V{};
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < VP; ++v) acc[m][q][v] = V{};
   for (int64_t k = 0; k < K; ++k) {
-    V b[VP];
-    for (int v = 0; v < VP; ++v) std::memcpy(&b[v], panel + k * NR + v * L, sizeof(V));
+    V b[NP][VP];
+    for (int q = 0; q < NP; ++q)
+      for (int v = 0; v < VP; ++v) std::memcpy(&b[q][v], panels + q * panel_stride + k * NR + v * L, sizeof(V));
     for (int m = 0; m < MR; ++m) {
       const T av = a[m * lda + k];  // scalar operand: broadcast by the vector extension
-      for (int v = 0; v < VP; ++v) acc[m][v] += b[v] * av;
+      for (int q = 0; q < NP; ++q)
+        for (int v = 0; v < VP; ++v) acc[m][q][v] += b[q][v] * av;
     }
   }
-  for (int m = 0; m < MR; ++m) store_panel_row<T>(acc[m], c + m * ldc, ncols);
+  for (int m = 0; m < MR; ++m) {
+    for (int q = 0; q < NP; ++q) {
+      const int64_t left = ncols - q * NR;
+      store_panel_row<T>(acc[m][q], c + m * ldc + q * NR, left < NR ? left : NR);
+    }
+  }
 }
 
 // One row against P panels at once: with a single panel's accumulators every k would wait for
@@ -629,27 +639,36 @@ inline void gemm_row(int64_t K, const T* a, const T* panels, int64_t panel_strid
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* packed, T* c, int64_t ldc) {
   constexpr int64_t NR = panel_width<T>();
-  constexpr int MR = kAccumulators / panel_vectors<T>(), P = kAccumulators / panel_vectors<T>();
-  const int64_t panels = (N + NR - 1) / NR;
+  // a block holds 8 rows x 2 panels of one vector each (AVX-512: 16 chains, half the broadcasts per
+  // FMA of one panel), or 4 rows x 1 panel of two vectors (AVX2: 8 of its 16 registers)
+  constexpr int VP = panel_vectors<T>(), MR = kAccumulators / VP, NP = VP == 1 ? 2 : 1, P = kAccumulators / VP;
+  const int64_t panels = (N + NR - 1) / NR, stride = K * NR;
   const int64_t chunk = 64;
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
     const int64_t blocked = m0 + (m1 - m0) / MR * MR;
     const int64_t half_blocked = blocked + (MR > 4 && m1 - blocked >= MR / 2 ? MR / 2 : 0);
-    for (int64_t q = 0; q < panels; ++q) {  // a panel stays in L1 while every row block uses it
-      const T* panel = packed + q * K * NR;
-      const int64_t ncols = N - q * NR < NR ? N - q * NR : NR;
-      for (int64_t m = m0; m < blocked; m += MR)
-        gemm_block<T, MR>(K, a + m * lda, lda, panel, c + m * ldc + q * NR, ldc, ncols);
-      if (half_blocked > blocked)
-        gemm_block<T, MR / 2>(K, a + blocked * lda, lda, panel, c + blocked * ldc + q * NR, ldc, ncols);
+    for (int64_t q = 0; q < panels; q += NP) {  // the panels stay in L1 while every row block uses them
+      const T* panel = packed + q * stride;
+      const int64_t ncols = N - q * NR;
+      if (q + NP <= panels) {
+        for (int64_t m = m0; m < blocked; m += MR)
+          gemm_block<T, MR, NP>(K, a + m * lda, lda, panel, stride, c + m * ldc + q * NR, ldc, ncols);
+        if (half_blocked > blocked)
+          gemm_block<T, MR / 2, NP>(K, a + blocked * lda, lda, panel, stride, c + blocked * ldc + q * NR, ldc, ncols);
+      } else {  // one panel left over (NP = 2)
+        for (int64_t m = m0; m < blocked; m += MR)
+          gemm_block<T, MR, 1>(K, a + m * lda, lda, panel, stride, c + m * ldc + q * NR, ldc, ncols);
+        if (half_blocked > blocked)
+          gemm_block<T, MR / 2, 1>(K, a + blocked * lda, lda, panel, stride, c + blocked * ldc + q * NR, ldc, ncols);
+      }
     }
     for (int64_t m = half_blocked; m < m1; ++m) {  // the rows past the last block
       int64_t q = 0;
       for (; q + P <= panels; q += P)
-        gemm_row<T, P>(K, a + m * lda, packed + q * K * NR, K * NR, c + m * ldc + q * NR, N - q * NR);
+        gemm_row<T, P>(K, a + m * lda, packed + q * stride, stride, c + m * ldc + q * NR, N - q * NR);
       for (; q < panels; ++q)
-        gemm_row<T, 1>(K, a + m * lda, packed + q * K * NR, K * NR, c + m * ldc + q * NR, N - q * NR);
+        gemm_row<T, 1>(K, a + m * lda, packed + q * stride, stride, c + m * ldc + q * NR, N - q * NR);
     }
   }
 }
@@ -752,18 +771,20 @@ inline void step_product(const Columns& cols, int64_t M, int64_t N, int64_t K, c
   }
 }
 
-// The forward's recurrent product from bfloat16 operands (kernels.cpp, gemm_bf16_pairs): h_bf16's
-// rows of this plan against W_hh^T's bfloat16 panels, this member's columns. Float plans only.
+// A recurrent product from bfloat16 operands (kernels.cpp, gemm_bf16_pairs): the plan's rows of
+// operand_bf16 (K wide, zero-padded to even) against `panels` (bfloat16 pair panels of the N
+// columns), this member's columns, into c (float32, ldc). Float plans only.
 template <typename T>
-inline void step_product_bf16(const Columns& cols, int64_t M, int64_t N, int64_t K, const Plan& p, T* c) {
+inline void step_product_bf16(const Columns& cols, int64_t M, int64_t N, int64_t K, const Plan& p,
+                              const void* panels, T* c, int64_t ldc) {
   if constexpr (std::is_same<T, float>::value) {
     int64_t n0, n1;
     cols.range(N, &n0, &n1);
     if (n1 <= n0) return;
     const int64_t pairs = (K + 1) / 2;
-    gemm_bf16_pairs(M, n1 - n0, pairs, static_cast<const uint16_t*>(p.h_bf16) + p.row_begin * p.ld_h_bf16,
-                    p.ld_h_bf16, static_cast<const uint16_t*>(p.w_hh_bf16) + n0 / kBf16PanelColumns * pairs * 32,
-                    c + n0, p.ld_hw);
+    gemm_bf16_pairs(M, n1 - n0, pairs, static_cast<const uint16_t*>(p.operand_bf16) + p.row_begin * p.ld_operand_bf16,
+                    p.ld_operand_bf16, static_cast<const uint16_t*>(panels) + n0 / kBf16PanelColumns * pairs * 32,
+                    c + n0, ldc);
   }
 }
 
@@ -779,7 +800,7 @@ void forward_loop(const Plan& p, const Columns& cols) {
     if (cols.lead()) fwd_prepare<T>(p, t);
     cols.sync();
     if (p.w_hh_bf16) {
-      step_product_bf16<T>(cols, count, 4 * H, ho, p, static_cast<T*>(p.hw) + rb * p.ld_hw);
+      step_product_bf16<T>(cols, count, 4 * H, ho, p, p.w_hh_bf16, static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
     } else {
       step_product<T, true>(cols, count, 4 * H, ho, static_cast<const T*>(p.h_in) + base * ho, ho, p.w_hh_packed,
                             p.w_hh, static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
@@ -811,9 +832,19 @@ void backward_loop(const Plan& p, const Columns& cols) {
       cols.sync();
     }
     if (cols.lead()) bwd_cell<T>(p, t);
-    cols.sync();
-    step_product<T, false>(cols, count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw, p.w_hh_packed_t,
-               p.w_hh, static_cast<T*>(p.dh_in) + rb * ho, ho);
+    if (p.w_hh_bf16_t) {  // the product's operand rounded to bfloat16 (dgates themselves stay float32)
+      if (cols.lead()) {
+        for (int64_t r = 0; r < count; ++r)
+          narrow_row<T>(1, static_cast<const T*>(p.dhw) + (row0 + r) * p.ld_dhw,
+                        static_cast<uint16_t*>(p.operand_bf16) + (rb + r) * p.ld_operand_bf16, 4 * H);
+      }
+      cols.sync();
+      step_product_bf16<T>(cols, count, ho, 4 * H, p, p.w_hh_bf16_t, static_cast<T*>(p.dh_in) + rb * ho, ho);
+    } else {
+      cols.sync();
+      step_product<T, false>(cols, count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw,
+                             p.w_hh_packed_t, p.w_hh, static_cast<T*>(p.dh_in) + rb * ho, ho);
+    }
     cols.sync();
     if (cols.lead()) bwd_end<T>(p, t);
   }

@@ -17,10 +17,12 @@ Half precision (``half``: bfloat16 or float16 calls, computed in float32): the o
 gradient ``dy`` are in the half precision (the kernels convert each row), and so are the saved gate
 activations, which lie in the uint8 arena (first, so aligned); the rest stays float32, the cell
 included. That halves what the backward reads of the gates, as torch's half-precision LSTM keeps them.
-Where the kernels multiply bfloat16 pairs (instruction set ``avx512_bf16``), a bfloat16 call's forward
-recurrent product takes ``h_in`` rounded to bfloat16 and ``W_hh`` in bfloat16 panels (twice the
-float32 products per instruction); the saved ``h_in`` holds the rounded values, so ``dW_hh`` is the
-gradient of the product computed.
+Where the kernels multiply bfloat16 pairs (instruction set ``avx512_bf16``), a bfloat16 call's
+recurrent products run on bfloat16 operands (twice the float32 products per instruction), as torch's
+bfloat16 LSTM's do: forward, ``h_in`` rounded to bfloat16 against ``W_hh`` in bfloat16 panels (the
+saved ``h_in`` holds the rounded values, so ``dW_hh`` is the gradient of the product computed);
+backward, ``dh_in = dhw W_hh`` with ``dhw`` rounded for the product (the saved gradients stay float32).
+``dW_hh``/``dW_hr`` are torch's bfloat16 GEMMs where the CPU has them (``gemm.gradient_product``).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from ...masks import DirectionMasks
 from ...options import GATE_ACTIVATIONS
 from ...weights import DirectionWeights
 from ..contract import LayerCall, LayerGrads, LayerInputs
-from . import kernels, threads
+from . import gemm, kernels, threads
 from .arena import Arena, arena_layout
 
 ACTIVATION_CODES = {name: code for code, name in enumerate(GATE_ACTIVATIONS)}
@@ -180,6 +182,18 @@ class Direction:
                 p.gates = masks.ptr("half_gates")
         return p
 
+    def bfloat16_products(self) -> bool:
+        """Whether the kernels multiply this call's recurrent products in bfloat16 pairs (a bfloat16
+        call on an instruction set that has them)."""
+        return self.half == torch.bfloat16 and kernels.module().bfloat16_products()
+
+    def bfloat16_operands(self, p, b: Tensor) -> tuple[Tensor, Tensor]:
+        """For a product ``A [B, K] @ b [K, N]`` in bfloat16 pairs: ``b``'s panels, and the scratch the
+        kernels round A's rows into (``[B, K]``, K padded to even), which ``p`` points at."""
+        operand = torch.zeros(self.layout.batch, b.shape[0] + b.shape[0] % 2, dtype=torch.bfloat16)
+        p.operand_bf16, p.ld_operand_bf16 = operand.data_ptr(), operand.shape[1]
+        return _bfloat16_pair_panels(b), operand
+
     def team(self, plan) -> list:
         """One copy of ``plan`` per thread, each owning a range of batch rows."""
         if self.threads == 1:
@@ -205,12 +219,11 @@ class Direction:
         packed = [None, None]
         if threads.packs(lay.steps, lay.batch, self.threads):
             packed = [_panels(self.w_hh.t()), None if self.w_hr is None else _panels(self.w_hr.t())]
-            if self.half == torch.bfloat16 and kernels.module().bfloat16_products():
+            if self.bfloat16_products():
                 # the product in bfloat16 pairs (W_hh holds bfloat16 values; h_in is rounded to them)
-                w_hh_bf16 = _bfloat16_pair_panels(self.w_hh.t())
-                h_bf16 = torch.zeros(lay.batch, self.h_out + self.h_out % 2, dtype=torch.bfloat16)
-                p.w_hh_bf16, p.h_bf16, p.ld_h_bf16 = w_hh_bf16.data_ptr(), h_bf16.data_ptr(), h_bf16.shape[1]
-                packed = [None, packed[1], w_hh_bf16, h_bf16]
+                w_hh_bf16, operand = self.bfloat16_operands(p, self.w_hh.t())
+                p.w_hh_bf16 = w_hh_bf16.data_ptr()
+                packed = [None, packed[1], w_hh_bf16, operand]
         p.w_hh_packed, p.w_hr_packed = (kernels.pointer(t) for t in packed[:2])
         team = self.team(p)  # the plans (and what they point at) live until the call returns
         kernels.module().forward_all(tuple(kernels.address(q) for q in team))
@@ -231,17 +244,21 @@ class Direction:
         dh_state.copy_(dh_n)
         dc_state.copy_(dc_n)
         dhw = scratch.view("dhw", N, G) if ln else dgates
+        p = self.plan(arena, masks, save=True)
         packed_t = [None, None]
         if threads.packs(lay.steps, lay.batch, self.threads):
             packed_t = [_panels(self.w_hh), None if self.w_hr is None else _panels(self.w_hr)]
+            if self.bfloat16_products():  # dh_in = dhw W_hh with dhw rounded to bfloat16 for the product
+                w_hh_bf16_t, operand = self.bfloat16_operands(p, self.w_hh)
+                p.w_hh_bf16_t = w_hh_bf16_t.data_ptr()
+                packed_t = [None, packed_t[1], w_hh_bf16_t, operand]
 
-        p = self.plan(arena, masks, save=True)
         p.dy, p.ld_dy = dy.data_ptr() + d * ho * dy.element_size(), dy.stride(0)
         p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
         p.dgates, p.ld_dgates = dgates.data_ptr(), dxg.stride(0)
         p.dhw, p.ld_dhw = dhw.data_ptr(), dhw.stride(0)
         p.dproj, p.dm, p.dh_in = scratch.ptr("dproj"), work.ptr("dm"), work.ptr("dh_in")
-        p.w_hh_packed_t, p.w_hr_packed_t = (kernels.pointer(t) for t in packed_t)
+        p.w_hh_packed_t, p.w_hr_packed_t = (kernels.pointer(t) for t in packed_t[:2])
         team = self.team(p)
         # each plan of a team accumulates its own parameter-gradient sums and has its own scratch
         sums = []
@@ -256,8 +273,9 @@ class Direction:
         del packed_t, team  # not needed by the weight GEMMs below, which allocate their results
 
         grads: dict[str, Tensor | None] = {"h0": dh_state, "c0": dc_state}
-        grads["weight_hh"] = dhw.t() @ arena.view("h_in", N, ho)  # [4H, H_out], K = N
-        grads["weight_hr"] = scratch.view("dproj", N, P).t() @ arena.view("m", N, H) if P else None
+        product = functools.partial(gemm.gradient_product, half=self.half)
+        grads["weight_hh"] = product(dhw, arena.view("h_in", N, ho))  # [4H, H_out], K = N
+        grads["weight_hr"] = product(scratch.view("dproj", N, P), arena.view("m", N, H)) if P else None
         grads["bias_ih"] = grads["bias_hh"] = dgates.sum(0) if self.bias is not None else None
         sums_of = {"weight_peephole": ("dpeep", 3 * H), "layer_norm_hh_weight": ("dln_hh", G),
                    "layer_norm_cell_weight": ("dln_c_w", H), "layer_norm_cell_bias": ("dln_c_b", H)}
