@@ -46,20 +46,22 @@ def reads(call: LayerCall) -> tuple[bool, bool]:
 
 HALF = (torch.bfloat16, torch.float16)
 """The dtypes computed in float32: the house rule (fp32 accumulation, the cell state fp32) taken
-whole. A call's inputs are widened once (gates ``[N, D*4H]``, states, weights: one pass each, against
-``T`` steps of work), the time loop and the BPTT run in float32, and outputs and gradients come back
-in their tensors' dtypes. A layer (:mod:`.layer`) writes its output and reads its output's gradient
-in the half precision, and keeps its saved gate activations in it; a single step's arena is float32."""
+whole. A call's states and weights are widened once (one pass each, against ``T`` steps of work),
+the time loop and the BPTT run in float32, and outputs and gradients come back in their tensors'
+dtypes. A layer (:mod:`.layer`) reads its input gates ``[N, D*4H]`` and its output's gradient in the
+half precision, writes its output in it, and keeps its saved gate activations in it (the kernels
+convert row by row); a single step widens its inputs, and its arena is float32."""
 
 
 def _wide(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype in HALF else t
 
 
-def widened(inputs: LayerInputs) -> LayerInputs:
-    """``inputs`` with every bfloat16 / float16 tensor as float32 (the others as they are)."""
+def widened(inputs: LayerInputs, *, gates: bool = True) -> LayerInputs:
+    """``inputs`` with every bfloat16 / float16 tensor as float32 (the others as they are); with
+    ``gates=False`` the input gates ``x`` stay as they are (a layer's kernels widen them row by row)."""
     return inputs._replace(
-        x=_wide(inputs.x), h0=_wide(inputs.h0), c0=_wide(inputs.c0),
+        x=_wide(inputs.x) if gates else inputs.x, h0=_wide(inputs.h0), c0=_wide(inputs.c0),
         weights=[DirectionWeights(*(_wide(t) for t in w)) for w in inputs.weights],
         masks=[dataclasses.replace(m, **{f: _wide(getattr(m, f)) for f in MASK_FIELDS}) for m in inputs.masks])
 
@@ -84,7 +86,7 @@ def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[
     if call.fused_input:
         y, h_n, c_n = step.forward(call, widened(inputs), saved)
     else:
-        y, h_n, c_n = layer.forward(call, widened(inputs), saved, **_half(inputs))
+        y, h_n, c_n = layer.forward(call, widened(inputs, gates=False), saved, **_half(inputs))
     return _narrowed(y, inputs.h0), _narrowed(h_n, inputs.h0), _narrowed(c_n, inputs.c0)
 
 

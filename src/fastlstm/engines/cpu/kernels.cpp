@@ -75,6 +75,7 @@ namespace {
   FIELD(const void*, zh_mask)     /* [N, Hout] */                                                      \
   FIELD(const void*, zc_mask)     /* [N, H] */                                                         \
   FIELD(const void*, xg)          /* [N, ld_xg]: x W_ih^T, layer-normed under layer norm */            \
+  FIELD(int64_t, xg_half)         /* xg's dtype: 0 the plan's, 1 bfloat16, 2 float16 (widened per row) */ \
   FIELD(int64_t, ld_xg)                                                                                \
   FIELD(const void*, bias)        /* [4H] b_ih + b_hh, or null (the single step adds its own) */       \
   FIELD(const void*, c0)          /* [B, H] */                                                         \

@@ -266,9 +266,13 @@ inline bool half_gates(const Plan& p) { return p.half && p.save; }
 
 // -- forward phases -------------------------------------------------------------------------
 
+// The forward's elementwise phases run on batch rows [lo, hi) of the plan's (a column team's
+// members each take a fixed share: see forward_loop), clipped to the rows active at step t.
+
 template <typename T>
-void fwd_prepare(const Plan& p, int64_t t) {  // h_in = h (* recurrent dropout mask)
-  const int64_t rb = p.row_begin, rows = rows_end(p, t) - rb, count = rows * p.h_out;
+void fwd_prepare(const Plan& p, int64_t t, int64_t lo, int64_t hi) {  // h_in = h (* recurrent dropout mask)
+  const int64_t end = rows_end(p, t) < hi ? rows_end(p, t) : hi;
+  const int64_t rb = lo, rows = end - rb, count = rows * p.h_out;
   if (count <= 0) return;
   const T* h = static_cast<const T*>(p.h_state) + rb * p.h_out;
   T* h_in = static_cast<T*>(p.h_in) + (saved_row(p, p.offsets[t], 0) + rb) * p.h_out;
@@ -301,14 +305,41 @@ inline void finish_row(const Plan& p, int64_t r, int64_t row, T* h_tilde) {
   std::memcpy(h_state, h_tilde, sizeof(T) * p.h_out);
 }
 
+// a = xg + hw (+ b) over a row's 4H pre-activations, xg read in its own dtype (p.xg_half; a
+// half-precision one widened here, with no float copy of the input gates). a may alias hw.
+template <typename T, typename Input>
+inline void sum_row(Input xg, const T* hw, const T* b, T* a, int64_t n) {
+  if (b) {
+    for (int64_t j = 0; j < n; ++j) a[j] = xg(j) + hw[j] + b[j];
+  } else {
+    for (int64_t j = 0; j < n; ++j) a[j] = xg(j) + hw[j];
+  }
+}
+
 template <typename T>
-void fwd_cell(const Plan& p, int64_t t) {
-  const int64_t n = rows_end(p, t), row0 = p.offsets[t], H = p.hidden, G = 4 * H;
+inline void sum_gate_inputs(const Plan& p, int64_t row, const T* hw, T* a) {
+  const T* b = static_cast<const T*>(p.bias);
+  const int64_t G = 4 * p.hidden;
+  if (p.xg_half) {
+    const uint16_t* x = static_cast<const uint16_t*>(p.xg) + row * p.ld_xg;
+    if (p.xg_half == 1) {
+      sum_row<T>([x](int64_t j) { return T(bfloat16_to_float(x[j])); }, hw, b, a, G);
+    } else {
+      sum_row<T>([x](int64_t j) { return T(float16_to_float(x[j])); }, hw, b, a, G);
+    }
+  } else {
+    const T* x = static_cast<const T*>(p.xg) + row * p.ld_xg;
+    sum_row<T>([x](int64_t j) { return x[j]; }, hw, b, a, G);
+  }
+}
+
+template <typename T>
+void fwd_cell(const Plan& p, int64_t t, int64_t lo, int64_t hi) {
+  const int64_t n = rows_end(p, t) < hi ? rows_end(p, t) : hi, row0 = p.offsets[t], H = p.hidden, G = 4 * H;
   const T* peep = static_cast<const T*>(p.peep);
   const bool zc = has_zoneout_c(p), half = half_gates(p);
-  for (int64_t r = p.row_begin; r < n; ++r) {
+  for (int64_t r = lo; r < n; ++r) {
     const int64_t row = row0 + r, sr = saved_row(p, row, r);
-    const T* xg = static_cast<const T*>(p.xg) + row * p.ld_xg;
     T* hw = static_cast<T*>(p.hw) + r * p.ld_hw;  // the step's recurrent product, then this row's scratch
     // pre-activations, then activations, i f g o: in the saved row, or where that row is in half
     // precision in the product's row (its entries are each read once, here), stored when final
@@ -321,12 +352,7 @@ void fwd_cell(const Plan& p, int64_t t) {
       layer_norm_row<T>(hw, G, static_cast<const T*>(p.ln_hh), nullptr, static_cast<T*>(p.hw_hat) + sr * G,
                         static_cast<T*>(p.hw_rstd) + sr, hw);
     }
-    if (p.bias) {
-      const T* b = static_cast<const T*>(p.bias);
-      for (int64_t j = 0; j < G; ++j) a[j] = xg[j] + hw[j] + b[j];
-    } else {
-      for (int64_t j = 0; j < G; ++j) a[j] = xg[j] + hw[j];
-    }
+    sum_gate_inputs<T>(p, row, hw, a);
     if (p.peephole) {
       for (int64_t j = 0; j < H; ++j) a[j] += peep[j] * c_state[j];
       for (int64_t j = 0; j < H; ++j) a[H + j] += peep[H + j] * c_state[j];
@@ -376,9 +402,9 @@ void fwd_cell(const Plan& p, int64_t t) {
 }
 
 template <typename T>
-void fwd_finish(const Plan& p, int64_t t) {  // projection only: proj clip, zoneout, outputs
-  const int64_t n = rows_end(p, t), row0 = p.offsets[t], P = p.proj;
-  for (int64_t r = p.row_begin; r < n; ++r) {
+void fwd_finish(const Plan& p, int64_t t, int64_t lo, int64_t hi) {  // projection only: proj clip, zoneout, outputs
+  const int64_t n = rows_end(p, t) < hi ? rows_end(p, t) : hi, row0 = p.offsets[t], P = p.proj;
+  for (int64_t r = lo; r < n; ++r) {
     const int64_t row = row0 + r;
     T* ht = static_cast<T*>(p.htilde) + r * P;
     if (p.pclip_mask) clip_pass<T>(ht, P, p.proj_clip, static_cast<uint8_t*>(p.pclip_mask) + saved_row(p, row, r) * P);
@@ -793,11 +819,16 @@ inline void step_product_bf16(const Columns& cols, int64_t M, int64_t N, int64_t
 template <typename T>
 void forward_loop(const Plan& p, const Columns& cols) {
   const int64_t H = p.hidden, ho = p.h_out, rb = p.row_begin;
+  // This member's rows for the elementwise phases: a fixed share of the plan's, so that the state
+  // rows a member writes at step t are the ones it reads at t + 1 (no barrier between the two).
+  const int64_t share = (p.row_end - rb + cols.count - 1) / cols.count;
+  const int64_t lo = rb + cols.index * share < p.row_end ? rb + cols.index * share : p.row_end;
+  const int64_t hi = lo + share < p.row_end ? lo + share : p.row_end;
   for (int64_t s = 0; s < p.steps; ++s) {
     const int64_t t = p.reverse ? p.steps - 1 - s : s;
     const int64_t count = rows_end(p, t) - rb, base = saved_row(p, p.offsets[t], 0) + rb;
     if (count <= 0) continue;
-    if (cols.lead()) fwd_prepare<T>(p, t);
+    fwd_prepare<T>(p, t, lo, hi);
     cols.sync();
     if (p.w_hh_bf16) {
       step_product_bf16<T>(cols, count, 4 * H, ho, p, p.w_hh_bf16, static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
@@ -806,13 +837,13 @@ void forward_loop(const Plan& p, const Columns& cols) {
                             p.w_hh, static_cast<T*>(p.hw) + rb * p.ld_hw, p.ld_hw);
     }
     cols.sync();
-    if (cols.lead()) fwd_cell<T>(p, t);
+    fwd_cell<T>(p, t, lo, hi);
     if (p.proj) {
       cols.sync();
       step_product<T, true>(cols, count, p.proj, H, static_cast<const T*>(p.m) + base * H, H, p.w_hr_packed, p.w_hr,
                  static_cast<T*>(p.htilde) + rb * p.proj, p.proj);
       cols.sync();
-      if (cols.lead()) fwd_finish<T>(p, t);
+      fwd_finish<T>(p, t, lo, hi);
     }
   }
 }

@@ -213,6 +213,7 @@ class Direction:
         p = self.plan(arena, masks, save)
         p.h_state, p.c_state = h.data_ptr(), c.data_ptr()
         p.xg, p.ld_xg = xg.data_ptr() + d * G * xg.element_size(), xg.stride(0)
+        p.xg_half = kernels.HALF_CODES.get(xg.dtype, 0)
         p.bias = kernels.pointer(self.bias)
         p.y, p.ld_y = y.data_ptr() + d * self.h_out * y.element_size(), y.stride(0)
         p.ld_hw = G
