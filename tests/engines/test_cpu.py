@@ -610,3 +610,33 @@ def test_a_rows_result_does_not_depend_on_its_place_in_the_batch(dtype):
         alone, _ = model.step(one)
         batch, _ = model.step(one.expand(5, 7, 6).contiguous())
     assert all(torch.equal(batch[:, r], alone[:, 0]) for r in range(7))
+
+
+@pytest.mark.parametrize("onednn", [True, False], ids=["onednn", "torch-default"])
+def test_float32_projection_by_either_gemm(onednn, monkeypatch):
+    """The float32 input projection runs oneDNN's linear or torch's default GEMM by gemm.py's rule
+    (shapes and the CPU's instruction set); each is forced here, whatever this machine would pick:
+    outputs, states and every gradient within the 2x rule of torch.nn.LSTM in float32, against
+    float64, and the forced GEMM is the one that ran."""
+    from fastlstm.engines.cpu import gemm
+    from fastlstm.testing import assert_within_twice
+
+    calls = []
+    onednn_product = gemm._onednn
+    monkeypatch.setattr(gemm, "uses_onednn", lambda *shape: onednn)
+    monkeypatch.setattr(gemm, "_onednn", lambda x, w: calls.append(x.shape) or onednn_product(x, w))
+    torch.manual_seed(0)
+    truth_module = torch.nn.LSTM(12, 20, num_layers=2, bidirectional=True, dtype=torch.float64)
+    base_module = torch.nn.LSTM(12, 20, num_layers=2, bidirectional=True)
+    base_module.load_state_dict(truth_module.state_dict())
+    ours = fastlstm.LSTM.from_torch(base_module, backend="cpu")
+    x = torch.randn(7, 5, 12, dtype=torch.float64)
+    results = []
+    for module in (truth_module, base_module, ours):
+        xs = x.to(next(module.parameters()).dtype).requires_grad_()
+        y, (h, c) = module(xs)
+        loss = y.sum() + (h * h).sum() + (c * 3).sum()
+        results.append([y, h, c, *torch.autograd.grad(loss, [xs, *module.parameters()])])
+    assert (len(calls) > 0) == onednn
+    for name, mine, base, truth in zip(range(len(results[0])), results[2], results[1], results[0]):
+        assert_within_twice(mine, base, truth, name=str(name))

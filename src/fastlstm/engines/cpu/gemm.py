@@ -8,8 +8,12 @@ with ``N = 4K`` output columns: 0.76-1.01 for ``K >= 256`` up to ``M = 4096`` ro
 K 1024), 0.94-1.04 at M = 16384, 0.98-1.22 at K = 128 (three runs moved by up to 15% at a shape;
 the two earlier ones had oneDNN at 0.56-0.96 where ``K >= 256, M <= 4096``, MKL ahead by up to 13%
 at M = 16384 in one and behind by 17% in the other).
-The rule: oneDNN for float32 when ``K >= 256`` and ``M <= 4096``, else torch's default. It is a
-rule of shapes, fixed here, never a timing taken in the user's process. The backward's products
+On a Zen 4 (AVX-512; ``benchmarks/results/projection-gemm-2core-epyc-zen4.txt``) oneDNN's time
+was 0.69-0.98x MKL's at every shape of that grid but the smallest (M = 64, K = 128: 1.03x, 60 us):
+there MKL runs its AVX2 code (``mkl_blas_def_sgemm_kernel_0_zen`` in a profile), oneDNN AVX-512.
+The rule: oneDNN for float32 on CPUs with AVX-512 (measured on AMD only), and elsewhere when
+``K >= 256`` and ``M <= 4096``; else torch's default. It is a rule of shapes and instruction sets,
+fixed here, never a timing taken in the user's process. The backward's products
 (``dx = dy W``, ``dW = dy^T x``) stay torch's: there MKL was as fast or faster.
 
 bfloat16 and float16 (the engine computes their time loop in float32): torch's half-precision GEMM
@@ -36,8 +40,11 @@ MIN_REDUCTION = 256
 MAX_ROWS = 4096
 
 
+_AVX512 = torch.cpu._is_avx512_supported()
+
+
 def uses_onednn(rows: int, reduction: int, dtype: torch.dtype) -> bool:
-    return _ONEDNN and dtype == torch.float32 and reduction >= MIN_REDUCTION and rows <= MAX_ROWS
+    return _ONEDNN and dtype == torch.float32 and (_AVX512 or (reduction >= MIN_REDUCTION and rows <= MAX_ROWS))
 
 
 def _onednn(x: Tensor, w: Tensor) -> Tensor:
