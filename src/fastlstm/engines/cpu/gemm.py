@@ -11,8 +11,10 @@ at M = 16384 in one and behind by 17% in the other).
 On a Zen 4 (AVX-512; ``benchmarks/results/projection-gemm-2core-epyc-zen4.txt``) oneDNN's time
 was 0.69-0.98x MKL's at every shape of that grid but the smallest (M = 64, K = 128: 1.03x, 60 us):
 there MKL runs its AVX2 code (``mkl_blas_def_sgemm_kernel_0_zen`` in a profile), oneDNN AVX-512.
-The rule: oneDNN for float32 on CPUs with AVX-512 (measured on AMD only), and elsewhere when
-``K >= 256`` and ``M <= 4096``; else torch's default. It is a rule of shapes and instruction sets,
+Inside a layer's forward (B1 T64 H128, M = 64, K = 128) MKL was again 5-8% ahead.
+The rule: oneDNN for float32 when ``K >= 256`` and ``M <= 4096``, and on CPUs with AVX-512
+(measured on AMD only) also at every other shape but ``K < 256`` with ``M < 256``; else torch's
+default. It is a rule of shapes and instruction sets,
 fixed here, never a timing taken in the user's process. The backward's products
 (``dx = dy W``, ``dW = dy^T x``) stay torch's: there MKL was as fast or faster.
 
@@ -38,13 +40,16 @@ from torch import Tensor
 _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 MIN_REDUCTION = 256
 MAX_ROWS = 4096
-
-
+MIN_ROWS_AVX512 = 256
 _AVX512 = torch.cpu._is_avx512_supported()
 
 
 def uses_onednn(rows: int, reduction: int, dtype: torch.dtype) -> bool:
-    return _ONEDNN and dtype == torch.float32 and (_AVX512 or (reduction >= MIN_REDUCTION and rows <= MAX_ROWS))
+    if not _ONEDNN or dtype != torch.float32:
+        return False
+    if _AVX512:
+        return reduction >= MIN_REDUCTION or rows >= MIN_ROWS_AVX512
+    return reduction >= MIN_REDUCTION and rows <= MAX_ROWS
 
 
 def _onednn(x: Tensor, w: Tensor) -> Tensor:
