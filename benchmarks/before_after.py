@@ -27,23 +27,26 @@ from fastlstm.bench.presets import PRESETS
 
 
 def _modules(package, config):
+    dtype = getattr(torch, config.dtype)
     if config.kind == "cell":
-        return package.LSTMCell(config.input_size, config.hidden, **config.options_dict)
-    return package.LSTM(config.input_size, config.hidden, num_layers=config.layers,
+        return package.LSTMCell(config.input_size, config.hidden, **config.options_dict, dtype=dtype)
+    return package.LSTM(config.input_size, config.hidden, num_layers=config.layers, dtype=dtype,
                         bidirectional=config.bidirectional, proj_size=config.proj_size, **config.options_dict)
 
 
 def _torch_module(config):
+    dtype = getattr(torch, config.dtype)
     if config.kind == "cell":
-        return torch.nn.LSTMCell(config.input_size, config.hidden)
-    return torch.nn.LSTM(config.input_size, config.hidden, num_layers=config.layers,
+        return torch.nn.LSTMCell(config.input_size, config.hidden, dtype=dtype)
+    return torch.nn.LSTM(config.input_size, config.hidden, num_layers=config.layers, dtype=dtype,
                          bidirectional=config.bidirectional, proj_size=config.proj_size)
 
 
 def _inputs(config, generator):
+    dtype = getattr(torch, config.dtype)
     if config.kind == "cell":
-        return torch.randn(config.batch, config.input_size, generator=generator)
-    x = torch.randn(config.steps, config.batch, config.input_size, generator=generator)
+        return torch.randn(config.batch, config.input_size, generator=generator).to(dtype)
+    x = torch.randn(config.steps, config.batch, config.input_size, generator=generator).to(dtype)
     if config.packed:
         lengths = torch.randint(max(1, config.steps // 4), config.steps + 1, (config.batch,), generator=generator)
         lengths[0] = config.steps
