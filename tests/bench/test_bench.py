@@ -218,3 +218,27 @@ def test_streaming_preset_times_every_implementation(monkeypatch, tmp_path, caps
     assert all(us > 0 for us in row["us_per_step"].values())
     assert "fastlstm.LSTM.step" in capsys.readouterr().out
     assert "streaming" in (cli.main(["bench", "--list-presets"]) == 0 and capsys.readouterr().out)
+
+
+def test_autocast_rows_run_float32_modules_under_autocast(monkeypatch, capsys):
+    """An autocast row builds float32 modules and inputs and runs each forward under
+    torch.autocast to the row's dtype; its float64 oracle runs without autocast. The CPU presets
+    have a bfloat16 autocast row at each half-precision point."""
+    config = dataclasses.replace(PRESETS["smoke"].configs[0], dtype="bfloat16", autocast=True)
+    assert config.label.endswith("bf16 autocast") and config.storage_dtype == "float32"
+    built = impls.build_impls(config, torch.device("cpu"))
+    inputs = impls.make_inputs(config, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert inputs.x.dtype == torch.float32
+    engine = next(impl for impl in built if impl.role == impls.ENGINE)
+    assert all(p.dtype == torch.float32 for p in engine.module.parameters())
+    y, h, c = engine.call(inputs)
+    assert y.dtype == h.dtype == c.dtype == torch.bfloat16
+    twin = check._float64_twin(engine)
+    assert twin.call(inputs.to(torch.float64))[0].dtype == torch.float64
+    for name in ("cpu-quick", "cpu-full"):
+        assert {c.label for c in PRESETS[name].configs if c.autocast} == {
+            "B8 T64 I128 H128 bf16 autocast", "B32 T64 I256 H256 bf16 autocast"}
+    monkeypatch.setattr(sys, "argv", ["fastlstm", "bench", "--autocast"])
+    with pytest.raises(SystemExit):
+        cli.main()
+    assert "--autocast runs float32 modules in a lower precision" in capsys.readouterr().err

@@ -183,7 +183,7 @@ def _float64_twin(impl: Impl) -> Impl:
     module = copy.deepcopy(impl.module).double()
     if isinstance(module, nn.LSTM):
         module.flatten_parameters()  # cuDNN otherwise re-packs (and warns about) the converted weights
-    return replace(impl, module=module)
+    return replace(impl, module=module, config=replace(impl.config, autocast=False))
 
 
 def _outputs(impl: Impl, inputs: Inputs, cotangents) -> dict[tuple[str, str], Tensor]:

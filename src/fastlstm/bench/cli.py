@@ -23,7 +23,7 @@ STREAMING = "streaming"  # (a preset of its own kind: per-step latency, bench/st
 
 
 _SHAPE_FLAGS = ("batch", "steps", "input_size", "hidden", "layers", "bidirectional", "proj_size", "dtype", "packed",
-                "layer_norm", "peephole", "zoneout", "cell_clip", "recurrent_dropout", "weight_drop", "activations")
+                "autocast", "layer_norm", "peephole", "zoneout", "cell_clip", "recurrent_dropout", "weight_drop", "activations")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     what.add_argument("--dtype", choices=sorted(DTYPES))
     what.add_argument("--packed", action="store_true", default=None,
                       help="PackedSequence input, lengths uniform in [T/4, T] (seeded)")
+    what.add_argument("--autocast", action="store_true", default=None,
+                      help="float32 modules and inputs, each forward under torch.autocast to --dtype")
     opts = parser.add_argument_group("variant options (fastlstm's keyword arguments)")
     opts.add_argument("--layer-norm", action="store_true", default=None)
     opts.add_argument("--peephole", action="store_true", default=None)
@@ -84,6 +86,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         batch=args.batch or 16, steps=args.steps or 64, input_size=args.input_size or hidden, hidden=hidden,
         layers=args.layers or 1, bidirectional=bool(args.bidirectional), proj_size=args.proj_size or 0,
         dtype=args.dtype or "float32", packed=bool(args.packed), options=options(**opts),
+        autocast=bool(args.autocast),
     )
 
 
@@ -132,6 +135,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     given = [f"--{name.replace('_', '-')}" for name in _SHAPE_FLAGS if getattr(args, name) not in (None, False)]
     if args.preset and given:
         parser.error(f"--preset names its own shapes; drop {', '.join(given)} or the preset")
+    if args.autocast and args.dtype not in ("bfloat16", "float16"):
+        parser.error("--autocast runs float32 modules in a lower precision: add --dtype bfloat16 or float16")
     if args.preset == STREAMING:
         return _run_streaming(args)
     preset = PRESETS[args.preset] if args.preset else None

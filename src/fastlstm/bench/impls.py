@@ -62,7 +62,14 @@ class Impl:
         return self.config.packed and self.role != EAGER
 
     def call(self, inputs: Inputs) -> tuple[Tensor | PackedSequence, Tensor, Tensor]:
-        """Run the module: ``(output, h_n, c_n)``; ``output`` is packed when the input is."""
+        """Run the module: ``(output, h_n, c_n)``; ``output`` is packed when the input is. An
+        autocast row's forward runs under ``torch.autocast`` (the backward after it, outside)."""
+        if self.config.autocast:
+            with torch.autocast(inputs.x.device.type, dtype=DTYPES[self.config.dtype]):
+                return self._call(inputs)
+        return self._call(inputs)
+
+    def _call(self, inputs: Inputs) -> tuple[Tensor | PackedSequence, Tensor, Tensor]:
         hx = (inputs.h0, inputs.c0)
         if self.config.kind == "cell":
             h, c = self.module(inputs.x, hx)
@@ -165,8 +172,8 @@ def build_impls(config: Config, device: torch.device, requested: list[str] | Non
     the first engine's initialisation goes to the other engines and the eager loop, and torch keeps
     its own (it only gives the plain model's time at the same shape).
     """
-    dtype = DTYPES[config.dtype]
-    auto = engines.select_engine("auto", device, dtype, layer_options(config))
+    auto = engines.select_engine("auto", device, DTYPES[config.dtype], layer_options(config))
+    dtype = DTYPES[config.storage_dtype]
     torch_name = "torch.nn.LSTMCell" if config.kind == "cell" else "torch.nn.LSTM"
     impls = [Impl(torch_name, TORCH, _torch_module(config, device, dtype), config)]
     impls += [
@@ -183,7 +190,7 @@ def build_impls(config: Config, device: torch.device, requested: list[str] | Non
 
 def make_inputs(config: Config, device: torch.device, generator: torch.Generator) -> Inputs:
     """Random inputs and initial states; lengths (packed rows) uniform in ``[T/4, T]``, seeded."""
-    dtype = DTYPES[config.dtype]
+    dtype = DTYPES[config.storage_dtype]
     h_out = config.proj_size or config.hidden
 
     def randn(*shape):

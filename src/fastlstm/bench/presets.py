@@ -20,6 +20,8 @@ class Config:
     ``kind="lstm"`` times ``LSTM(x [T, B, I], (h0, c0))``; ``kind="cell"`` times one
     ``LSTMCell(x [B, I], (h0, c0))`` call (``steps`` is ignored). ``options`` are fastlstm's
     keyword-only variant options as sorted ``(name, value)`` pairs, so a Config is hashable.
+    ``autocast``: float32 modules and inputs, each forward run under ``torch.autocast`` to
+    ``dtype`` (forward+backward is then a mixed-precision training step's work).
     """
 
     batch: int
@@ -33,6 +35,12 @@ class Config:
     packed: bool = False
     options: tuple[tuple[str, object], ...] = ()
     kind: str = "lstm"
+    autocast: bool = False
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype of the modules' parameters and of the inputs."""
+        return "float32" if self.autocast else self.dtype
 
     @property
     def directions(self) -> int:
@@ -57,6 +65,8 @@ class Config:
             if self.packed:
                 parts.append("packed")
         parts.append(_DTYPE_SHORT.get(self.dtype, self.dtype))
+        if self.autocast:
+            parts.append("autocast")
         for name, value in self.options:
             if value is True:
                 parts.append(name)
@@ -137,6 +147,7 @@ _CPU_HALF_POINTS = ((8, 128, 64), (32, 256, 64))
 def _cpu_preset(points, description: str, target_s: float) -> Preset:
     rows = [Config(b, t, h, h) for b, h, t in points]
     rows += [Config(b, t, h, h, dtype=dtype) for dtype in ("bfloat16", "float16") for b, h, t in _CPU_HALF_POINTS]
+    rows += [Config(b, t, h, h, dtype="bfloat16", autocast=True) for b, h, t in _CPU_HALF_POINTS]
     rows += _option_rows(batch=16, steps=64, hidden=256, dtype="float32")
     rows.append(Config(1, 1, 128, 128, kind="cell"))
     return Preset(description, tuple(rows), device="cpu", target_s=target_s)
@@ -223,15 +234,15 @@ PRESETS: dict[str, Preset] = {
     "cpu-quick": _cpu_preset(
         _CPU_QUICK_POINTS,
         "the CPU targets on a 2-core machine in <= 3 minutes: 9 of the 24 plain fp32 grid "
-        "points, bf16 and fp16 at B=8 T=64 H=128 and B=32 T=64 H=256, each option at B=16 T=64 H=256, "
-        "and an LSTMCell step at B=1 H=128",
+        "points, bf16 and fp16 (and float32 modules under bf16 autocast) at B=8 T=64 H=128 and "
+        "B=32 T=64 H=256, each option at B=16 T=64 H=256, and an LSTMCell step at B=1 H=128",
         target_s=0.25,
     ),
     "cpu-full": _cpu_preset(
         _CPU_FULL_POINTS,
         "all 24 plain fp32 points of the CPU grid (B in {1,16,64}, H in {128,256,512,1024}, "
-        "T in {64,256}), the bf16 and fp16 points, each option, and the LSTMCell step; long with the "
-        "reference engine",
+        "T in {64,256}), the bf16, fp16 and bf16-autocast points, each option, and the LSTMCell step; "
+        "long with the reference engine",
         target_s=0.5,
     ),
     "h100": _h100_preset(),

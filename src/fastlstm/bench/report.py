@@ -138,6 +138,7 @@ def json_rows(results: list[RowResult], info: RunInfo) -> list[dict[str, object]
                 "threads": info.threads,
                 "cpu_engine": info.cpu_engine,
                 "dtype": config.dtype,
+                "autocast": config.autocast,
                 "shape": _shape(config),
                 "options": {k: list(v) if isinstance(v, tuple) else v for k, v in config.options},
                 "engine": m.impl,
