@@ -35,6 +35,10 @@
 #endif
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+// Compilers that know AVX512-BF16 (GCC 10, clang 9): the kernels offer it where the CPU has it.
+#if defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10
+#define FASTLSTM_BF16_PRODUCTS 1
+#endif
 #endif
 
 namespace {
@@ -190,11 +194,12 @@ struct Columns {
 // instruction adds 16 dot products of bfloat16 pairs, twice the float32 FMA's products. Operands:
 // A rows of K2 pairs (a[m][2k], a[m][2k+1]; K zero-padded to even), B in column panels of 16,
 // [panel][K2][16][2] (layer.py packs them). Used only where the CPU has the instruction (the
-// kernels' instruction set avx512_bf16); elsewhere the same product is summed in scalar code so
-// that no build lacks the function (never called there: layer.py packs no bfloat16 panels).
+// kernels' instruction set avx512_bf16); other builds sum the same product in scalar code so that
+// none lacks the function (never called there: they never offer the set, so layer.py packs no
+// bfloat16 panels).
 constexpr int64_t kBf16PanelColumns = 16;
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef FASTLSTM_BF16_PRODUCTS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512bf16,avx2,fma")
 
@@ -205,7 +210,8 @@ inline __m512 bf16_pair(const uint16_t* a) {  // a[0], a[1] broadcast to every p
 }
 
 inline void store_columns(float* c, __m512 acc, int64_t ncols) {
-  const __mmask16 mask = ncols >= 16 ? __mmask16(0xffff) : ncols <= 0 ? __mmask16(0) : __mmask16((1u << ncols) - 1);
+  const __mmask16 mask = ncols >= 16 ? __mmask16(0xffff) : ncols <= 0 ? __mmask16(0)
+                                                                       : __mmask16((1u << ncols) - 1);
   _mm512_mask_storeu_ps(c, mask, acc);
 }
 
@@ -257,10 +263,12 @@ void gemm_bf16_pairs(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_
       for (int64_t m = m0; m < blocked; m += 8)
         bf16_block<8, 1>(K2, a + m * lda, lda, packed + q * stride, stride, c + m * ldc + q * 16, ldc, N - q * 16);
     }
-    for (int64_t m = blocked; m < m1; ++m) {
+    for (int64_t m = blocked; m < m1; ++m) {  // the rows past the last block
       int64_t q = 0;
-      for (; q + 8 <= panels; q += 8) bf16_row<8>(K2, a + m * lda, packed + q * stride, stride, c + m * ldc + q * 16, N - q * 16);
-      for (; q < panels; ++q) bf16_row<1>(K2, a + m * lda, packed + q * stride, stride, c + m * ldc + q * 16, N - q * 16);
+      for (; q + 8 <= panels; q += 8)
+        bf16_row<8>(K2, a + m * lda, packed + q * stride, stride, c + m * ldc + q * 16, N - q * 16);
+      for (; q < panels; ++q)
+        bf16_row<1>(K2, a + m * lda, packed + q * stride, stride, c + m * ldc + q * 16, N - q * 16);
     }
   }
 }
@@ -278,7 +286,9 @@ void gemm_bf16_pairs(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_
     for (int64_t n = 0; n < N; ++n) {
       const uint16_t* b = packed + (n / 16) * K2 * 32 + (n % 16) * 2;
       float sum = 0.0f;
-      for (int64_t k = 0; k < K2; ++k) sum += wide(a[m * lda + 2 * k]) * wide(b[k * 32]) + wide(a[m * lda + 2 * k + 1]) * wide(b[k * 32 + 1]);
+      for (int64_t k = 0; k < K2; ++k) {
+        sum += wide(a[m * lda + 2 * k]) * wide(b[k * 32]) + wide(a[m * lda + 2 * k + 1]) * wide(b[k * 32 + 1]);
+      }
       c[m * ldc + n] = sum;
     }
   }
@@ -322,10 +332,15 @@ const char* const kIsaNames[] = {"generic", "avx2", "avx512", "avx512_bf16"};
 
 int supported_isa() {
 #ifdef FASTLSTM_X86
+#ifdef FASTLSTM_BF16_PRODUCTS
+  static const bool bf16 = __builtin_cpu_supports("avx512bf16");
+#else
+  static const bool bf16 = false;  // (a compiler without AVX512-BF16 builds no such products)
+#endif
   static const int level =
       (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
        __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("fma"))
-          ? (__builtin_cpu_supports("avx512bf16") ? kAvx512Bf16 : kAvx512)
+          ? (bf16 ? kAvx512Bf16 : kAvx512)
           : (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) ? kAvx2 : kGeneric;
   return level;
 #else
