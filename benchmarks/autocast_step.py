@@ -67,7 +67,8 @@ def main() -> None:
             theirs = torch.nn.LSTM(hidden, hidden)
             theirs.load_state_dict(ours.state_dict())
             try:
-                _step(theirs, x.float(), dtype, True)
+                _step(theirs, x.float(), dtype, True)  # (whether torch runs it here; the step updates...)
+                theirs.load_state_dict(ours.state_dict())  # (...the weights: back to the common start)
                 candidates["torch.nn.LSTM float32 under autocast"] = (theirs, x.float(), True)
             except RuntimeError as error:
                 print(f"  (torch.nn.LSTM under autocast {dtype}: {type(error).__name__}: {str(error)[:80]})")
