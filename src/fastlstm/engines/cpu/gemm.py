@@ -14,9 +14,9 @@ there MKL runs its AVX2 code (``mkl_blas_def_sgemm_kernel_0_zen`` in a profile),
 Inside a layer's forward (B1 T64 H128, M = 64, K = 128) MKL was again 5-8% ahead.
 The rule: oneDNN for float32 when ``K >= 256`` and ``M <= 4096``, and on CPUs with AVX-512
 (measured on AMD only) also at every other shape but ``K < 256`` with ``M < 256``; else torch's
-default. It is a rule of shapes and instruction sets,
-fixed here, never a timing taken in the user's process. The backward's products
-(``dx = dy W``, ``dW = dy^T x``) stay torch's: there MKL was as fast or faster.
+default. It is a rule of shapes and instruction sets, fixed here, never a timing taken in the
+user's process. The backward's products (``dx = dy W``, ``dW = dy^T x``) stay torch's: there MKL
+was as fast or faster (on the Zen 3).
 
 bfloat16 and float16 (the engine computes their time loop in float32): torch's half-precision GEMM
 is native only where the CPU multiplies in that precision (AVX512-BF16 or AMX for bfloat16, AMX-FP16
@@ -116,4 +116,3 @@ def gradient_product(a: Tensor, b: Tensor, half: torch.dtype | None) -> Tensor:
     if half is not None and not widens(half):
         return (a.t().to(half) @ b.to(half)).float()
     return a.t() @ b
-

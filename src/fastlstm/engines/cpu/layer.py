@@ -219,12 +219,14 @@ class Direction:
         p.ld_hw = G
         packed = [None, None]
         if threads.packs(lay.steps, lay.batch, self.threads):
-            packed = [_panels(self.w_hh.t()), None if self.w_hr is None else _panels(self.w_hr.t())]
+            w_hr = None if self.w_hr is None else _panels(self.w_hr.t())
             if self.bfloat16_products():
                 # the product in bfloat16 pairs (W_hh holds bfloat16 values; h_in is rounded to them)
                 w_hh_bf16, operand = self.bfloat16_operands(p, self.w_hh.t())
                 p.w_hh_bf16 = w_hh_bf16.data_ptr()
-                packed = [None, packed[1], w_hh_bf16, operand]
+                packed = [None, w_hr, w_hh_bf16, operand]
+            else:
+                packed = [_panels(self.w_hh.t()), w_hr]
         p.w_hh_packed, p.w_hr_packed = (kernels.pointer(t) for t in packed[:2])
         team = self.team(p)  # the plans (and what they point at) live until the call returns
         kernels.module().forward_all(tuple(kernels.address(q) for q in team))
@@ -248,11 +250,13 @@ class Direction:
         p = self.plan(arena, masks, save=True)
         packed_t = [None, None]
         if threads.packs(lay.steps, lay.batch, self.threads):
-            packed_t = [_panels(self.w_hh), None if self.w_hr is None else _panels(self.w_hr)]
+            w_hr = None if self.w_hr is None else _panels(self.w_hr)
             if self.bfloat16_products():  # dh_in = dhw W_hh with dhw rounded to bfloat16 for the product
                 w_hh_bf16_t, operand = self.bfloat16_operands(p, self.w_hh)
                 p.w_hh_bf16_t = w_hh_bf16_t.data_ptr()
-                packed_t = [None, packed_t[1], w_hh_bf16_t, operand]
+                packed_t = [None, w_hr, w_hh_bf16_t, operand]
+            else:
+                packed_t = [_panels(self.w_hh), w_hr]
 
         p.dy, p.ld_dy = dy.data_ptr() + d * ho * dy.element_size(), dy.stride(0)
         p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
