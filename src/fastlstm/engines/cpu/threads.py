@@ -25,6 +25,8 @@ MIN_ROWS_PER_THREAD = 8
 # Where it does not (B < 16 on 2 threads), columns win from 64 KB of W_hh (H = 64): B = 1, T = 256,
 # forward 4.21 -> 2.66 ms at H = 128 and 11.8 -> 7.4 ms at H = 256, forward+backward 10.5 -> 8.3
 # and 26.8 -> 19.8 ms; at H = 32 the barriers cost more than they save.
+# Checked on a Zen 4 (AVX-512, 2026-12-07, T = 64, float32): rows still beat columns at B = 16 and 32,
+# H = 128 and 256, by 2-11% forward+backward (forward within 6% either way).
 MIN_COLUMN_WEIGHT_BYTES = 4 << 20
 MIN_COLUMN_WEIGHT_BYTES_UNSPLIT = 64 << 10
 # A team has at most one member per 16 columns of its narrowest product (the backward's, H_out
