@@ -3,8 +3,11 @@ engine (which computes their time loop in float32): outputs, states and every gr
 the error of a trusted computation in the same dtype (torch.nn.LSTM where torch has the option, else
 fastlstm's reference engine), against torch.nn.LSTM in float64 (fastlstm.testing's rule)."""
 
+import copy
+
 import pytest
 import torch
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm.engines import select_engine
@@ -215,6 +218,16 @@ def test_half_outputs_are_the_float32_outputs_rounded(case, dtype, instruction_s
         assert y.isinf().any()
 
 
+def _without_bfloat16_products() -> bool:
+    """On a CPU without AVX512-BF16: asserts that the kernels do not offer the set, and says so."""
+    if "avx512_bf16" in INSTRUCTION_SETS:
+        return False
+    assert not kernels.module().bfloat16_products()
+    with pytest.raises(ValueError, match="avx512_bf16"):
+        kernels.module().set_instruction_set("avx512_bf16")
+    return True
+
+
 BF16_PRODUCT_CASES = {  # (the engine sees 2 threads; threads.py's rules pick the threading)
     # one thread: 13 rows, a block of 8 and 5 single rows; 4H = 160 columns: 8 panels at once, then 2
     "rows-and-blocks": (13, 40, dict(num_layers=2)),
@@ -233,10 +246,7 @@ def test_bfloat16_products(case, monkeypatch):
     states and every gradient within the 2x rule of torch.nn.LSTM in bfloat16, against float64, and
     the forced lower set (float32 products) agrees by the same rule. A CPU without the instruction
     must not offer the set."""
-    if "avx512_bf16" not in INSTRUCTION_SETS:
-        assert not kernels.module().bfloat16_products()
-        with pytest.raises(ValueError, match="avx512_bf16"):
-            kernels.module().set_instruction_set("avx512_bf16")
+    if _without_bfloat16_products():
         return
     batch, hidden, arch = case
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
@@ -263,6 +273,34 @@ def test_bfloat16_products(case, monkeypatch):
     assert not torch.equal(runs["products"]["output"], runs["float32"]["output"])  # (two different products)
     for name in ("products", "float32"):
         _check(runs[name], runs["base"], runs["truth"], torch.bfloat16)
+
+
+def test_bfloat16_products_on_packed_sequences():
+    """The bfloat16 products on a PackedSequence (each step's rows a shrinking prefix, both
+    directions, two layers) against torch.nn.LSTM's packed path in bfloat16 and float64."""
+    if _without_bfloat16_products():
+        return
+    torch.manual_seed(0)
+    theirs = torch.nn.LSTM(I, 24, num_layers=2, bidirectional=True, dtype=torch.float64)
+    theirs_half = copy.deepcopy(theirs)
+    ours = fastlstm.LSTM.from_torch(theirs, backend="cpu")
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 13, I, generator=g, dtype=torch.float64)
+    lengths = torch.randint(1, 13, (13,), generator=g)
+    lengths[0] = 12
+
+    def run(module, dtype):
+        module = module.to(dtype)
+        xs = x.to(dtype).requires_grad_()
+        y, (h, c) = module(pack_padded_sequence(xs, lengths, enforce_sorted=False))
+        y = pad_packed_sequence(y)[0]
+        loss = (y.double() * 1.3).sum() + (h.double() ** 2).sum() + c.double().sum()
+        return [y, h, c, *torch.autograd.grad(loss, [xs, *module.parameters()])]
+
+    truth, base, mine = run(theirs, torch.float64), run(theirs_half, torch.bfloat16), run(ours, torch.bfloat16)
+    assert mine[0].dtype == torch.bfloat16
+    for k, (a, b, t) in enumerate(zip(mine, base, truth)):
+        assert_within_twice(a, b, t, name=f"result {k}", dtype=torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
