@@ -189,8 +189,9 @@ struct Columns {
 
 // -- bfloat16 products on AVX512-BF16 -----------------------------------------------------------
 //
-// A bfloat16 call's recurrent product hw = h_in W_hh^T, with h_in rounded to bfloat16 (as torch's
-// bfloat16 LSTM holds h) and W_hh's bfloat16 values, accumulated in float32 by VDPBF16PS: each
+// A bfloat16 call's recurrent products, forward hw = h_in W_hh^T with h_in rounded to bfloat16 (as
+// torch's bfloat16 LSTM holds h) and backward dh_in = dhw W_hh with dhw rounded for the product,
+// from W_hh's bfloat16 values, accumulated in float32 by VDPBF16PS: each
 // instruction adds 16 dot products of bfloat16 pairs, twice the float32 FMA's products. Operands:
 // A rows of K2 pairs (a[m][2k], a[m][2k+1]; K zero-padded to even), B in column panels of 16,
 // [panel][K2][16][2] (layer.py packs them). Used only where the CPU has the instruction (the

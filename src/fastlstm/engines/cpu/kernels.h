@@ -252,10 +252,12 @@ inline bool has_zoneout_c(const Plan& p) {
 
 // The batch rows this plan owns at step t: [row_begin, end), end clipped to the active prefix n_t.
 // Several plans with disjoint row ranges run concurrently, one per thread (rows are independent).
-inline int64_t rows_end(const Plan& p, int64_t t) {
+// (Or of [row_begin, end) with end <= row_end: a column team member's share, see forward_loop.)
+inline int64_t rows_end(const Plan& p, int64_t t, int64_t end) {
   const int64_t n = p.n_rows[t];
-  return n < p.row_end ? n : p.row_end;
+  return n < end ? n : end;
 }
+inline int64_t rows_end(const Plan& p, int64_t t) { return rows_end(p, t, p.row_end); }
 
 // Row of the buffers kept for backward: the packed row when saving, else the batch row (inference
 // reuses one step's worth of rows, so no memory grows with T).
@@ -271,20 +273,19 @@ inline bool half_gates(const Plan& p) { return p.half && p.save; }
 
 template <typename T>
 void fwd_prepare(const Plan& p, int64_t t, int64_t lo, int64_t hi) {  // h_in = h (* recurrent dropout mask)
-  const int64_t end = rows_end(p, t) < hi ? rows_end(p, t) : hi;
-  const int64_t rb = lo, rows = end - rb, count = rows * p.h_out;
+  const int64_t rows = rows_end(p, t, hi) - lo, count = rows * p.h_out;
   if (count <= 0) return;
-  const T* h = static_cast<const T*>(p.h_state) + rb * p.h_out;
-  T* h_in = static_cast<T*>(p.h_in) + (saved_row(p, p.offsets[t], 0) + rb) * p.h_out;
+  const T* h = static_cast<const T*>(p.h_state) + lo * p.h_out;
+  T* h_in = static_cast<T*>(p.h_in) + (saved_row(p, p.offsets[t], 0) + lo) * p.h_out;
   if (p.rec_mask) {
-    const T* rm = static_cast<const T*>(p.rec_mask) + rb * p.h_out;
+    const T* rm = static_cast<const T*>(p.rec_mask) + lo * p.h_out;
     for (int64_t k = 0; k < count; ++k) h_in[k] = h[k] * rm[k];
   } else {
     std::memcpy(h_in, h, sizeof(T) * count);
   }
   if (p.operand_bf16) {  // the bfloat16 product's operand; h_in keeps the rounded values (dW_hh reads them)
     for (int64_t r = 0; r < rows; ++r) {
-      uint16_t* narrow = static_cast<uint16_t*>(p.operand_bf16) + (rb + r) * p.ld_operand_bf16;
+      uint16_t* narrow = static_cast<uint16_t*>(p.operand_bf16) + (lo + r) * p.ld_operand_bf16;
       T* wide = h_in + r * p.h_out;
       narrow_row<T>(1, wide, narrow, p.h_out);
       widen_row<T>(1, narrow, wide, p.h_out);
@@ -335,7 +336,7 @@ inline void sum_gate_inputs(const Plan& p, int64_t row, const T* hw, T* a) {
 
 template <typename T>
 void fwd_cell(const Plan& p, int64_t t, int64_t lo, int64_t hi) {
-  const int64_t n = rows_end(p, t) < hi ? rows_end(p, t) : hi, row0 = p.offsets[t], H = p.hidden, G = 4 * H;
+  const int64_t n = rows_end(p, t, hi), row0 = p.offsets[t], H = p.hidden, G = 4 * H;
   const T* peep = static_cast<const T*>(p.peep);
   const bool zc = has_zoneout_c(p), half = half_gates(p);
   for (int64_t r = lo; r < n; ++r) {
@@ -403,7 +404,7 @@ void fwd_cell(const Plan& p, int64_t t, int64_t lo, int64_t hi) {
 
 template <typename T>
 void fwd_finish(const Plan& p, int64_t t, int64_t lo, int64_t hi) {  // projection only: proj clip, zoneout, outputs
-  const int64_t n = rows_end(p, t) < hi ? rows_end(p, t) : hi, row0 = p.offsets[t], P = p.proj;
+  const int64_t n = rows_end(p, t, hi), row0 = p.offsets[t], P = p.proj;
   for (int64_t r = lo; r < n; ++r) {
     const int64_t row = row0 + r;
     T* ht = static_cast<T*>(p.htilde) + r * P;
@@ -576,11 +577,11 @@ void bwd_end(const Plan& p, int64_t t) {  // dh_{t-1} += (dhw W_hh) * recurrent 
 //
 // The recurrent weights are reused by every step, so they are packed once per call into column
 // panels of 64 bytes (packed[panel][k][NR], NR = 16 floats or 8 doubles, zero-padded past N; built
-// in layer.py) that each step streams. A panel row is two vectors under AVX2 and one under AVX-512
-// (kernels.cpp sets FASTLSTM_VECTOR_BYTES per instruction set), so the layout does not depend on the
-// instruction set. A register block of 8 / VP rows x one panel (VP vectors per panel row) keeps 8
-// accumulators busy: about 80% of an AVX2 core's FMA peak at B = 8, H = 256 on the development
-// machine; under AVX-512 the same 8 accumulators take 8 rows, with half the instructions per FMA.
+// in layer.py) that each step streams. A panel row is VP = two vectors under AVX2 and one under
+// AVX-512 (kernels.cpp sets FASTLSTM_VECTOR_BYTES per instruction set), so the layout does not
+// depend on the instruction set. Register blocks (gemm_packed): AVX2 4 rows x 1 panel, 8
+// accumulators (about 80% of an AVX2 core's FMA peak at B = 8, H = 256 on the development machine);
+// AVX-512 8 rows x 2 panels, 16 accumulators and half the broadcasts per FMA of one panel.
 
 #ifndef FASTLSTM_VECTOR_BYTES
 #error "kernels.cpp defines FASTLSTM_VECTOR_BYTES (32 or 64) before each inclusion"
@@ -594,8 +595,9 @@ template <typename T> struct Lanes {
 constexpr int64_t kPanelBytes = 64;
 template <typename T> constexpr int64_t panel_width() { return kPanelBytes / sizeof(T); }           // NR
 template <typename T> constexpr int panel_vectors() { return kPanelBytes / FASTLSTM_VECTOR_BYTES; }  // VP
-// Independent accumulators per register block: 8 (two FMA pipes, each 4 cycles deep, stay fed).
-constexpr int kAccumulators = 8;
+// Vectors a block keeps per row of A (two FMA pipes, each 4 cycles deep, need 8 chains in flight):
+// the rows of a register block are kChains / VP, and a lone row takes kChains / VP panels at once.
+constexpr int kChains = 8;
 
 // The first ncols (at most NR) of one panel row's accumulators into c.
 template <typename T>
@@ -661,35 +663,37 @@ inline void gemm_row(int64_t K, const T* a, const T* panels, int64_t panel_strid
   }
 }
 
+// Rows [m, blocked) of A in blocks of MR rows, then [blocked, half_blocked) as one block of MR / 2
+// (if not empty), against NP panels from `panels`; ncols as for gemm_block.
+template <typename T, int MR, int NP>
+inline void gemm_blocks(int64_t K, const T* a, int64_t lda, int64_t m, int64_t blocked, int64_t half_blocked,
+                        const T* panels, int64_t panel_stride, T* c, int64_t ldc, int64_t ncols) {
+  for (; m < blocked; m += MR) gemm_block<T, MR, NP>(K, a + m * lda, lda, panels, panel_stride, c + m * ldc, ldc, ncols);
+  if (m < half_blocked) gemm_block<T, MR / 2, NP>(K, a + m * lda, lda, panels, panel_stride, c + m * ldc, ldc, ncols);
+}
+
 // C[M, N] = A[M, K] @ B. Rows are taken in chunks that stay in cache while the panels stream past.
 template <typename T>
 void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const T* packed, T* c, int64_t ldc) {
   constexpr int64_t NR = panel_width<T>();
-  // a block holds 8 rows x 2 panels of one vector each (AVX-512: 16 chains, half the broadcasts per
-  // FMA of one panel), or 4 rows x 1 panel of two vectors (AVX2: 8 of its 16 registers)
-  constexpr int VP = panel_vectors<T>(), MR = kAccumulators / VP, NP = VP == 1 ? 2 : 1, P = kAccumulators / VP;
+  constexpr int VP = panel_vectors<T>(), MR = kChains / VP, NP = VP == 1 ? 2 : 1;
   const int64_t panels = (N + NR - 1) / NR, stride = K * NR;
   const int64_t chunk = 64;
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t m1 = m0 + chunk < M ? m0 + chunk : M;
-    const int64_t blocked = m0 + (m1 - m0) / MR * MR;
+    const int64_t blocked = m0 + (m1 - m0) / MR * MR;  // then a half block where MR / 2 >= 4 rows are left
     const int64_t half_blocked = blocked + (MR > 4 && m1 - blocked >= MR / 2 ? MR / 2 : 0);
     for (int64_t q = 0; q < panels; q += NP) {  // the panels stay in L1 while every row block uses them
       const T* panel = packed + q * stride;
-      const int64_t ncols = N - q * NR;
+      T* cq = c + q * NR;
       if (q + NP <= panels) {
-        for (int64_t m = m0; m < blocked; m += MR)
-          gemm_block<T, MR, NP>(K, a + m * lda, lda, panel, stride, c + m * ldc + q * NR, ldc, ncols);
-        if (half_blocked > blocked)
-          gemm_block<T, MR / 2, NP>(K, a + blocked * lda, lda, panel, stride, c + blocked * ldc + q * NR, ldc, ncols);
+        gemm_blocks<T, MR, NP>(K, a, lda, m0, blocked, half_blocked, panel, stride, cq, ldc, N - q * NR);
       } else {  // one panel left over (NP = 2)
-        for (int64_t m = m0; m < blocked; m += MR)
-          gemm_block<T, MR, 1>(K, a + m * lda, lda, panel, stride, c + m * ldc + q * NR, ldc, ncols);
-        if (half_blocked > blocked)
-          gemm_block<T, MR / 2, 1>(K, a + blocked * lda, lda, panel, stride, c + blocked * ldc + q * NR, ldc, ncols);
+        gemm_blocks<T, MR, 1>(K, a, lda, m0, blocked, half_blocked, panel, stride, cq, ldc, N - q * NR);
       }
     }
     for (int64_t m = half_blocked; m < m1; ++m) {  // the rows past the last block
+      constexpr int P = kChains / VP;
       int64_t q = 0;
       for (; q + P <= panels; q += P)
         gemm_row<T, P>(K, a + m * lda, packed + q * stride, stride, c + m * ldc + q * NR, N - q * NR);
@@ -869,17 +873,18 @@ void backward_loop(const Plan& p, const Columns& cols) {
                  static_cast<T*>(p.dm) + rb * H, H);
       cols.sync();
     }
-    if (cols.lead()) bwd_cell<T>(p, t);
-    if (p.w_hh_bf16_t) {  // the product's operand rounded to bfloat16 (dgates themselves stay float32)
-      if (cols.lead()) {
+    if (cols.lead()) {
+      bwd_cell<T>(p, t);
+      if (p.w_hh_bf16_t) {  // the product's operand rounded to bfloat16 (dgates themselves stay float32)
         for (int64_t r = 0; r < count; ++r)
           narrow_row<T>(1, static_cast<const T*>(p.dhw) + (row0 + r) * p.ld_dhw,
                         static_cast<uint16_t*>(p.operand_bf16) + (rb + r) * p.ld_operand_bf16, 4 * H);
       }
-      cols.sync();
+    }
+    cols.sync();
+    if (p.w_hh_bf16_t) {
       step_product_bf16<T>(cols, count, ho, 4 * H, p, p.w_hh_bf16_t, static_cast<T*>(p.dh_in) + rb * ho, ho);
     } else {
-      cols.sync();
       step_product<T, false>(cols, count, ho, 4 * H, static_cast<const T*>(p.dhw) + row0 * p.ld_dhw, p.ld_dhw,
                              p.w_hh_packed_t, p.w_hh, static_cast<T*>(p.dh_in) + rb * ho, ho);
     }
