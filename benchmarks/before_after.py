@@ -23,11 +23,12 @@ import time
 import torch
 
 import fastlstm
+from fastlstm.bench.impls import DTYPES
 from fastlstm.bench.presets import PRESETS
 
 
 def _modules(package, config):
-    dtype = getattr(torch, config.dtype)
+    dtype = DTYPES[config.storage_dtype]
     if config.kind == "cell":
         return package.LSTMCell(config.input_size, config.hidden, **config.options_dict, dtype=dtype)
     return package.LSTM(config.input_size, config.hidden, num_layers=config.layers, dtype=dtype,
@@ -35,7 +36,7 @@ def _modules(package, config):
 
 
 def _torch_module(config):
-    dtype = getattr(torch, config.dtype)
+    dtype = DTYPES[config.storage_dtype]
     if config.kind == "cell":
         return torch.nn.LSTMCell(config.input_size, config.hidden, dtype=dtype)
     return torch.nn.LSTM(config.input_size, config.hidden, num_layers=config.layers, dtype=dtype,
@@ -43,7 +44,7 @@ def _torch_module(config):
 
 
 def _inputs(config, generator):
-    dtype = getattr(torch, config.dtype)
+    dtype = DTYPES[config.storage_dtype]
     if config.kind == "cell":
         return torch.randn(config.batch, config.input_size, generator=generator).to(dtype)
     x = torch.randn(config.steps, config.batch, config.input_size, generator=generator).to(dtype)
@@ -54,19 +55,23 @@ def _inputs(config, generator):
     return x
 
 
-def _calls(module, x, stochastic: bool):
+def _calls(module, x, stochastic: bool, config):
     leaf = x.data if isinstance(x, torch.nn.utils.rnn.PackedSequence) else x
+
+    def run():  # (an autocast row's forward runs under autocast, as in fastlstm bench)
+        with torch.autocast("cpu", dtype=DTYPES[config.dtype], enabled=config.autocast):
+            return module(x)
 
     def forward():
         module.eval()
         with torch.no_grad():
-            module(x)
+            run()
 
     def forward_backward():
         module.train(not stochastic)
         module.zero_grad(set_to_none=True)
         leaf.requires_grad_(True)
-        out = module(x)[0]
+        out = run()[0]
         (out.data if isinstance(out, torch.nn.utils.rnn.PackedSequence) else out).sum().backward()
         leaf.requires_grad_(False)
         leaf.grad = None
@@ -106,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         stochastic = any(name in config.options_dict for name in ("zoneout", "recurrent_dropout", "weight_drop"))
         repeat = 50 if config.kind == "cell" else 1
         implementations = {"new": new_module, "old": old_module} | ({"torch": torch_module} if torch_module else {})
-        calls = {name: _calls(m, x, stochastic) for name, m in implementations.items()}
+        calls = {name: _calls(m, x, stochastic, config) for name, m in implementations.items()}
         for fwd, fwd_bwd in calls.values():  # warm-up
             fwd(), fwd_bwd(), fwd(), fwd_bwd()
         times = {(name, mode): [] for name in calls for mode in ("fwd", "fwd+bwd")}
