@@ -131,7 +131,8 @@ FAST = {
 
 def _took_the_fast_path(model) -> bool:
     from fastlstm import streaming
-    return bool(streaming._PLANS.get(model))
+    cache = streaming._CACHES.get(model)
+    return cache is not None and bool(cache.plans)
 
 
 @pytest.mark.parametrize("cfg", FAST.values(), ids=FAST.keys())
@@ -314,6 +315,6 @@ def test_batch_sizes_share_the_packed_weights():
     with torch.no_grad():
         for batch in [*range(1, 21), *range(1, 21)]:
             model.step(torch.randn(2, batch, 3, dtype=F64))
-            packed = streaming._PACKED[model].packed
-            assert all(plan.packed is packed for plan in streaming._PLANS[model].values())
-    assert len(streaming._PLANS[model]) == 20
+            packed = streaming._CACHES[model].packed
+            assert all(plan.packed is packed for plan in streaming._CACHES[model].plans.values())
+    assert len(streaming._CACHES[model].plans) == 20

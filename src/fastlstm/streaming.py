@@ -101,8 +101,7 @@ class Streaming:
         """Forget the native step's cached plans and packed weights (they are rebuilt on the next
         ``step``): needed only after a weight changed in place through ``.data``, which no version
         counter sees. Replaced parameters, optimizer steps, ``load_state_dict`` and ``.to()`` are seen."""
-        _PACKED.pop(self, None)
-        _PLANS.pop(self, None)
+        _CACHES.pop(self, None)
 
 
 class StreamingLSTM:
@@ -155,9 +154,9 @@ class StreamingLSTM:
 
 # -- LSTM.step's fast path ---------------------------------------------------------------------
 
-_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> _Packed
-_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> {(thread, batch): StreamPlan}
+_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # module -> _StepCache
 _PLANS_PER_MODULE = 64  # (batch sizes come and go with a server's streams; a plan is a few small buffers)
+_VERSION = operator.attrgetter("_version")
 
 
 class _OptimizerSteps:
@@ -181,30 +180,32 @@ class _OptimizerSteps:
         cls.count += 1
 
 
-class _Packed:
-    """A module's weights as the stream plans read them, and the parameters they were packed from:
-    valid while ``_parameters`` holds the same tensors at the same versions and addresses and no
-    torch.optim optimizer has stepped since (fused optimizers update weights in place without a
-    new version). (An in-place change through ``.data`` is invisible to all of these: call
-    :meth:`Streaming.clear_step_plans`.)"""
+class _StepCache:
+    """A module's weights as the stream plans read them (``packed``, None until packed) and their
+    plans, ``{(thread, batch): StreamPlan}``. The packed weights are valid while ``_parameters``
+    holds the same tensors at the same versions and addresses and no torch.optim optimizer has
+    stepped since (fused optimizers update weights in place without a new version). (An in-place
+    change through ``.data`` is invisible to all of these: call :meth:`Streaming.clear_step_plans`.)
+    Each call checks these, so they are kept as flat lists that compare in one step."""
 
-    __slots__ = ("packed", "params", "stamps", "optimizer_steps")
+    __slots__ = ("packed", "plans", "params", "versions", "pointers", "optimizer_steps")
 
-    def __init__(self, packed, params: tuple):
-        self.packed, self.params, self.stamps = packed, params, _stamps(params)
-        self.optimizer_steps = _OptimizerSteps.now()
+    def __init__(self):
+        self.packed, self.plans = None, {}
+
+    def pack(self, packed, params: tuple) -> None:
+        self.packed, self.params, self.optimizer_steps = packed, params, _OptimizerSteps.now()
+        self.versions, self.pointers = list(map(_VERSION, params)), list(map(Tensor.data_ptr, params))
 
     def current(self, params: tuple, dtype: torch.dtype) -> bool:
         try:
-            return self.packed.dtype == dtype and self.optimizer_steps == _OptimizerSteps.count \
+            return self.packed is not None and self.packed.dtype is dtype \
+                and self.optimizer_steps == _OptimizerSteps.count \
                 and len(params) == len(self.params) and all(map(operator.is_, params, self.params)) \
-                and _stamps(params) == self.stamps
+                and list(map(_VERSION, params)) == self.versions \
+                and list(map(Tensor.data_ptr, params)) == self.pointers
         except RuntimeError:  # (an inference tensor has no version counter: such modules take forward)
             return False
-
-
-def _stamps(params: tuple) -> list:
-    return [(p._version, p.data_ptr()) for p in params]
 
 
 def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] | None:
@@ -213,11 +214,13 @@ def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] |
     backend, options the plan does not take, a transform, a trace, autocast, or input that
     ``forward``'s checks would refuse (they run there). What cannot change between calls (options,
     engine, weights' layout) is decided when the plan is built; each call checks the input, the state,
-    the modes, and that the parameters are the plan's, unchanged."""
+    the modes, and that the parameters are the plan's, unchanged. (This runs on every streamed step:
+    its checks are ordered and written for a few microseconds in all.)"""
     if type(input) is not Tensor or input.dim() != 3 or not input.is_cpu:
         return None
     params = tuple(module._parameters.values())
-    if torch.is_grad_enabled() and (input.requires_grad or True in [p.requires_grad for p in params]):
+    if torch.is_grad_enabled() and (input.requires_grad or True in [p.requires_grad for p in params]
+                                    or (state is not None and _state_requires_grad(state))):
         return None
     if (module.training and (module.options.is_stochastic or (module.dropout > 0 and module.num_layers > 1))) \
             or module._forward_hooks or module._forward_pre_hooks or _global_hooks() \
@@ -231,21 +234,24 @@ def _fast_step(module, input, state, lengths=None) -> tuple[Tensor, LSTMState] |
     plan = _plan(module, x, params)
     if plan is None:
         return None
-    expected = (module.num_layers, batch, module.hidden_size)
     if state is None:
-        h0 = c0 = x.new_zeros(expected)
+        h0 = c0 = x.new_zeros(plan.state_shape)
     else:
-        if not isinstance(state, (tuple, list)) or len(state) != 2:
+        if type(state) is not LSTMState and (not isinstance(state, (tuple, list)) or len(state) != 2):
             return None
         h0, c0 = state
-        if (type(h0) is not Tensor or type(c0) is not Tensor or h0.shape != expected or c0.shape != expected
-                or h0.dtype != x.dtype or c0.dtype != x.dtype or not h0.is_cpu or not c0.is_cpu
-                or h0.requires_grad or c0.requires_grad):
+        if (type(h0) is not Tensor or type(c0) is not Tensor or h0.shape != plan.state_shape
+                or c0.shape != plan.state_shape or h0.dtype is not x.dtype or c0.dtype is not x.dtype
+                or not h0.is_cpu or not c0.is_cpu):
             return None
     if lengths is not None:  # (forward's check, its errors: a bad length raises naming lengths)
         lengths = checks.check_lengths(lengths, steps, batch, True).contiguous()
     y, h_n, c_n = plan.run(x.contiguous(), h0.contiguous(), c0.contiguous(), lengths)
     return (y.transpose(0, 1) if module.batch_first else y), LSTMState(h_n, c_n)
+
+
+def _state_requires_grad(state) -> bool:
+    return isinstance(state, (tuple, list)) and any(isinstance(t, Tensor) and t.requires_grad for t in state)
 
 
 def _global_hooks() -> bool:
@@ -256,25 +262,26 @@ def _global_hooks() -> bool:
 def _plan(module, x: Tensor, params: tuple):
     """The stream plan for ``x``'s batch size on this thread, over the module's current packed
     weights (packed again when a parameter changed); None if the native path does not take it."""
-    packed = _PACKED.get(module)
-    if packed is None or not packed.current(params, x.dtype):
+    cache = _CACHES.get(module)
+    if cache is None:
+        cache = _CACHES[module] = _StepCache()
+    if not cache.current(params, x.dtype):
         packed = _pack(module, x, params)
         if packed is None:
             return None
-    plans = _PLANS.get(module)
-    if plans is None:
-        plans = _PLANS[module] = {}
+        cache.pack(packed, params)
+    plans = cache.plans
     key = (threading.get_ident(), x.shape[1])
     plan = plans.get(key)
-    if plan is None or plan.packed is not packed.packed:
+    if plan is None or plan.packed is not cache.packed:
         if len(plans) >= _PLANS_PER_MODULE:
             plans.pop(next(iter(plans)), None)  # (the oldest)
-        plan = plans[key] = engines.load("cpu").stream.StreamPlan(packed.packed, module.options, x.shape[1])
+        plan = plans[key] = engines.load("cpu").stream.StreamPlan(cache.packed, module.options, x.shape[1])
     return plan
 
 
-def _pack(module, x: Tensor, params: tuple) -> _Packed | None:
-    """``module``'s weights packed for ``x``'s dtype, cached; None if the native path does not take
+def _pack(module, x: Tensor, params: tuple):
+    """``module``'s weights packed for ``x``'s dtype (:class:`_StepCache` keeps them); None if the native path does not take
     the module: a dtype, backend or options it does not run, a weight that is not a plain parameter
     (parametrized, or a tensor attribute: ``_parameters`` would not show its changes), an inference
     tensor (no version counter)."""
@@ -289,5 +296,4 @@ def _pack(module, x: Tensor, params: tuple) -> _Packed | None:
     stream = engines.load("cpu").stream
     if not stream.takes(layers, module.options):
         return None
-    packed = _PACKED[module] = _Packed(stream.PackedWeights(layers, x.dtype), params)
-    return packed
+    return stream.PackedWeights(layers, x.dtype)

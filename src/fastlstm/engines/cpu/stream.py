@@ -49,11 +49,14 @@ class StreamPlan:
     def __init__(self, packed: PackedWeights, options: LSTMOptions, batch: int):
         self.packed, self.batch, self.dtype = packed, batch, packed.dtype
         self.hidden = packed.weights[0].weight_hh.shape[0] // 4
+        self.layers = len(packed.weights)
+        self.state_shape = torch.Size((self.layers, batch, self.hidden))  # (h0 and c0's, checked per call)
         self._keep: list = []  # every tensor, template and plan a C++ pointer refers to
         rows = []
         for w, (w_ih, w_hh), bias in zip(packed.weights, packed.panels, packed.biases):
             rows += self._layer(w, w_ih, w_hh, bias, options)
         self.table = torch.tensor(rows, dtype=torch.int64)
+        self._table, self._forward = self.table.data_ptr(), kernels.module().stream_forward
 
     def _layer(self, w: DirectionWeights, w_ih: Tensor, w_hh: Tensor, bias: Tensor | None,
                options: LSTMOptions) -> list[int]:
@@ -77,9 +80,8 @@ class StreamPlan:
         int64 ``[B]`` (contiguous) or None -> ``(y [T, B, H], h_n, c_n)``; a row at or past its length
         keeps its state and outputs zeros."""
         steps = x.shape[0]
-        y = x.new_empty(steps, self.batch, self.hidden)
+        y = x.new_empty((steps, self.batch, self.hidden))
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
-        kernels.module().stream_forward(self.table.data_ptr(), len(self.packed.weights), steps, x.data_ptr(), y.data_ptr(),
-                                        h0.data_ptr(), c0.data_ptr(), h_n.data_ptr(), c_n.data_ptr(),
-                                        0 if lengths is None else lengths.data_ptr())
+        self._forward(self._table, self.layers, steps, x.data_ptr(), y.data_ptr(), h0.data_ptr(), c0.data_ptr(),
+                      h_n.data_ptr(), c_n.data_ptr(), 0 if lengths is None else lengths.data_ptr())
         return y, h_n, c_n
