@@ -70,6 +70,34 @@ def test_instruction_sets_follow_the_cpus_flags():
 THREADING = ["one-thread", "one-thread-natural", "rows", "rows-natural", "columns", "columns-natural"]
 
 
+# Weights of odd sizes (N past a panel, K odd) read through each layout the engine packs from: a
+# row-major W and its transpose (the forward's W^T), and strided slices of both.
+PANEL_SOURCES = {"W": lambda w: w, "W^T": lambda w: w.t(), "W[:, ::2]": lambda w: w[:, ::2],
+                 "W^T[::2]": lambda w: w.t()[::2]}
+
+
+@pytest.mark.parametrize("shape", [(20, 7), (33, 5), (512, 128), (2048, 96), (1, 1)], ids=str)
+@pytest.mark.parametrize("source", PANEL_SOURCES.values(), ids=PANEL_SOURCES.keys())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_panels_put_every_element_in_its_place(shape, source, dtype):
+    """The packers' layouts (kernels.h, pack_panels / pack_bf16_pairs), element by element:
+    ``panels[q, k, c] = b[k, q*NR + c]`` and bfloat16 pairs ``[q, j, c, e] = b[2j + e, q*16 + c]``,
+    zero past K and N."""
+    b = source(torch.randn(shape, dtype=dtype))
+    k, n = b.shape
+    nr = 16 if dtype == torch.float32 else 8
+    padded = torch.zeros(k + 1, -(-n // 16) * 16, dtype=dtype)  # (zero past K, to even, and past N)
+    padded[:k, :n] = b
+    panels = layer._panels(b)
+    q, kk, c = torch.meshgrid(*(torch.arange(s) for s in panels.shape), indexing="ij")
+    assert torch.equal(panels, padded[kk, q * nr + c])
+    if dtype == torch.float32:
+        pairs = layer._bfloat16_pair_panels(b.bfloat16().float())
+        q, j, c, e = torch.meshgrid(*(torch.arange(s) for s in pairs.shape), indexing="ij")
+        assert pairs.shape[1] == -(-k // 2)
+        assert torch.equal(pairs, padded.bfloat16()[2 * j + e, q * 16 + c])
+
+
 @pytest.fixture(params=THREADING)
 def threads(request, monkeypatch):
     """Test shapes are small; force every threading mode (one thread, rows split across threads,

@@ -19,6 +19,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstddef>
@@ -559,6 +560,40 @@ PyObject* convert(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
+// pack_panels(kind, K, N, src, stride_k, stride_n, dst): B [K, N] of float32 (kind 0), float64 (1)
+// or 32-bit words (2: bfloat16 pairs) into the GEMM's panels; pack_bfloat16_pairs(K, N, src, ld,
+// dst): a row-major bfloat16 B into bfloat16 pair panels (kernels.h, pack_panels, pack_bf16_pairs).
+PyObject* pack_panels(PyObject*, PyObject* args) {
+  long long kind, K, N, stride_k, stride_n;
+  unsigned long long src, dst;
+  if (!PyArg_ParseTuple(args, "LLLKLLK", &kind, &K, &N, &src, &stride_k, &stride_n, &dst)) return nullptr;
+  if (kind == 0) {
+    FASTLSTM_PICK(pack_panels, float)(K, N, reinterpret_cast<const float*>(src), stride_k, stride_n,
+                                      reinterpret_cast<float*>(dst));
+  } else if (kind == 1) {
+    FASTLSTM_PICK(pack_panels, double)(K, N, reinterpret_cast<const double*>(src), stride_k, stride_n,
+                                       reinterpret_cast<double*>(dst));
+  } else {
+    FASTLSTM_PICK(pack_panels, uint32_t)(K, N, reinterpret_cast<const uint32_t*>(src), stride_k, stride_n,
+                                         reinterpret_cast<uint32_t*>(dst));
+  }
+  Py_RETURN_NONE;
+}
+
+PyObject* pack_bfloat16_pairs(PyObject*, PyObject* args) {
+  long long K, N, ld;
+  unsigned long long src, dst;
+  if (!PyArg_ParseTuple(args, "LLKLK", &K, &N, &src, &ld, &dst)) return nullptr;
+#ifdef FASTLSTM_X86
+  if (build() == kAvx512) {
+    avx512::pack_bf16_pairs(K, N, reinterpret_cast<const uint16_t*>(src), ld, reinterpret_cast<uint32_t*>(dst));
+    Py_RETURN_NONE;
+  }
+#endif
+  generic::pack_bf16_pairs(K, N, reinterpret_cast<const uint16_t*>(src), ld, reinterpret_cast<uint32_t*>(dst));
+  Py_RETURN_NONE;
+}
+
 PyObject* instruction_set(PyObject*, PyObject*) { return PyUnicode_FromString(kIsaNames[isa()]); }
 
 PyObject* bfloat16_products(PyObject*, PyObject*) { return PyBool_FromLong(isa() >= kAvx512Bf16); }
@@ -626,6 +661,8 @@ PyMethodDef methods[] = {
     {"set_instruction_set", set_instruction_set, METH_VARARGS, "Run with a supported set; returns the previous."},
     {"threading", threading, METH_NOARGS, "How the kernels run threads: openmp or threads."},
     {"convert", convert, METH_VARARGS, "Values between float32 and a half precision, as the kernels convert."},
+    {"pack_panels", pack_panels, METH_VARARGS, "A weight into the GEMM's column panels."},
+    {"pack_bfloat16_pairs", pack_bfloat16_pairs, METH_VARARGS, "A weight into bfloat16 pair panels."},
     {"single_step", single_step, METH_VARARGS, "One step of one direction, nothing saved."},
     {"step_backward", step_backward, METH_VARARGS, "One step's backward and its weight gradients."},
     {"stream_forward", stream_forward, METH_VARARGS, "A stream's chunk through every layer, nothing saved."},

@@ -703,6 +703,58 @@ void gemm_packed(int64_t M, int64_t N, int64_t K, const T* a, int64_t lda, const
   }
 }
 
+// B [K, N] (element (k, n) at src[k * stride_k + n * stride_n]) into the panels gemm_packed streams:
+// dst[panel][k][NR], zero past N. A weight's panels are built once per call, before the loop; in
+// torch (pad, permute, copy) they took 30-430 us at H = 128-512, as much as a short call's steps.
+// Each case reads B along its contiguous dimension: a column at a time where that is k (B = W^T of
+// a row-major W, the forward's), a row of the panel at a time where it is n (the backward's).
+template <typename T>
+void pack_panels(int64_t K, int64_t N, const T* src, int64_t stride_k, int64_t stride_n, T* dst) {
+  constexpr int64_t NR = panel_width<T>();
+  const int64_t panels = (N + NR - 1) / NR;
+#pragma omp parallel for schedule(static) if (panels * K * NR > (1 << 15))
+  for (int64_t q = 0; q < panels; ++q) {
+    T* panel = dst + q * K * NR;
+    const int64_t width = N - q * NR < NR ? N - q * NR : NR;
+    if (width < NR) std::fill(panel, panel + K * NR, T(0));
+    if (stride_k == 1) {
+      for (int64_t c = 0; c < width; ++c) {
+        const T* column = src + (q * NR + c) * stride_n;
+        for (int64_t k = 0; k < K; ++k) panel[k * NR + c] = column[k];
+      }
+    } else if (stride_n == 1 && width == NR) {  // (a fixed size: the compiler copies with vector moves)
+      for (int64_t k = 0; k < K; ++k) std::memcpy(panel + k * NR, src + k * stride_k + q * NR, sizeof(T) * NR);
+    } else {
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t c = 0; c < width; ++c) panel[k * NR + c] = src[k * stride_k + (q * NR + c) * stride_n];
+    }
+  }
+}
+
+// A row-major B [K, N] of bfloat16 bits (row stride ld) into the bfloat16 pair panels of
+// gemm_bf16_pairs (kernels.cpp): dst[panel][K2][16][2], rows 2j and 2j + 1 of a column side by side
+// in one 32-bit word, zero past K (to even) and N. (Where B = W^T of a row-major W, a column's pairs
+// are already adjacent in W's rows, and layer.py packs those words with pack_panels instead.)
+inline void pack_bf16_pairs(int64_t K, int64_t N, const uint16_t* src, int64_t ld, uint32_t* dst) {
+  const int64_t panels = (N + 15) / 16, K2 = (K + 1) / 2;
+#pragma omp parallel for schedule(static) if (panels * K * 16 > (1 << 15))
+  for (int64_t q = 0; q < panels; ++q) {
+    uint32_t* panel = dst + q * K2 * 16;
+    const int64_t width = N - q * 16 < 16 ? N - q * 16 : 16;
+    if (width < 16 || K % 2) std::fill(panel, panel + K2 * 16, uint32_t(0));
+    for (int64_t j = 0; j < K2; ++j) {
+      const uint16_t* low = src + 2 * j * ld + q * 16;
+      const uint16_t* high = 2 * j + 1 < K ? low + ld : nullptr;
+      uint32_t* out = panel + j * 16;
+      if (high) {
+        for (int64_t c = 0; c < width; ++c) out[c] = uint32_t(low[c]) | uint32_t(high[c]) << 16;
+      } else {
+        for (int64_t c = 0; c < width; ++c) out[c] = low[c];
+      }
+    }
+  }
+}
+
 // The same products straight from the weights' natural row-major layout, for calls too short to
 // amortise packing (a single step, or a batch of 1-3 rows, where the GEMM is a few dot products).
 

@@ -116,23 +116,33 @@ def _constant_fields(call: LayerCall, dtype: torch.dtype, steps: int, batch: int
     return p
 
 
+_PANEL_KINDS = {torch.float32: 0, torch.float64: 1, torch.int32: 2}
+
+
 def _panels(b: Tensor) -> Tensor:
-    """``b [K, N]`` -> ``[ceil(N / NR), K, NR]``: the column panels the loop's GEMM streams (NR = 64
-    bytes: 16 floats or 8 doubles, whatever the instruction set), zero-padded past N."""
-    nr = 16 if b.dtype == torch.float32 else 8
+    """``b [K, N]`` (any strides; float32, float64, or int32 words) -> ``[ceil(N / NR), K, NR]``: the
+    column panels the loop's GEMM streams (NR = 64 bytes: 16 four-byte or 8 eight-byte elements,
+    whatever the instruction set), zero-padded past N."""
+    nr = 64 // b.element_size()
     k, n = b.shape
-    if n % nr:
-        b = torch.nn.functional.pad(b, (0, nr - n % nr))
-    return b.reshape(k, -1, nr).permute(1, 0, 2).contiguous()
+    panels = b.new_empty(-(-n // nr), k, nr)
+    kernels.module().pack_panels(_PANEL_KINDS[b.dtype], k, n, b.data_ptr(), b.stride(0), b.stride(1), panels.data_ptr())
+    return panels
 
 
 def _bfloat16_pair_panels(b: Tensor) -> Tensor:
-    """``b [K, N]`` (float32 holding bfloat16 values) -> bfloat16 ``[ceil(N / 16), ceil(K / 2), 16, 2]``:
-    the panels of the AVX512-BF16 product (kernels.cpp, ``gemm_bf16_pairs``), rows k = 2j and 2j + 1
-    of a column side by side, zero-padded past K and N."""
+    """``b [K, N]`` (float32 holding bfloat16 values, any strides) -> bfloat16 ``[ceil(N / 16),
+    ceil(K / 2), 16, 2]``: the panels of the AVX512-BF16 product (kernels.cpp, ``gemm_bf16_pairs``),
+    rows k = 2j and 2j + 1 of a column side by side, zero-padded past K and N."""
     k, n = b.shape
-    b = torch.nn.functional.pad(b.to(torch.bfloat16), (0, -n % 16, 0, k % 2))
-    return b.reshape(-1, 2, b.shape[1] // 16, 16).permute(2, 0, 3, 1).contiguous()
+    if b.stride(0) == 1:  # b = W^T (the forward's): a column's pairs are adjacent in W's rows, one word each
+        w = b.t().to(torch.bfloat16)
+        w = torch.nn.functional.pad(w, (0, 1)) if k % 2 else w.contiguous()
+        return _panels(w.view(torch.int32).t()).view(torch.bfloat16).view(-1, (k + 1) // 2, 16, 2)
+    rows = b.to(torch.bfloat16).contiguous()
+    panels = torch.empty(-(-n // 16), (k + 1) // 2, 16, 2, dtype=torch.bfloat16)
+    kernels.module().pack_bfloat16_pairs(k, n, rows.data_ptr(), rows.stride(0), panels.data_ptr())
+    return panels
 
 
 class Direction:
