@@ -57,12 +57,14 @@ def _wide(t: Tensor | None) -> Tensor | None:
     return t.float() if t is not None and t.dtype in HALF else t
 
 
-def widened(inputs: LayerInputs, *, gates: bool = True) -> LayerInputs:
-    """``inputs`` with every bfloat16 / float16 tensor as float32 (the others as they are); with
-    ``gates=False`` the input gates ``x`` stay as they are (a layer's kernels widen them row by row)."""
+def widened(inputs: LayerInputs, *, layer: bool = False) -> LayerInputs:
+    """``inputs`` with every bfloat16 / float16 tensor as float32 (the others as they are); for a
+    ``layer``'s call the input gates ``x`` (which its kernels widen row by row) and ``weight_ih``
+    (the input projection's, outside the engine; the layer never reads it) stay as they are."""
     return inputs._replace(
-        x=_wide(inputs.x) if gates else inputs.x, h0=_wide(inputs.h0), c0=_wide(inputs.c0),
-        weights=[DirectionWeights(*(_wide(t) for t in w)) for w in inputs.weights],
+        x=inputs.x if layer else _wide(inputs.x), h0=_wide(inputs.h0), c0=_wide(inputs.c0),
+        weights=[w._replace(**{f: _wide(getattr(w, f)) for f in w._fields if not (layer and f == "weight_ih")})
+                 for w in inputs.weights],
         masks=[dataclasses.replace(m, **{f: _wide(getattr(m, f)) for f in MASK_FIELDS}) for m in inputs.masks])
 
 
@@ -86,7 +88,7 @@ def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> tuple[
     if call.fused_input:
         y, h_n, c_n = step.forward(call, widened(inputs), saved)
     else:
-        y, h_n, c_n = layer.forward(call, widened(inputs, gates=False), saved, **_half(inputs))
+        y, h_n, c_n = layer.forward(call, widened(inputs, layer=True), saved, **_half(inputs))
     return _narrowed(y, inputs.h0), _narrowed(h_n, inputs.h0), _narrowed(c_n, inputs.c0)
 
 
@@ -96,7 +98,7 @@ def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list
         grads = step.backward(call, widened(inputs), _wide(y), saved, _wide(dy), _wide(dh_n), _wide(dc_n),
                               needs_x=needs_x)
     else:  # (dy stays in the half precision: the kernels widen it row by row)
-        grads = layer.backward(call, widened(inputs), _wide(y), saved, dy, _wide(dh_n), _wide(dc_n),
+        grads = layer.backward(call, widened(inputs, layer=True), _wide(y), saved, dy, _wide(dh_n), _wide(dc_n),
                                needs_x=needs_x, **_half(inputs))
     return LayerGrads(_narrowed(grads.x, inputs.x), _narrowed(grads.h0, inputs.h0), _narrowed(grads.c0, inputs.c0),
                       [DirectionWeights(*(_narrowed(g, t) for g, t in zip(gw, w)))
