@@ -12,6 +12,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastlstm
 from fastlstm.engines import select_engine
 from fastlstm.engines.cpu import gemm
+from fastlstm.engines.cpu import threads as cpu_threads
 from fastlstm.testing import assert_within_twice
 
 T, B, I, H = 9, 4, 6, 8
@@ -228,13 +229,15 @@ def _without_bfloat16_products() -> bool:
     return True
 
 
-BF16_PRODUCT_CASES = {  # (the engine sees 2 threads; threads.py's rules pick the threading)
-    # one thread: 13 rows, a block of 8 and 5 single rows; 4H = 160 columns: 8 panels at once, then 2
-    "rows-and-blocks": (13, 40, dict(num_layers=2)),
+BF16_PRODUCT_CASES = {  # (batch, hidden, arch, rows per thread at least: the engine sees 2 threads)
+    # one thread: 13 rows, a block of 8, a block of 4 and a single row; 4H = 160 columns: 8 panels at once, then 2
+    "rows-and-blocks": (13, 40, dict(num_layers=2), 1 << 30),
+    # 2 threads of 6 rows each (a block of 4 and two single rows)
+    "rows-of-six": (12, 40, dict(), 4),
     # 2 threads of 8 rows each; an odd projection (K = 5, padded to a pair) in both directions
-    "odd-reduction": (16, 24, dict(bidirectional=True, proj_size=5)),
+    "odd-reduction": (16, 24, dict(bidirectional=True, proj_size=5), 8),
     # 8 rows on 2 threads: a column team (each member its panels), with recurrent dropout in training
-    "column-team": (8, 64, dict(recurrent_dropout=0.3)),
+    "column-team": (8, 64, dict(recurrent_dropout=0.3), 1 << 30),
 }
 
 
@@ -248,8 +251,10 @@ def test_bfloat16_products(case, monkeypatch):
     must not offer the set."""
     if _without_bfloat16_products():
         return
-    batch, hidden, arch = case
+    batch, hidden, arch, min_rows = case
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for least in ("MIN_ROWS_PER_THREAD", "MIN_ROWS_PER_THREAD_AVX512"):
+        monkeypatch.setattr(cpu_threads, least, min_rows)
     torch.manual_seed(0)
     options = {k: v for k, v in arch.items() if k != "recurrent_dropout"}
     theirs = torch.nn.LSTM(I, hidden, **options, dtype=torch.float64)

@@ -124,7 +124,8 @@ def gradcheck_threads(request, monkeypatch):
 def _force_threading(mode, monkeypatch):
     """Forces one threading mode at any shape (the engine picks by weight size and batch)."""
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    monkeypatch.setattr(cpu_threads, "MIN_ROWS_PER_THREAD", 1 if mode.startswith("rows") else 1 << 30)
+    for least in ("MIN_ROWS_PER_THREAD", "MIN_ROWS_PER_THREAD_AVX512"):
+        monkeypatch.setattr(cpu_threads, least, 1 if mode.startswith("rows") else 1 << 30)
     for least in ("MIN_COLUMN_WEIGHT_BYTES", "MIN_COLUMN_WEIGHT_BYTES_UNSPLIT"):
         monkeypatch.setattr(cpu_threads, least, 0 if mode.startswith("columns") else 1 << 62)
     monkeypatch.setattr(cpu_threads, "MIN_COLUMNS_PER_MEMBER", 1)  # a team even at the tests' tiny H

@@ -256,6 +256,8 @@ void gemm_bf16_pairs(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_
   const int64_t panels = (N + 15) / 16, stride = K2 * 32, chunk = 64;
   for (int64_t m0 = 0; m0 < M; m0 += chunk) {
     const int64_t m1 = m0 + chunk < M ? m0 + chunk : M, blocked = m0 + (m1 - m0) / 8 * 8;
+    // then 4 rows x 4 panels where 4 or more are left (as many chains; each panel read once for the 4)
+    const int64_t half_blocked = blocked + (m1 - blocked >= 4 ? 4 : 0);
     int64_t q = 0;
     for (; q + 2 <= panels; q += 2) {
       for (int64_t m = m0; m < blocked; m += 8)
@@ -265,7 +267,15 @@ void gemm_bf16_pairs(int64_t M, int64_t N, int64_t K2, const uint16_t* a, int64_
       for (int64_t m = m0; m < blocked; m += 8)
         bf16_block<8, 1>(K2, a + m * lda, lda, packed + q * stride, stride, c + m * ldc + q * 16, ldc, N - q * 16);
     }
-    for (int64_t m = blocked; m < m1; ++m) {  // the rows past the last block
+    if (half_blocked > blocked) {
+      const uint16_t* am = a + blocked * lda;
+      float* cm = c + blocked * ldc;
+      int64_t q = 0;
+      for (; q + 4 <= panels; q += 4)
+        bf16_block<4, 4>(K2, am, lda, packed + q * stride, stride, cm + q * 16, ldc, N - q * 16);
+      for (; q < panels; ++q) bf16_block<4, 1>(K2, am, lda, packed + q * stride, stride, cm + q * 16, ldc, N - q * 16);
+    }
+    for (int64_t m = half_blocked; m < m1; ++m) {  // the rows past the last block
       int64_t q = 0;
       for (; q + 8 <= panels; q += 8)
         bf16_row<8>(K2, a + m * lda, packed + q * stride, stride, c + m * ldc + q * 16, N - q * 16);

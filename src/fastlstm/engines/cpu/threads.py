@@ -1,5 +1,6 @@
 """How a layer's loop shares the cores: fixed rules, measured on the development machine (2-core
-AMD EPYC, Zen 3, fp32) and written down here, never timed in the user's process.
+AMD EPYC, Zen 3, fp32; a Zen 4 where a rule says so) and written down here, never timed in the
+user's process.
 
 * Rows: batch rows are independent recurrences, so disjoint row ranges run on separate threads (one
   per core torch may use), each streaming all of W_hh.
@@ -15,10 +16,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import kernels
+
 # A thread keeps at least this many rows: its GEMM needs 4-row blocks to stay efficient, and every
 # thread streams all of W_hh. Measured (fp32, H 128..1024): 2 threads lose below 4 rows each, gain
 # 5-10% at 4-8 rows and 10-50% from 8 rows each.
 MIN_ROWS_PER_THREAD = 8
+# With AVX-512 kernels (GEMM blocks of 8 and 4 rows, bfloat16's too) 4 rows each beat a column team
+# at B 8 and 12: measured on a Zen 4 (2 threads, T = 64, against the columns, interleaved), time
+# 0.82-0.93x float32 and 0.82-0.95x bfloat16 at H 64-256, forward and forward+backward (0.99-1.03x
+# at B12 H256 float32), equal at H 512 (where the weights are large enough for columns anyway).
+# The column team meets twice per step; rows never meet. Not measured on an AVX2 machine (its L2
+# is half a Zen 4's, so the doubled weight streaming may cost more there): the rule above stays.
+MIN_ROWS_PER_THREAD_AVX512 = 4
 
 # From 4 MB of W_hh (H = 512) columns beat rows at every batch size, by up to 3x at B = 1, H = 1024.
 # Below it, where the batch splits into rows (8 or more per thread), rows win forward+backward.
@@ -40,7 +50,9 @@ MIN_ROWS_TO_PACK = 4
 
 def row_threads(batch: int) -> int:
     """Threads that split the batch rows."""
-    return max(1, min(torch.get_num_threads(), batch // MIN_ROWS_PER_THREAD))
+    avx512 = kernels.module().instruction_set().startswith("avx512")
+    least = MIN_ROWS_PER_THREAD_AVX512 if avx512 else MIN_ROWS_PER_THREAD
+    return max(1, min(torch.get_num_threads(), batch // least))
 
 
 def column_threads(hidden: int, h_out: int, dtype: torch.dtype, rows_split: bool) -> int:
