@@ -209,7 +209,7 @@ class Direction:
         if self.threads == 1:
             return [plan]
         team = []
-        for begin, end in threads.row_ranges(self.layout.lengths(), self.layout.total, self.threads):
+        for begin, end in threads.row_ranges(self.layout, self.threads):
             member = kernels.copy_plan(plan)
             member.row_begin, member.row_end = begin, end
             team.append(member)

@@ -69,12 +69,16 @@ def packs(steps: int, batch: int, threads: int) -> bool:
     return steps >= MIN_STEPS_TO_PACK and batch // threads >= MIN_ROWS_TO_PACK
 
 
-def row_ranges(lengths: Tensor, total: int, parts: int) -> list[tuple[int, int]]:
-    """Up to ``parts`` disjoint ranges of the sorted batch rows (``lengths [B]``, longest first),
-    each holding about the same number of tokens."""
-    cumulative = torch.cumsum(lengths, 0)
-    bounds = [0]
-    for k in range(1, parts):
-        bounds.append(max(bounds[-1], int(torch.searchsorted(cumulative, total * k / parts)) + 1))
-    bounds.append(lengths.numel())
+def row_ranges(layout, parts: int) -> list[tuple[int, int]]:
+    """Up to ``parts`` disjoint ranges of a :class:`~fastlstm.packing.Layout`'s sorted batch rows
+    (longest first), each holding about the same number of tokens: for a full layout (every row
+    ``T`` steps) the first ``ceil(B k / parts)`` rows end range ``k``, counted without tensors."""
+    if layout.full:
+        bounds = [-(-layout.batch * k // parts) for k in range(parts + 1)]
+    else:
+        cumulative = torch.cumsum(layout.lengths(), 0)
+        bounds = [0]
+        for k in range(1, parts):
+            bounds.append(max(bounds[-1], int(torch.searchsorted(cumulative, layout.total * k / parts)) + 1))
+        bounds.append(layout.batch)
     return [(begin, end) for begin, end in zip(bounds, bounds[1:]) if end > begin]
