@@ -599,12 +599,18 @@ template <typename T> constexpr int panel_vectors() { return kPanelBytes / FASTL
 // the rows of a register block are kChains / VP, and a lone row takes kChains / VP panels at once.
 constexpr int kChains = 8;
 
-// The first ncols (at most NR) of one panel row's accumulators into c.
+// The first ncols (at most NR) of one panel row's accumulators into c. (A whole row is a copy of
+// fixed size, which the compiler stores as vectors; a copy of ncols would call memmove per block.)
 template <typename T>
 inline void store_panel_row(const typename Lanes<T>::V* acc, T* c, int64_t ncols) {
-  T out[panel_width<T>()];
+  constexpr int64_t NR = panel_width<T>();
+  if (ncols >= NR) {
+    std::memcpy(c, acc, sizeof(T) * NR);
+    return;
+  }
+  T out[NR];
   std::memcpy(out, acc, sizeof out);
-  std::memcpy(c, out, sizeof(T) * ncols);
+  for (int64_t j = 0; j < ncols; ++j) c[j] = out[j];
 }
 
 // MR rows x NP panels: acc[m][q][v] += a[m][k] * panel_q[k][v]. ncols: the columns left from the
