@@ -79,10 +79,10 @@ PANEL_SOURCES = {"W": lambda w: w, "W^T": lambda w: w.t(), "W[:, ::2]": lambda w
 @pytest.mark.parametrize("shape", [(20, 7), (33, 5), (512, 128), (2048, 96), (1, 1)], ids=str)
 @pytest.mark.parametrize("source", PANEL_SOURCES.values(), ids=PANEL_SOURCES.keys())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_weight_panels_put_every_element_in_its_place(shape, source, dtype):
-    """The packers' layouts (kernels.h, pack_panels / pack_bf16_pairs), element by element:
-    ``panels[q, k, c] = b[k, q*NR + c]`` and bfloat16 pairs ``[q, j, c, e] = b[2j + e, q*16 + c]``,
-    zero past K and N."""
+def test_weight_panels_put_every_element_in_its_place(shape, source, dtype, instruction_set):
+    """The packers' layouts (kernels.h, pack_panels / pack_bf16_pairs, in each instruction set's
+    build), element by element: ``panels[q, k, c] = b[k, q*NR + c]`` and bfloat16 pairs
+    ``[q, j, c, e] = b[2j + e, q*16 + c]``, zero past K and N."""
     b = source(torch.randn(shape, dtype=dtype))
     k, n = b.shape
     nr = 16 if dtype == torch.float32 else 8
