@@ -195,10 +195,11 @@ struct Columns {
 // from W_hh's bfloat16 values, accumulated in float32 by VDPBF16PS: each
 // instruction adds 16 dot products of bfloat16 pairs, twice the float32 FMA's products. Operands:
 // A rows of K2 pairs (a[m][2k], a[m][2k+1]; K zero-padded to even), B in column panels of 16,
-// [panel][K2][16][2] (layer.py packs them). Used only where the CPU has the instruction (the
-// kernels' instruction set avx512_bf16); other builds sum the same product in scalar code so that
-// none lacks the function (never called there: they never offer the set, so layer.py packs no
-// bfloat16 panels).
+// [panel][K2][16][2] (packed for layer.py by kernels.h's pack_bf16_pairs or pack_panels). Used only
+// where the CPU has the instruction (the kernels' instruction set avx512_bf16); other builds sum the
+// same product in scalar code so that none lacks the function (never called there: they never
+// offer the set, so layer.py packs no bfloat16 panels). Blocks: 8 rows x 2 panels, then 4 rows x 4
+// panels for 4-7 rows left, then single rows against 8 panels.
 constexpr int64_t kBf16PanelColumns = 16;
 
 #ifdef FASTLSTM_BF16_PRODUCTS

@@ -577,7 +577,7 @@ void bwd_end(const Plan& p, int64_t t) {  // dh_{t-1} += (dhw W_hh) * recurrent 
 //
 // The recurrent weights are reused by every step, so they are packed once per call into column
 // panels of 64 bytes (packed[panel][k][NR], NR = 16 floats or 8 doubles, zero-padded past N; built
-// in layer.py) that each step streams. A panel row is VP = two vectors under AVX2 and one under
+// by pack_panels below, which layer.py calls) that each step streams. A panel row is VP = two vectors under AVX2 and one under
 // AVX-512 (kernels.cpp sets FASTLSTM_VECTOR_BYTES per instruction set), so the layout does not
 // depend on the instruction set. Register blocks (gemm_packed): AVX2 4 rows x 1 panel, 8
 // accumulators (about 80% of an AVX2 core's FMA peak at B = 8, H = 256 on the development machine);
