@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from ...masks import MASK_FIELDS
+from ...masks import MASK_FIELDS, DirectionMasks
 from ...options import LSTMOptions
 from ...packing import Layout
 from ...weights import DirectionWeights
@@ -61,11 +61,18 @@ def widened(inputs: LayerInputs, *, layer: bool = False) -> LayerInputs:
     """``inputs`` with every bfloat16 / float16 tensor as float32 (the others as they are); for a
     ``layer``'s call the input gates ``x`` (which its kernels widen row by row) and ``weight_ih``
     (the input projection's, outside the engine; the layer never reads it) stay as they are."""
+    # (this runs on every call, a single step's included: nothing is rebuilt that has no half-precision tensor)
     return inputs._replace(
         x=inputs.x if layer else _wide(inputs.x), h0=_wide(inputs.h0), c0=_wide(inputs.c0),
-        weights=[w._replace(**{f: _wide(getattr(w, f)) for f in w._fields if not (layer and f == "weight_ih")})
+        weights=[DirectionWeights(w.weight_ih if layer else _wide(w.weight_ih), *map(_wide, w[1:]))
                  for w in inputs.weights],
-        masks=[dataclasses.replace(m, **{f: _wide(getattr(m, f)) for f in MASK_FIELDS}) for m in inputs.masks])
+        masks=[_wide_masks(m) for m in inputs.masks])
+
+
+def _wide_masks(masks: DirectionMasks) -> DirectionMasks:
+    half = {f: getattr(masks, f) for f in MASK_FIELDS}
+    half = {f: t.float() for f, t in half.items() if t is not None and t.dtype in HALF}
+    return dataclasses.replace(masks, **half) if half else masks
 
 
 def _narrowed(t: Tensor | None, like: Tensor | None) -> Tensor | None:
