@@ -70,8 +70,7 @@ def widened(inputs: LayerInputs, *, layer: bool = False) -> LayerInputs:
 
 
 def _wide_masks(masks: DirectionMasks) -> DirectionMasks:
-    half = {f: getattr(masks, f) for f in MASK_FIELDS}
-    half = {f: t.float() for f, t in half.items() if t is not None and t.dtype in HALF}
+    half = {f: t.float() for f in MASK_FIELDS if (t := getattr(masks, f)) is not None and t.dtype in HALF}
     return dataclasses.replace(masks, **half) if half else masks
 
 

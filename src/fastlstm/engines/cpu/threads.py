@@ -14,8 +14,8 @@ user's process.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
+from ...packing import Layout
 from . import kernels
 
 # A thread keeps at least this many rows: its GEMM needs 4-row blocks to stay efficient, and every
@@ -69,7 +69,7 @@ def packs(steps: int, batch: int, threads: int) -> bool:
     return steps >= MIN_STEPS_TO_PACK and batch // threads >= MIN_ROWS_TO_PACK
 
 
-def row_ranges(layout, parts: int) -> list[tuple[int, int]]:
+def row_ranges(layout: Layout, parts: int) -> list[tuple[int, int]]:
     """Up to ``parts`` disjoint ranges of a :class:`~fastlstm.packing.Layout`'s sorted batch rows
     (longest first), each holding about the same number of tokens: for a full layout (every row
     ``T`` steps) the first ``ceil(B k / parts)`` rows end range ``k``, counted without tensors."""
