@@ -577,9 +577,9 @@ void bwd_end(const Plan& p, int64_t t) {  // dh_{t-1} += (dhw W_hh) * recurrent 
 //
 // The recurrent weights are reused by every step, so they are packed once per call into column
 // panels of 64 bytes (packed[panel][k][NR], NR = 16 floats or 8 doubles, zero-padded past N; built
-// by pack_panels below, which layer.py calls) that each step streams. A panel row is VP = two vectors under AVX2 and one under
-// AVX-512 (kernels.cpp sets FASTLSTM_VECTOR_BYTES per instruction set), so the layout does not
-// depend on the instruction set. Register blocks (gemm_packed): AVX2 4 rows x 1 panel, 8
+// by pack_panels below, which layer.py calls) that each step streams. A panel row is VP = two
+// vectors under AVX2 and one under AVX-512 (kernels.cpp sets FASTLSTM_VECTOR_BYTES per instruction
+// set), so the layout does not depend on the instruction set. Register blocks (gemm_packed): AVX2 4 rows x 1 panel, 8
 // accumulators (about 80% of an AVX2 core's FMA peak at B = 8, H = 256 on the development machine);
 // AVX-512 8 rows x 2 panels, 16 accumulators and half the broadcasts per FMA of one panel.
 
@@ -747,7 +747,7 @@ inline void pack_bf16_pairs(int64_t K, int64_t N, const uint16_t* src, int64_t l
   for (int64_t q = 0; q < panels; ++q) {
     uint32_t* panel = dst + q * K2 * 16;
     const int64_t width = N - q * 16 < 16 ? N - q * 16 : 16;
-    if (width < 16 || K % 2) std::fill(panel, panel + K2 * 16, uint32_t(0));
+    if (width < 16) std::fill(panel, panel + K2 * 16, uint32_t(0));  // (an odd K's last pair is written below)
     for (int64_t j = 0; j < K2; ++j) {
       const uint16_t* low = src + 2 * j * ld + q * 16;
       const uint16_t* high = 2 * j + 1 < K ? low + ld : nullptr;
