@@ -281,10 +281,10 @@ def _plan(module, x: Tensor, params: tuple):
 
 
 def _pack(module, x: Tensor, params: tuple):
-    """``module``'s weights packed for ``x``'s dtype (:class:`_StepCache` keeps them); None if the native path does not take
-    the module: a dtype, backend or options it does not run, a weight that is not a plain parameter
-    (parametrized, or a tensor attribute: ``_parameters`` would not show its changes), an inference
-    tensor (no version counter)."""
+    """``module``'s weights packed for ``x``'s dtype (:class:`_StepCache` keeps them); None if the
+    native path does not take the module: a dtype, backend or options it does not run, a weight
+    that is not a plain parameter (parametrized, or a tensor attribute: ``_parameters`` would not
+    show its changes), an inference tensor (no version counter)."""
     names = [name for field_names in module._direction_names for name in field_names if name is not None]
     if x.dtype not in (torch.float32, torch.float64) or module.backend not in ("auto", "cpu") \
             or x.dtype != module.weight_ih_l0.dtype or not engines.supports("cpu", x.device, x.dtype) \

@@ -23,7 +23,8 @@ STREAMING = "streaming"  # (a preset of its own kind: per-step latency, bench/st
 
 
 _SHAPE_FLAGS = ("batch", "steps", "input_size", "hidden", "layers", "bidirectional", "proj_size", "dtype", "packed",
-                "autocast", "layer_norm", "peephole", "zoneout", "cell_clip", "recurrent_dropout", "weight_drop", "activations")
+                "autocast", "layer_norm", "peephole", "zoneout", "cell_clip", "recurrent_dropout", "weight_drop",
+                "activations")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -674,7 +674,8 @@ inline void gemm_row(int64_t K, const T* a, const T* panels, int64_t panel_strid
 template <typename T, int MR, int NP>
 inline void gemm_blocks(int64_t K, const T* a, int64_t lda, int64_t m, int64_t blocked, int64_t half_blocked,
                         const T* panels, int64_t panel_stride, T* c, int64_t ldc, int64_t ncols) {
-  for (; m < blocked; m += MR) gemm_block<T, MR, NP>(K, a + m * lda, lda, panels, panel_stride, c + m * ldc, ldc, ncols);
+  for (; m < blocked; m += MR)
+    gemm_block<T, MR, NP>(K, a + m * lda, lda, panels, panel_stride, c + m * ldc, ldc, ncols);
   if (m < half_blocked) gemm_block<T, MR / 2, NP>(K, a + m * lda, lda, panels, panel_stride, c + m * ldc, ldc, ncols);
 }
 
