@@ -246,6 +246,35 @@ def test_the_fast_step_runs_many_streams_of_unequal_chunks():
             model.step(torch.randn(4, 3, 3, dtype=F64), state, lengths=torch.tensor([5, 0, 2]))
 
 
+@pytest.mark.parametrize("parts", [2, 3])
+def test_a_batch_of_streams_split_across_threads(parts, monkeypatch):
+    """The native step splits a batch's rows across threads (engines/cpu/threads.py's row rule, here
+    forced to ``parts`` at 7 rows): each row equals the reference engine (float64, 1e-12) and the same
+    batch run on one thread bit for bit (rows never meet), lengths included."""
+    from fastlstm.engines.cpu import threads
+
+    model = _model("auto", peephole=True, zoneout=(0.2, 0.1))
+    oracle = _model("reference", peephole=True, zoneout=(0.2, 0.1))
+    oracle.load_state_dict(model.state_dict())
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(4, 7, 3, dtype=F64, generator=g)
+    state = LSTMState(torch.randn(2, 7, 5, dtype=F64, generator=g), torch.randn(2, 7, 5, dtype=F64, generator=g))
+    lengths = torch.tensor([4, 0, 3, 1, 4, 2, 0])
+    runs = []
+    with torch.inference_mode():
+        for split in (1, parts):
+            monkeypatch.setattr(threads, "row_threads", lambda batch, split=split: split)
+            runs.append([model.step(x, state, lengths=lengths), model.step(x, state)])
+        assert _took_the_fast_path(model)
+        for given, (y, new) in zip((lengths, None), runs[1]):
+            expected, (h, c) = oracle(x, tuple(state), **({} if given is None else {"lengths": given}))
+            torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(new.h, h, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(new.c, c, rtol=1e-12, atol=1e-12)
+    for one, split in zip(runs[0], runs[1]):
+        assert all(torch.equal(a, b) for a, b in zip((one[0], *one[1]), (split[0], *split[1])))
+
+
 def test_the_fast_step_leaves_hooked_and_parametrized_modules_to_forward():
     """A forward pre-hook or a parametrization may compute a weight in each call: the native path
     would read a stale one, so such modules take forward (and their hooks run)."""

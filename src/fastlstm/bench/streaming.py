@@ -5,7 +5,8 @@ One step (T = 1) of a 2-layer LSTM, I = 40, float32, one thread, at H = 128 (iss
 median of rounds of ``steps`` calls, microseconds per call:
 
 * ``torch.nn.LSTM`` and ``fastlstm.LSTM`` called with ``(h, c)``;
-* ``fastlstm.LSTM.step`` (an ``LSTMState`` in and out), at B = 1 and with a batch of 64 streams;
+* ``fastlstm.LSTM.step`` (an ``LSTMState`` in and out), at B = 1 and with a batch of 64 streams,
+  on one thread and (where torch has more) on all of torch's threads, which split a batch's rows;
 * a ``fastlstm.LSTMCell`` and a ``torch.nn.LSTMCell`` per layer;
 * onnxruntime (one thread) on ``fastlstm.onnx.export_streaming``'s graph and on ``torch.nn.LSTM``
   exported by torch's TorchScript exporter, both ``(x, h, c) -> (y, h_out, c_out)`` (when
@@ -87,8 +88,9 @@ def _cells_step(cells):
     return step
 
 
-def implementations(hidden: int) -> dict[str, tuple]:
-    """``{name: (step(x, state) -> (y, state), initial state, batch)}``, every one with torch.nn.LSTM's weights."""
+def implementations(hidden: int, threads: int = 1) -> dict[str, tuple]:
+    """``{name: (step(x, state) -> (y, state), initial state, batch[, threads])}``, every one with
+    torch.nn.LSTM's weights; one thread each unless named (the batch of streams on ``threads`` > 1)."""
     torch.manual_seed(0)
     theirs = torch.nn.LSTM(INPUT_SIZE, hidden, LAYERS).eval()
     ours = LSTM(INPUT_SIZE, hidden, LAYERS).eval()
@@ -105,6 +107,8 @@ def implementations(hidden: int) -> dict[str, tuple]:
         "fastlstm.LSTM": (lambda x, state: ours(x, state), zeros, 1),
         "fastlstm.LSTM.step": (ours.step, ours.initial_state(1), 1),
         f"fastlstm.LSTM.step, {STREAMS} streams": (ours.step, ours.initial_state(STREAMS), STREAMS),
+        **({f"fastlstm.LSTM.step, {STREAMS} streams, {threads} threads":
+            (ours.step, ours.initial_state(STREAMS), STREAMS, threads)} if threads > 1 else {}),
         "fastlstm.LSTMCell per layer": (_cells_step(cells_ours), zeros, 1),
         "torch.nn.LSTMCell per layer": (_cells_step(cells_theirs), zeros, 1),
     }
@@ -120,21 +124,23 @@ def _run(step, state, xs, numpy: bool):
     return y, state
 
 
-def measure(hidden: int, rounds: int, steps: int) -> dict[str, float]:
-    """Median microseconds per step of each implementation at ``hidden``."""
-    impls = implementations(hidden)
+def measure(hidden: int, rounds: int, steps: int, threads: int = 1) -> dict[str, float]:
+    """Median microseconds per step of each implementation at ``hidden``, each on one thread but the
+    batch of streams named with ``threads`` (more than 1)."""
+    impls = {name: (*impl, 1)[:4] for name, impl in implementations(hidden, threads).items()}
     g = torch.Generator().manual_seed(1)
-    inputs = {b: list(torch.randn(steps, 1, b, INPUT_SIZE, generator=g)) for b in {b for _, _, b in impls.values()}}
+    inputs = {b: list(torch.randn(steps, 1, b, INPUT_SIZE, generator=g)) for b in {impl[2] for impl in impls.values()}}
     times = {name: [] for name in impls}
     with torch.inference_mode():
         expected = _run(*impls["torch.nn.LSTM"][:2], inputs[1], False)[0]
-        for name, (step, state, batch) in impls.items():
+        for name, (step, state, batch, _) in impls.items():
             y = torch.as_tensor(_run(step, state, inputs[batch], name.startswith("onnx"))[0])
             if batch == 1:
                 torch.testing.assert_close(y.reshape(expected.shape), expected, rtol=1e-4, atol=1e-5,
                                            msg=lambda m, n=name: f"{n}: {m}")
         for _ in range(rounds):
-            for name, (step, state, batch) in impls.items():  # interleaved: each round times every one
+            for name, (step, state, batch, threads_used) in impls.items():  # interleaved: each round times every one
+                torch.set_num_threads(threads_used)
                 start = time.perf_counter()
                 _run(step, state, inputs[batch], name.startswith("onnx"))
                 times[name].append((time.perf_counter() - start) / steps * 1e6)
@@ -142,18 +148,19 @@ def measure(hidden: int, rounds: int, steps: int) -> dict[str, float]:
 
 
 def run(rounds: int = 15, steps: int | None = None, hidden_sizes=None) -> dict[str, object]:
-    """Every hidden size (default :data:`HIDDEN_SIZES`), on one thread, ``steps`` calls per round
-    (default :data:`STEPS`): ``{"rows": [{"hidden_size", "us_per_step": {...}}, ...], ...}``."""
+    """Every hidden size (default :data:`HIDDEN_SIZES`), on one thread (the batch of streams also on
+    all of torch's), ``steps`` calls per round (default :data:`STEPS`): ``{"rows": [{"hidden_size",
+    "us_per_step": {...}}, ...], ...}``."""
     steps = STEPS if steps is None else steps
     hidden_sizes = HIDDEN_SIZES if hidden_sizes is None else hidden_sizes
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         rows = [{"layers": LAYERS, "input_size": INPUT_SIZE, "hidden_size": h, "batch": 1,
-                 "us_per_step": measure(h, rounds, steps)} for h in hidden_sizes]
+                 "us_per_step": measure(h, rounds, steps, threads)} for h in hidden_sizes]
     finally:
         torch.set_num_threads(threads)
-    return {"threads": 1, "dtype": "float32", "rounds": rounds, "steps": steps, "rows": rows}
+    return {"threads": 1, "all_threads": threads, "dtype": "float32", "rounds": rounds, "steps": steps, "rows": rows}
 
 
 def format_report(report: dict[str, object], header: str) -> str:

@@ -499,12 +499,51 @@ PyObject* single_step(PyObject*, PyObject* args) {
   Py_RETURN_NONE;
 }
 
-// stream_forward(table, layers, steps, x, y, h0, c0, h_n, c_n, lengths): see stream_forward in
-// kernels.h (lengths 0: every row runs every step).
+// Runs job(k) for k in [0, parts) on parts threads (OpenMP's team where the kernels have it, else
+// threads of their own; a part whose thread could not start runs on the caller's). The parts must
+// not wait for one another.
+template <typename Job>
+void run_parts(int64_t parts, const Job& job) {
+  if (parts <= 1) {
+    job(0);
+    return;
+  }
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static, 1) num_threads(int(parts))
+  for (int64_t k = 0; k < parts; ++k) job(k);
+#else
+  std::vector<std::thread> threads;
+  int64_t started = 1;
+  try {
+    for (; started < parts; ++started) threads.emplace_back(job, started);
+  } catch (const std::system_error&) {
+  }
+  job(0);
+  for (int64_t k = started; k < parts; ++k) job(k);
+  for (auto& thread : threads) thread.join();
+#endif
+}
+
+template <typename T>
+void run_stream_forward(const int64_t* table, int64_t layers, int64_t steps, unsigned long long x, unsigned long long y,
+                        unsigned long long h0, unsigned long long c0, unsigned long long h_n, unsigned long long c_n,
+                        const int64_t* lengths, int64_t parts) {
+  const int64_t B = reinterpret_cast<const Plan*>(table[0])->batch;
+  auto fn = FASTLSTM_PICK(stream_forward, T);
+  run_parts(parts, [&](int64_t k) {  // part k: rows [B k / parts, B (k + 1) / parts)
+    fn(table, layers, steps, reinterpret_cast<const T*>(x), reinterpret_cast<T*>(y), reinterpret_cast<const T*>(h0),
+       reinterpret_cast<const T*>(c0), reinterpret_cast<T*>(h_n), reinterpret_cast<T*>(c_n), lengths,
+       B * k / parts, B * (k + 1) / parts);
+  });
+}
+
+// stream_forward(table, layers, steps, x, y, h0, c0, h_n, c_n, lengths, threads): see stream_forward
+// in kernels.h (lengths 0: every row runs every step); `threads` split the batch rows.
 PyObject* stream_forward(PyObject*, PyObject* args) {
   unsigned long long table, x, y, h0, c0, h_n, c_n, lengths;
-  long long layers, steps;
-  if (!PyArg_ParseTuple(args, "KLLKKKKKKK", &table, &layers, &steps, &x, &y, &h0, &c0, &h_n, &c_n, &lengths)) {
+  long long layers, steps, threads;
+  if (!PyArg_ParseTuple(args, "KLLKKKKKKKL", &table, &layers, &steps, &x, &y, &h0, &c0, &h_n, &c_n, &lengths,
+                        &threads)) {
     return nullptr;
   }
   const int64_t* rows = reinterpret_cast<const int64_t*>(table);
@@ -512,14 +551,9 @@ PyObject* stream_forward(PyObject*, PyObject* args) {
   const bool single = reinterpret_cast<const Plan*>(rows[0])->dtype == 0;
   Py_BEGIN_ALLOW_THREADS
   if (single) {
-    FASTLSTM_PICK(stream_forward, float)(rows, layers, steps, reinterpret_cast<const float*>(x), reinterpret_cast<float*>(y),
-                                         reinterpret_cast<const float*>(h0), reinterpret_cast<const float*>(c0),
-                                         reinterpret_cast<float*>(h_n), reinterpret_cast<float*>(c_n), row_lengths);
+    run_stream_forward<float>(rows, layers, steps, x, y, h0, c0, h_n, c_n, row_lengths, threads);
   } else {
-    FASTLSTM_PICK(stream_forward, double)(rows, layers, steps, reinterpret_cast<const double*>(x),
-                                          reinterpret_cast<double*>(y), reinterpret_cast<const double*>(h0),
-                                          reinterpret_cast<const double*>(c0), reinterpret_cast<double*>(h_n),
-                                          reinterpret_cast<double*>(c_n), row_lengths);
+    run_stream_forward<double>(rows, layers, steps, x, y, h0, c0, h_n, c_n, row_lengths, threads);
   }
   Py_END_ALLOW_THREADS
   Py_RETURN_NONE;

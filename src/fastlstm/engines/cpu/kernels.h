@@ -1018,20 +1018,22 @@ void single_step(const Plan& p, const T* x, int64_t input_size, const T* w_ih, c
 // panels, and its input size. Each step's input product runs over the panels (a dot product per gate
 // would spend more on horizontal sums than on the products at B = 1), then the plan's step. With
 // `lengths` ([B], or null), a row at or past its length keeps its state bit for bit (it is computed
-// and then put back) and outputs zeros.
+// and then put back) and outputs zeros. This call runs batch rows [row_begin, row_end) only: rows are
+// independent through every layer and step, so threads that take disjoint ranges never meet (every
+// buffer the plans point at is indexed by batch row).
 template <typename T>
 void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T* x, T* y, const T* h0, const T* c0,
-                    T* h_n, T* c_n, const int64_t* lengths) {
-  const int64_t B = reinterpret_cast<const Plan*>(table[0])->batch;
-  int64_t h_size = 0, c_size = 0, widest = 0;
-  for (int64_t l = 0; l < layers; ++l) {
+                    T* h_n, T* c_n, const int64_t* lengths, int64_t row_begin, int64_t row_end) {
+  const int64_t B = reinterpret_cast<const Plan*>(table[0])->batch, rows = row_end - row_begin;
+  int64_t widest = 0;
+  for (int64_t l = 0, h_at = 0, c_at = 0; l < layers; ++l) {  // this range's rows of every layer's states
     const Plan& p = *reinterpret_cast<const Plan*>(table[3 * l]);
-    h_size += B * p.h_out;
-    c_size += B * p.hidden;
+    std::memcpy(h_n + h_at + row_begin * p.h_out, h0 + h_at + row_begin * p.h_out, sizeof(T) * rows * p.h_out);
+    std::memcpy(c_n + c_at + row_begin * p.hidden, c0 + c_at + row_begin * p.hidden, sizeof(T) * rows * p.hidden);
+    h_at += B * p.h_out;
+    c_at += B * p.hidden;
     widest = widest > p.h_out + p.hidden ? widest : p.h_out + p.hidden;
   }
-  std::memcpy(h_n, h0, sizeof(T) * h_size);
-  std::memcpy(c_n, c0, sizeof(T) * c_size);
   std::vector<T> kept(lengths ? B * widest : 0);  // the states of the rows past their length
   for (int64_t t = 0; t < steps; ++t) {
     const T* in = x + t * B * table[2];
@@ -1042,19 +1044,22 @@ void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T
       const int64_t I = table[3 * l + 2], ho = q.h_out, H = q.hidden;
       q.h_state = h;
       q.c_state = c;
+      q.row_begin = row_begin;
+      q.row_end = row_end;
       if (l == layers - 1) q.y = y + t * B * ho;
       if (lengths) {
-        for (int64_t r = 0; r < B; ++r) {
+        for (int64_t r = row_begin; r < row_end; ++r) {
           if (t < lengths[r]) continue;
           std::memcpy(kept.data() + r * widest, h + r * ho, sizeof(T) * ho);
           std::memcpy(kept.data() + r * widest + ho, c + r * H, sizeof(T) * H);
         }
       }
       T* xg = static_cast<T*>(const_cast<void*>(q.xg));
-      gemm_packed<T>(B, 4 * H, I, in, I, reinterpret_cast<const T*>(table[3 * l + 1]), xg, q.ld_xg);
+      gemm_packed<T>(rows, 4 * H, I, in + row_begin * I, I, reinterpret_cast<const T*>(table[3 * l + 1]),
+                     xg + row_begin * q.ld_xg, q.ld_xg);
       forward_all<T>(q);
       if (lengths) {
-        for (int64_t r = 0; r < B; ++r) {
+        for (int64_t r = row_begin; r < row_end; ++r) {
           if (t < lengths[r]) continue;
           std::memcpy(h + r * ho, kept.data() + r * widest, sizeof(T) * ho);
           std::memcpy(c + r * H, kept.data() + r * widest + ho, sizeof(T) * H);

@@ -4,8 +4,11 @@
 :class:`PackedWeights` holds a module's weights as the kernels read them, once per weights' version:
 ``W_ih^T`` and ``W_hh^T`` in the column panels the kernels' GEMM streams (a B = 1 product over
 panels has no horizontal sums) and ``b_ih + b_hh``. A :class:`StreamPlan` over them, per batch
-size, holds for each layer the single step's plan (:mod:`.step`) pointed at buffers it owns. A chunk ``x [T, B, I]`` then costs one ``stream_forward`` call and its output
-allocations. For the single step's form: one direction, no projection, no layer norm (:func:`takes`).
+size, holds for each layer the single step's plan (:mod:`.step`) pointed at buffers it owns. A chunk
+``x [T, B, I]`` then costs one ``stream_forward`` call and its output allocations; a batch of
+streams splits its rows across threads by the layers' rule (rows never meet, so the threads run the
+whole chunk without a barrier). For the single step's form: one direction, no projection, no layer
+norm (:func:`takes`).
 The plan points at the weights it was built from: its caller (:func:`fastlstm.streaming._fast_step`)
 rebuilds it when a parameter is replaced or changed (a new version or address).
 """
@@ -20,7 +23,7 @@ from ...options import LSTMOptions
 from ...packing import Layout
 from ...weights import DirectionWeights
 from ..contract import LayerInputs, _step_call
-from . import kernels, step
+from . import kernels, step, threads
 from .layer import _panels
 
 _NO_MASKS = DirectionMasks()
@@ -78,10 +81,12 @@ class StreamPlan:
     def run(self, x: Tensor, h0: Tensor, c0: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``x [T, B, I]``, ``h0``, ``c0 [L, B, H]`` (contiguous, the plan's dtype and batch), ``lengths``
         int64 ``[B]`` (contiguous) or None -> ``(y [T, B, H], h_n, c_n)``; a row at or past its length
-        keeps its state and outputs zeros."""
+        keeps its state and outputs zeros. The batch rows split across threads by the layers' rule
+        (:func:`threads.row_threads`: a batch of streams runs on every core torch may use)."""
         steps = x.shape[0]
         y = x.new_empty((steps, self.batch, self.hidden))
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         self._forward(self._table, self.layers, steps, x.data_ptr(), y.data_ptr(), h0.data_ptr(), c0.data_ptr(),
-                      h_n.data_ptr(), c_n.data_ptr(), 0 if lengths is None else lengths.data_ptr())
+                      h_n.data_ptr(), c_n.data_ptr(), 0 if lengths is None else lengths.data_ptr(),
+                      threads.row_threads(self.batch) if self.batch > 1 else 1)
         return y, h_n, c_n
