@@ -84,7 +84,7 @@ class StreamPlan:
         keeps its state and outputs zeros. The batch rows split across threads by the layers' rule
         (:func:`threads.row_threads`: a batch of streams runs on every core torch may use)."""
         steps = x.shape[0]
-        y = x.new_empty((steps, self.batch, self.hidden))
+        y = torch.empty(steps, self.batch, self.hidden, dtype=self.dtype)  # (ints: faster than new_empty's tuple)
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         self._forward(self._table, self.layers, steps, x.data_ptr(), y.data_ptr(), h0.data_ptr(), c0.data_ptr(),
                       h_n.data_ptr(), c_n.data_ptr(), 0 if lengths is None else lengths.data_ptr(),
