@@ -164,7 +164,7 @@ def run(rounds: int = 15, steps: int | None = None, hidden_sizes=None) -> dict[s
 
 
 def format_report(report: dict[str, object], header: str) -> str:
-    lines = [f"# {header}; 1 thread, float32, B = 1 unless named, median of {report['rounds']} interleaved rounds "
+    lines = [f"# {header}; 1 thread and B = 1 unless named, float32, median of {report['rounds']} interleaved rounds "
              f"of {report['steps']} steps, us per step"]
     for row in report["rows"]:
         medians = row["us_per_step"]
