@@ -59,12 +59,14 @@ def _wide(t: Tensor | None) -> Tensor | None:
 
 def widened(inputs: LayerInputs, *, layer: bool = False) -> LayerInputs:
     """``inputs`` with every bfloat16 / float16 tensor as float32 (the others as they are); for a
-    ``layer``'s call the input gates ``x`` (which its kernels widen row by row) and ``weight_ih``
-    (the input projection's, outside the engine; the layer never reads it) stay as they are."""
+    ``layer``'s call the input gates ``x`` (which its kernels widen row by row), ``weight_ih`` (the
+    input projection's, outside the engine; the layer never reads it) and ``weight_hh`` (the layer
+    widens it where its kernels read float32, and packs bfloat16 products from it as it is) stay as
+    they are."""
     # (this runs on every call, a single step's included: nothing is rebuilt that has no half-precision tensor)
     return inputs._replace(
         x=inputs.x if layer else _wide(inputs.x), h0=_wide(inputs.h0), c0=_wide(inputs.c0),
-        weights=[DirectionWeights(w.weight_ih if layer else _wide(w.weight_ih), *map(_wide, w[1:]))
+        weights=[DirectionWeights(*(w[:2] if layer else map(_wide, w[:2])), *map(_wide, w[2:]))
                  for w in inputs.weights],
         masks=[_wide_masks(m) for m in inputs.masks])
 

@@ -131,7 +131,7 @@ def _panels(b: Tensor) -> Tensor:
 
 
 def _bfloat16_pair_panels(b: Tensor) -> Tensor:
-    """``b [K, N]`` (float32 holding bfloat16 values, any strides) -> bfloat16 ``[ceil(N / 16),
+    """``b [K, N]`` (bfloat16, or float32 holding bfloat16 values; any strides) -> bfloat16 ``[ceil(N / 16),
     ceil(K / 2), 16, 2]``: the panels of the AVX512-BF16 product (kernels.cpp, ``gemm_bf16_pairs``),
     rows k = 2j and 2j + 1 of a column side by side, zero-padded past K and N."""
     k, n = b.shape
@@ -162,6 +162,9 @@ class Direction:
         self.zoneout_mode, self.carried = zoneout_mode(call, masks), carries_cell(call, masks)
         # contiguous (copies only if strided) tensors the plans point into
         self.w_hh, self.w_hr, self.peep = (kernels.dense(t) for t in (w.weight_hh, w.weight_hr, w.weight_peephole))
+        # (a half-precision call's W_hh comes in its own dtype: its bfloat16 pair panels are packed from
+        # it as it is, and it is widened only where the kernels read float32, wide_w_hh)
+        self._wide_w_hh = None
         self.ln = [kernels.dense(t) for t in (w.layer_norm_hh_weight, w.layer_norm_cell_weight, w.layer_norm_cell_bias)]
         self.masks = [kernels.dense(t) for t in (masks.recurrent, masks.zoneout_h, masks.zoneout_c)]
         self.c0 = inputs.c0[d].contiguous()
@@ -180,7 +183,7 @@ class Direction:
         p = kernels.copy_plan(_constant_fields(self.call, self.dtype, lay.steps, lay.batch, self.hidden, self.proj,
                                                self.reverse, self.zoneout_mode, self.column_threads, save))
         p.n_rows, p.offsets = lay.batch_sizes.data_ptr(), lay.offsets().data_ptr()
-        p.w_hh, p.w_hr, p.peep = ptr(self.w_hh), ptr(self.w_hr), ptr(self.peep)
+        p.w_hr, p.peep = ptr(self.w_hr), ptr(self.peep)
         p.ln_hh, p.ln_c_w, p.ln_c_b = ptr(self.ln[0]), ptr(self.ln[1]), ptr(self.ln[2])
         p.rec_mask, p.zh_mask, p.zc_mask = ptr(self.masks[0]), ptr(self.masks[1]), ptr(self.masks[2])
         p.c0 = self.c0.data_ptr()
@@ -191,6 +194,18 @@ class Direction:
             if save:
                 p.gates = masks.ptr("half_gates")
         return p
+
+    def wide_w_hh(self) -> Tensor:
+        """``W_hh`` in the plan's dtype (a half-precision call's widened once, on first use)."""
+        if self._wide_w_hh is None:
+            self._wide_w_hh = self.w_hh if self.w_hh.dtype == self.dtype else self.w_hh.to(self.dtype)
+        return self._wide_w_hh
+
+    def point_w_hh(self, p, packs: bool) -> None:
+        """Points ``p`` at ``W_hh`` in the plan's dtype, read in its natural layout (or packed from
+        it), except where a packed call multiplies bfloat16 pairs (nothing then reads it)."""
+        if not (packs and self.bfloat16_products()):
+            p.w_hh = self.wide_w_hh().data_ptr()
 
     def bfloat16_products(self) -> bool:
         """Whether the kernels multiply this call's recurrent products in bfloat16 pairs (a bfloat16
@@ -228,7 +243,9 @@ class Direction:
         p.y, p.ld_y = y.data_ptr() + d * self.h_out * y.element_size(), y.stride(0)
         p.ld_hw = G
         packed = [None, None]
-        if threads.packs(lay.steps, lay.batch, self.threads):
+        packs = threads.packs(lay.steps, lay.batch, self.threads)
+        self.point_w_hh(p, packs)
+        if packs:
             w_hr = None if self.w_hr is None else _panels(self.w_hr.t())
             if self.bfloat16_products():
                 # the product in bfloat16 pairs (W_hh holds bfloat16 values; h_in is rounded to them)
@@ -236,7 +253,7 @@ class Direction:
                 p.w_hh_bf16 = w_hh_bf16.data_ptr()
                 packed = [None, w_hr, w_hh_bf16, operand]
             else:
-                packed = [_panels(self.w_hh.t()), w_hr]
+                packed = [_panels(self.wide_w_hh().t()), w_hr]
         p.w_hh_packed, p.w_hr_packed = (kernels.pointer(t) for t in packed[:2])
         team = self.team(p)  # the plans (and what they point at) live until the call returns
         kernels.module().forward_all(tuple(kernels.address(q) for q in team))
@@ -259,14 +276,16 @@ class Direction:
         dhw = scratch.view("dhw", N, G) if ln else dgates
         p = self.plan(arena, masks, save=True)
         packed_t = [None, None]
-        if threads.packs(lay.steps, lay.batch, self.threads):
+        packs = threads.packs(lay.steps, lay.batch, self.threads)
+        self.point_w_hh(p, packs)
+        if packs:
             w_hr = None if self.w_hr is None else _panels(self.w_hr)
             if self.bfloat16_products():  # dh_in = dhw W_hh with dhw rounded to bfloat16 for the product
                 w_hh_bf16_t, operand = self.bfloat16_operands(p, self.w_hh)
                 p.w_hh_bf16_t = w_hh_bf16_t.data_ptr()
                 packed_t = [None, w_hr, w_hh_bf16_t, operand]
             else:
-                packed_t = [_panels(self.w_hh), w_hr]
+                packed_t = [_panels(self.wide_w_hh()), w_hr]
 
         p.dy, p.ld_dy = dy.data_ptr() + d * ho * dy.element_size(), dy.stride(0)
         p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
