@@ -22,36 +22,15 @@ import time
 
 import torch
 
-import fastlstm
-from fastlstm.bench.impls import DTYPES
+from fastlstm.bench.impls import DTYPES, fastlstm_module, make_inputs, torch_module
 from fastlstm.bench.presets import PRESETS
 
 
-def _modules(package, config):
-    dtype = DTYPES[config.storage_dtype]
-    if config.kind == "cell":
-        return package.LSTMCell(config.input_size, config.hidden, **config.options_dict, dtype=dtype)
-    return package.LSTM(config.input_size, config.hidden, num_layers=config.layers, dtype=dtype,
-                        bidirectional=config.bidirectional, proj_size=config.proj_size, **config.options_dict)
-
-
-def _torch_module(config):
-    dtype = DTYPES[config.storage_dtype]
-    if config.kind == "cell":
-        return torch.nn.LSTMCell(config.input_size, config.hidden, dtype=dtype)
-    return torch.nn.LSTM(config.input_size, config.hidden, num_layers=config.layers, dtype=dtype,
-                         bidirectional=config.bidirectional, proj_size=config.proj_size)
-
-
 def _inputs(config, generator):
-    dtype = DTYPES[config.storage_dtype]
-    if config.kind == "cell":
-        return torch.randn(config.batch, config.input_size, generator=generator).to(dtype)
-    x = torch.randn(config.steps, config.batch, config.input_size, generator=generator).to(dtype)
-    if config.packed:
-        lengths = torch.randint(max(1, config.steps // 4), config.steps + 1, (config.batch,), generator=generator)
-        lengths[0] = config.steps
-        return torch.nn.utils.rnn.pack_padded_sequence(x, lengths, enforce_sorted=False)
+    """The row's input as the bench draws it (a PackedSequence for packed rows), without autograd."""
+    inputs = make_inputs(config, torch.device("cpu"), generator)
+    x = inputs.packed if config.packed else inputs.x
+    (x.data if config.packed else x).requires_grad_(False)
     return x
 
 
@@ -103,14 +82,14 @@ def main(argv: list[str] | None = None) -> int:
         configs = [c for c in configs if any(part in c.label for part in args.rows.split(","))]
     for config in configs:
         torch.manual_seed(0)
-        new_module = _modules(fastlstm, config)
-        old_module = _modules(old, config)
+        new_module = fastlstm_module(config)
+        old_module = fastlstm_module(config, package=old)
         old_module.load_state_dict(new_module.state_dict())
-        torch_module = _torch_module(config) if not config.options else None
+        yardstick = torch_module(config) if not config.options else None
         x = _inputs(config, torch.Generator().manual_seed(1))
         stochastic = any(name in config.options_dict for name in ("zoneout", "recurrent_dropout", "weight_drop"))
         repeat = 50 if config.kind == "cell" else 1
-        implementations = {"new": new_module, "old": old_module} | ({"torch": torch_module} if torch_module else {})
+        implementations = {"new": new_module, "old": old_module} | ({"torch": yardstick} if yardstick else {})
         calls = {name: _calls(m, x, stochastic, config) for name, m in implementations.items()}
         for fwd, fwd_bwd in calls.values():  # warm-up
             fwd(), fwd_bwd(), fwd(), fwd_bwd()
@@ -128,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                "ratio_fwd_bwd": medians["new", "fwd+bwd"] / medians["old", "fwd+bwd"]}
         rows.append(row)
         yard = (f"  torch {medians['torch', 'fwd']:.3g} / {medians['torch', 'fwd+bwd']:.3g}"
-                if torch_module else "")
+                if yardstick else "")
         print(f"{config.label:<46} fwd {medians['old', 'fwd']:8.3g} -> {medians['new', 'fwd']:8.3g} "
               f"({row['ratio_fwd']:.3f})   fwd+bwd {medians['old', 'fwd+bwd']:8.3g} -> "
               f"{medians['new', 'fwd+bwd']:8.3g} ({row['ratio_fwd_bwd']:.3f}){yard}", flush=True)

@@ -111,14 +111,20 @@ def _module_kwargs(config: Config) -> dict[str, object]:
     return {"num_layers": config.layers, "bidirectional": config.bidirectional, "proj_size": config.proj_size}
 
 
-def _torch_module(config: Config, device, dtype) -> nn.Module:
+def torch_module(config: Config, device=None, dtype=None) -> nn.Module:
+    """torch.nn.LSTM (or LSTMCell) at the row's shape, without options; ``dtype`` the row's storage dtype unless given."""
+    dtype = DTYPES[config.storage_dtype] if dtype is None else dtype
     if config.kind == "cell":
         return torch.nn.LSTMCell(config.input_size, config.hidden, device=device, dtype=dtype)
     return torch.nn.LSTM(config.input_size, config.hidden, device=device, dtype=dtype, **_module_kwargs(config))
 
 
-def _fastlstm_module(config: Config, device, dtype, backend: str) -> nn.Module:
-    cls = LSTMCell if config.kind == "cell" else LSTM
+def fastlstm_module(config: Config, device=None, dtype=None, backend: str = "auto", package=None) -> nn.Module:
+    """fastlstm's LSTM (or LSTMCell) at the row's shape with its options, from ``package`` (fastlstm
+    unless given: ``benchmarks/before_after.py`` passes an earlier copy); dtype as :func:`torch_module`."""
+    dtype = DTYPES[config.storage_dtype] if dtype is None else dtype
+    cls = (LSTMCell if config.kind == "cell" else LSTM) if package is None else \
+        (package.LSTMCell if config.kind == "cell" else package.LSTM)
     return cls(config.input_size, config.hidden, device=device, dtype=dtype, backend=backend,
                **_module_kwargs(config), **config.options_dict)
 
@@ -175,9 +181,9 @@ def build_impls(config: Config, device: torch.device, requested: list[str] | Non
     auto = engines.select_engine("auto", device, DTYPES[config.dtype], layer_options(config))
     dtype = DTYPES[config.storage_dtype]
     torch_name = "torch.nn.LSTMCell" if config.kind == "cell" else "torch.nn.LSTM"
-    impls = [Impl(torch_name, TORCH, _torch_module(config, device, dtype), config)]
+    impls = [Impl(torch_name, TORCH, torch_module(config, device, dtype), config)]
     impls += [
-        Impl(f"fastlstm:{name}", ENGINE, _fastlstm_module(config, device, dtype, name), config, auto=name == auto)
+        Impl(f"fastlstm:{name}", ENGINE, fastlstm_module(config, device, dtype, name), config, auto=name == auto)
         for name in engines_for(config, device, requested)
     ]
     if config.options:
