@@ -23,6 +23,16 @@ bfloat16 LSTM's do: forward, ``h_in`` rounded to bfloat16 against ``W_hh`` in bf
 saved ``h_in`` holds the rounded values, so ``dW_hh`` is the gradient of the product computed);
 backward, ``dh_in = dhw W_hh`` with ``dhw`` rounded for the product (the saved gradients stay float32).
 ``dW_hh``/``dW_hr`` are torch's bfloat16 GEMMs where the CPU has them (``gemm.gradient_product``).
+
+Measured and not adopted (Zen 4, 2 threads, 2026-12-07; the patches are described in that stop's
+closing note): a layer projecting its input itself, a chunk of 256-1024 rows at a time (no
+``[N, 4H]`` gates or gate gradient held whole): forward+backward 0.96-1.24x the time of the
+projection outside at the float32 and bfloat16 rows of cpu-quick (its weight gradients summed over
+chunks; float16 0.79-0.93x), forward 0.94-1.18x; peak memory lower in some rows (bfloat16 B32 T64
+H256 26.7 -> 20.6 MB) but not float16's (21.0 -> 21.5 MB, torch 12.0: the saved arenas and the
+weights' float32 copies dominate there);
+the kernels normalising the raw input gates themselves under layer norm (the statistics in the pass
+that reads each row, again in the backward): within the timing noise (0.98-1.02x) and no lower peak.
 """
 
 from __future__ import annotations
