@@ -308,24 +308,29 @@ def test_bfloat16_products_on_packed_sequences():
         assert_within_twice(a, b, t, name=f"result {k}", dtype=torch.bfloat16)
 
 
-@pytest.mark.parametrize("dtype", HALF, ids=["bf16", "fp16"])
-def test_a_cell_under_cpu_autocast_keeps_torchs_dtypes(dtype):
-    """torch.nn.LSTMCell under CPU autocast returns float32 (the cell is on none of the CPU's autocast
-    lists; only its products run in ``dtype``), also for an input in ``dtype``; fastlstm's cell
-    computes in float32 there, so its error is within torch's."""
+@pytest.mark.parametrize("autocast", HALF, ids=["autocast-bf16", "autocast-fp16"])
+@pytest.mark.parametrize("weights", [torch.float32, *HALF], ids=["w-fp32", "w-bf16", "w-fp16"])
+@pytest.mark.parametrize("states", [torch.float32, *HALF], ids=["x-and-states-fp32", "x-and-states-bf16",
+                                                                  "x-and-states-fp16"])
+def test_a_cell_under_cpu_autocast_returns_torchs_dtypes(states, weights, autocast):
+    """torch.nn.LSTMCell under CPU autocast: the cell is on none of the CPU's autocast lists, but its
+    products are (they run in the autocast dtype) and its pointwise math promotes them with the cell
+    state, so h and c come back in promote(autocast dtype, c's dtype) (float32 from float32 states;
+    float32 from bfloat16 states under float16 autocast). fastlstm's cell runs in that dtype: the
+    same dtypes as torch's, and errors within twice torch's against float64 (with and without a state)."""
     torch.manual_seed(0)
-    theirs = torch.nn.LSTMCell(I, H, dtype=torch.float64)
-    ours = fastlstm.LSTMCell(I, H)
-    ours.load_state_dict({k: v.float() for k, v in theirs.state_dict().items()})
-    theirs32 = torch.nn.LSTMCell(I, H)
-    theirs32.load_state_dict(ours.state_dict())
+    theirs = torch.nn.LSTMCell(I, H).to(weights)
+    ours = fastlstm.LSTMCell(I, H, dtype=weights)
+    ours.load_state_dict(theirs.state_dict())
+    oracle = torch.nn.LSTMCell(I, H, dtype=torch.float64)
+    oracle.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
     g = torch.Generator().manual_seed(4)
-    x, h, c = (torch.randn(B, n, generator=g, dtype=torch.float64) for n in (I, H, H))
-    truth = theirs(x, (h, c))
-    for x_in in (x.float(), x.to(dtype)):
-        with torch.autocast("cpu", dtype=dtype):
-            base = theirs32(x_in, (h.float(), c.float()))
-            mine = ours(x_in, (h.float(), c.float()))
+    x, h, c = (torch.randn(B, n, generator=g).to(states) for n in (I, H, H))
+    for state in ((h, c), None):
+        truth = oracle(x.double(), None if state is None else tuple(t.double() for t in state))
+        with torch.autocast("cpu", dtype=autocast):
+            base = theirs(x, state)
+            mine = ours(x, state)
         for name, a, b, t in zip(("h", "c"), mine, base, truth):
-            assert a.dtype == b.dtype == torch.float32
-            assert_within_twice(a, b, t, name=name, dtype=dtype)
+            assert a.dtype == b.dtype, f"{name}: {a.dtype}, torch's {b.dtype}"
+            assert_within_twice(a, b, t, name=name, dtype=autocast)

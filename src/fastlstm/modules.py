@@ -582,8 +582,10 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
                 raise RuntimeError(f"LSTMCell: for unbatched 1-D input, hx[{idx}] should be 1-D, got {state.dim() - 1}-D")
         cast = _autocast_dtype(x.device)
         if cast is not None and x.device.type == "cpu":
-            # (torch's LSTMCell is on no CPU autocast list, only CUDA's: its cell and outputs keep this dtype)
-            cast = self.weight_ih.dtype
+            # torch's LSTMCell is on no CPU autocast list (only CUDA's): its products run in the autocast dtype
+            # (at::linear is on it) and its pointwise math promotes them with the cell state, so h and c come
+            # back in promote(autocast dtype, c's dtype); the cell runs in that dtype here
+            cast = torch.promote_types(cast, c0.dtype)
         if cast is not None and x.is_floating_point():
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
         elif x.dtype != self.weight_ih.dtype:
