@@ -30,9 +30,9 @@ closing note): a layer projecting its input itself, a chunk of 256-1024 rows at 
 projection outside at the float32 and bfloat16 rows of cpu-quick (its weight gradients summed over
 chunks; float16 0.79-0.93x), forward 0.94-1.18x; peak memory lower in some rows (bfloat16 B32 T64
 H256 26.7 -> 20.6 MB) but not float16's (21.0 -> 21.5 MB, torch 12.0: the saved arenas and the
-weights' float32 copies dominate there);
-the kernels normalising the raw input gates themselves under layer norm (the statistics in the pass
-that reads each row, again in the backward): within the timing noise (0.98-1.02x) and no lower peak.
+weights' float32 copies dominate there); the kernels normalising the raw input gates themselves
+under layer norm (the statistics in the pass that reads each row, again in the backward): within
+the timing noise (0.98-1.02x) and no lower peak.
 """
 
 from __future__ import annotations
