@@ -326,11 +326,11 @@ def test_a_cell_under_cpu_autocast_returns_torchs_dtypes(states, weights, autoca
     oracle.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
     g = torch.Generator().manual_seed(4)
     x, h, c = (torch.randn(B, n, generator=g).to(states) for n in (I, H, H))
-    for state in ((h, c), None):
-        truth = oracle(x.double(), None if state is None else tuple(t.double() for t in state))
+    for x_in, state in ((x, (h, c)), (x, None), (x.to(autocast), (h, c))):  # (the input's dtype does not matter)
+        truth = oracle(x_in.double(), None if state is None else tuple(t.double() for t in state))
         with torch.autocast("cpu", dtype=autocast):
-            base = theirs(x, state)
-            mine = ours(x, state)
+            base = theirs(x_in, state)
+            mine = ours(x_in, state)
         for name, a, b, t in zip(("h", "c"), mine, base, truth):
             assert a.dtype == b.dtype, f"{name}: {a.dtype}, torch's {b.dtype}"
             assert_within_twice(a, b, t, name=name, dtype=autocast)
