@@ -7,7 +7,7 @@ import copy
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence, pad_packed_sequence
 
 import fastlstm
 from fastlstm.engines import select_engine
@@ -124,6 +124,59 @@ def test_autocast_training_step_against_torch_in_that_dtype(dtype, projection):
     for name, value in zip(truth, [y, h, c, *grads]):
         # the float32 gradients carry the rounding of the half-precision forward: bounded like it
         assert_within_twice(value, base[name], truth[name], name=name, dtype=dtype)
+
+
+def _packed(x, lengths):
+    """``x`` packed by ``lengths`` (outside autocast: packing is not an op autocast takes), or ``x``."""
+    return x if lengths is None else pack_padded_sequence(x, lengths)
+
+
+def _lstm_outputs(module, x, state):
+    """``(output, h_n, c_n)``; the output's data for a packed input."""
+    y, (h, c) = module(x, state)
+    return (y.data if isinstance(y, PackedSequence) else y), h, c
+
+
+@pytest.mark.parametrize("autocast", HALF, ids=["autocast-bf16", "autocast-fp16"])
+@pytest.mark.parametrize("form", ["plain", "projection", "packed"])
+@pytest.mark.parametrize("states", [None, torch.float32, torch.bfloat16], ids=["no-state", "states-fp32", "states-bf16"])
+def test_an_lstm_under_cpu_autocast_returns_torchs_dtypes(states, form, autocast):
+    """torch.nn.LSTM under CPU autocast takes one of two paths (ATen's RNN.cpp): oneDNN's (unpacked, no
+    projection, an input dtype oneDNN takes on this CPU), where autocast casts every input and output
+    to its dtype, or ATen's loop, where only the products are cast and the pointwise math promotes
+    them with the cell state (c_n, and h_n and the output without a projection, in promote(autocast
+    dtype, c's dtype)). An input and states of different dtypes are taken either way. fastlstm's
+    outputs have torch's dtypes for every weights and input dtype, and errors within twice torch's
+    against float64. (Where oneDNN refuses a dtype on this CPU, torch raises under autocast: there
+    its module in the autocast dtype stands in, which is what the oneDNN path computes.)"""
+    proj = 3 if form == "projection" else 0
+    lengths = torch.tensor([T, 7, 4, 2]) if form == "packed" else None
+    for weights, x_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                             (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)):
+        torch.manual_seed(0)
+        theirs = torch.nn.LSTM(I, H, proj_size=proj).to(weights)
+        ours = fastlstm.LSTM.from_torch(theirs)
+        oracle = torch.nn.LSTM(I, H, proj_size=proj, dtype=torch.float64)
+        oracle.load_state_dict({k: v.double() for k, v in theirs.state_dict().items()})
+        g = torch.Generator().manual_seed(4)
+        x = torch.randn(T, B, I, generator=g).to(x_dtype)
+        state = None if states is None else (torch.randn(1, B, proj or H, generator=g).to(states),
+                                             torch.randn(1, B, H, generator=g).to(states))
+        truth = _lstm_outputs(oracle, _packed(x.double(), lengths), state and tuple(t.double() for t in state))
+        inputs = _packed(x, lengths)
+        with torch.autocast("cpu", dtype=autocast):
+            mine = _lstm_outputs(ours, inputs, state)
+            try:
+                base = _lstm_outputs(theirs, inputs, state)
+            except RuntimeError as refused:  # (oneDNN's "could not create a primitive descriptor")
+                assert form == "plain", refused
+                base = None
+        if base is None:
+            converted = copy.deepcopy(theirs).to(autocast)
+            base = _lstm_outputs(converted, x.to(autocast), state and tuple(t.to(autocast) for t in state))
+        for name, a, b, t in zip(("output", "h_n", "c_n"), mine, base, truth):
+            assert a.dtype == b.dtype, f"{name} ({weights}, input {x_dtype}): {a.dtype}, torch's {b.dtype}"
+            assert_within_twice(a, b, t, name=name, dtype=autocast)
 
 
 # -- the CPU engine's storage in half precision (engines/cpu/layer.py) ----------------------------------

@@ -99,6 +99,21 @@ def _options_repr(options: LSTMOptions, backend: str) -> str:
     return extra + (f", backend={backend!r}" if backend != "auto" else "")
 
 
+def _torch_runs_onednn(x: Tensor, packed: bool, proj_size: int) -> bool:
+    """Whether torch.nn.LSTM runs a CPU call on oneDNN (ATen's ``use_mkldnn`` in RNN.cpp: unpacked,
+    without a projection, oneDNN on, an input dtype that oneDNN takes on this CPU). Under CPU
+    autocast that path casts every input and output to the autocast dtype; torch's other path only
+    its products (see ``LSTM._parse``)."""
+    if packed or proj_size or x.numel() == 0 or not (torch.backends.mkldnn.is_available()
+                                                      and torch.backends.mkldnn.enabled):
+        return False
+    if x.dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if x.dtype == torch.float16:
+        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
+    return x.dtype == torch.float32
+
+
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     try:
         if torch.is_autocast_enabled(device.type):
@@ -152,6 +167,7 @@ class _ParsedInput:
     c0: Tensor  # [L * D, B, H]
     packed: PackedSequence | None  # the input itself, its data cast under autocast
     batched: bool
+    h_dtype: torch.dtype | None = None  # the output's and h_n's dtype where torch's differs from c_n's (autocast)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -342,6 +358,8 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
             masks=masks,
             backend=self.backend,
         )
+        if parsed.h_dtype is not None:
+            y, h_n = y.to(parsed.h_dtype), h_n.to(parsed.h_dtype)
         if parsed.packed is not None:
             packed = parsed.packed
             return PackedSequence(y, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), (h_n, c_n)
@@ -425,16 +443,22 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                 raise RuntimeError(f"Expected hidden[0] size {expected_h}, got {list(h0.shape)}")
             if tuple(c0.shape) != expected_c:
                 raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(c0.shape)}")
-            checks.check_state_dtype_device((h0, c0), x, "LSTM")
 
-        cast = _autocast_dtype(x.device)
-        if cast is not None and x.is_floating_point():
+        cast, h_dtype = _autocast_dtype(x.device), None
+        if cast is not None and x.is_floating_point():  # (the input and the states may differ in dtype here)
+            if x.device.type == "cpu" and not _torch_runs_onednn(x, packed is not None, self.proj_size):
+                # torch's other CPU path runs its products in the autocast dtype and promotes them with the cell
+                # state: c_n (and h, y without a projection, whose h is a product) in promote(autocast, c's dtype)
+                h_dtype = cast if self.proj_size else None
+                cast = torch.promote_types(cast, c0.dtype)
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
             if packed is not None:
                 packed = PackedSequence(x, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
+        if hx is not None:
+            checks.check_state_dtype_device((h0, c0), x, "LSTM")
         if packed is not None:
-            return _ParsedInput(None, None, h0, c0, packed, batched)
-        return _ParsedInput(x, lengths, h0, c0, None, batched)
+            return _ParsedInput(None, None, h0, c0, packed, batched, h_dtype)
+        return _ParsedInput(x, lengths, h0, c0, None, batched, h_dtype)
 
     def _check_input(self, x: Tensor, weight_dtype: torch.dtype, expected_dim: int) -> None:
         if x.dtype != weight_dtype and _autocast_dtype(x.device) is None:
