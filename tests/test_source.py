@@ -29,13 +29,15 @@ def test_module_and_function_sizes(path):
 
 # What each layer may import from the library (docs/architecture.md).
 ALLOWED = {
-    "options": set(), "weights": set(), "masks": {"options"}, "packing": set(), "checks": set(), "streaming": {"checks", "engines"}, "conversion": set(),
+    "options": set(), "weights": set(), "masks": {"options"}, "packing": set(), "checks": set(), "autocasting": set(),
+    "streaming": {"checks", "engines"}, "conversion": set(),
     "reference": {"masks", "options", "weights"}, "testing": {"masks", "options", "weights"},
     "convert": {"options", "weights"},
     "engines": {"engines", "masks", "options", "packing", "reference", "weights"},
     "exporting": {"convert", "options", "reference", "weights"},
     "functional": {"engines", "exporting", "masks", "options", "packing", "reference", "weights"},
-    "modules": {"checks", "conversion", "functional", "engines", "masks", "options", "streaming", "weights"},
+    "modules": {"autocasting", "checks", "conversion", "functional", "engines", "masks", "options", "streaming",
+                "weights"},
     "interop": {"convert", "modules"},
     "onnx": {"exporting", "modules", "options", "convert"},
     "cli": {"modules", "bench", "demo"},

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import checks, functional
+from . import autocasting, checks, functional
 from .conversion import Convertible
 from .engines import check_backend
 from .masks import DirectionMasks, LSTMMasks
@@ -97,30 +97,6 @@ def _integer(value, name: str, bools: bool = False) -> int:
 def _options_repr(options: LSTMOptions, backend: str) -> str:
     extra = "".join(f", {name}={value!r}" for name, value in options.non_defaults().items())
     return extra + (f", backend={backend!r}" if backend != "auto" else "")
-
-
-def _torch_runs_onednn(x: Tensor, packed: bool, proj_size: int) -> bool:
-    """Whether torch.nn.LSTM runs a CPU call on oneDNN (ATen's ``use_mkldnn`` in RNN.cpp: unpacked,
-    without a projection, oneDNN on, an input dtype that oneDNN takes on this CPU). Under CPU
-    autocast that path casts every input and output to the autocast dtype; torch's other path only
-    its products (see ``LSTM._parse``)."""
-    if packed or proj_size or x.numel() == 0 or not (torch.backends.mkldnn.is_available()
-                                                      and torch.backends.mkldnn.enabled):
-        return False
-    if x.dtype == torch.bfloat16:
-        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if x.dtype == torch.float16:
-        return not torch.is_grad_enabled() and torch.ops.mkldnn._is_mkldnn_fp16_supported()
-    return x.dtype == torch.float32
-
-
-def _autocast_dtype(device: torch.device) -> torch.dtype | None:
-    try:
-        if torch.is_autocast_enabled(device.type):
-            return torch.get_autocast_dtype(device.type)
-    except RuntimeError:  # a device type without autocast (meta): torch asks nothing of it either
-        pass
-    return None
 
 
 class _Deployment:
@@ -444,13 +420,9 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
             if tuple(c0.shape) != expected_c:
                 raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(c0.shape)}")
 
-        cast, h_dtype = _autocast_dtype(x.device), None
-        if cast is not None and x.is_floating_point():  # (the input and the states may differ in dtype here)
-            if x.device.type == "cpu" and not _torch_runs_onednn(x, packed is not None, self.proj_size):
-                # torch's other CPU path runs its products in the autocast dtype and promotes them with the cell
-                # state: c_n (and h, y without a projection, whose h is a product) in promote(autocast, c's dtype)
-                h_dtype = cast if self.proj_size else None
-                cast = torch.promote_types(cast, c0.dtype)
+        # under autocast torch's dtypes (autocasting.py); the input and the states may differ in dtype there
+        cast, h_dtype = autocasting.lstm_dtypes(x, c0, packed is not None, self.proj_size)
+        if cast is not None:
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
             if packed is not None:
                 packed = PackedSequence(x, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
@@ -461,7 +433,7 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
         return _ParsedInput(x, lengths, h0, c0, None, batched, h_dtype)
 
     def _check_input(self, x: Tensor, weight_dtype: torch.dtype, expected_dim: int) -> None:
-        if x.dtype != weight_dtype and _autocast_dtype(x.device) is None:
+        if x.dtype != weight_dtype and autocasting.autocast_dtype(x.device) is None:
             raise (RuntimeError if expected_dim == 2 else ValueError)(  # (torch's types: packed, padded)
                 f"RNN input dtype ({x.dtype}) does not match weight dtype ({weight_dtype}). "
                 f"Convert input: input.to({weight_dtype}), or convert model: model.to({x.dtype})"
@@ -604,12 +576,7 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
                     f"hidden{idx} has inconsistent hidden_size: got {state.shape[1]}, expected {self.hidden_size}")
             if state.dim() != 2:  # (an unbatched input with [1, B, H] states: torch fails later, in its kernel)
                 raise RuntimeError(f"LSTMCell: for unbatched 1-D input, hx[{idx}] should be 1-D, got {state.dim() - 1}-D")
-        cast = _autocast_dtype(x.device)
-        if cast is not None and x.device.type == "cpu":
-            # torch's LSTMCell is on no CPU autocast list (only CUDA's): its products run in the autocast dtype
-            # (at::linear is on it) and its pointwise math promotes them with the cell state, so h and c come
-            # back in promote(autocast dtype, c's dtype); the cell runs in that dtype here
-            cast = torch.promote_types(cast, c0.dtype)
+        cast = autocasting.cell_dtype(x, c0)  # (torch's dtypes under autocast: autocasting.py)
         if cast is not None and x.is_floating_point():
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
         elif x.dtype != self.weight_ih.dtype:
