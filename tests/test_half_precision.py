@@ -139,7 +139,8 @@ def _lstm_outputs(module, x, state):
 
 @pytest.mark.parametrize("autocast", HALF, ids=["autocast-bf16", "autocast-fp16"])
 @pytest.mark.parametrize("form", ["plain", "projection", "packed"])
-@pytest.mark.parametrize("states", [None, torch.float32, torch.bfloat16], ids=["no-state", "states-fp32", "states-bf16"])
+@pytest.mark.parametrize("states", [None, torch.float32, torch.bfloat16],
+                         ids=["no-state", "states-fp32", "states-bf16"])
 def test_an_lstm_under_cpu_autocast_returns_torchs_dtypes(states, form, autocast):
     """torch.nn.LSTM under CPU autocast takes one of two paths (ATen's RNN.cpp): oneDNN's (unpacked, no
     projection, an input dtype oneDNN takes on this CPU), where autocast casts every input and output

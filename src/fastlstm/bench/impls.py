@@ -112,7 +112,8 @@ def _module_kwargs(config: Config) -> dict[str, object]:
 
 
 def torch_module(config: Config, device=None, dtype=None) -> nn.Module:
-    """torch.nn.LSTM (or LSTMCell) at the row's shape, without options; ``dtype`` the row's storage dtype unless given."""
+    """torch.nn.LSTM (or LSTMCell) at the row's shape, without options; ``dtype`` the row's storage
+    dtype unless given."""
     dtype = DTYPES[config.storage_dtype] if dtype is None else dtype
     if config.kind == "cell":
         return torch.nn.LSTMCell(config.input_size, config.hidden, device=device, dtype=dtype)
