@@ -89,8 +89,8 @@ def _cells_step(cells):
 
 
 def implementations(hidden: int, threads: int = 1) -> dict[str, tuple]:
-    """``{name: (step(x, state) -> (y, state), initial state, batch[, threads])}``, every one with
-    torch.nn.LSTM's weights; one thread each unless named (the batch of streams on ``threads`` > 1)."""
+    """``{name: (step(x, state) -> (y, state), initial state, batch, threads)}``, every one with
+    torch.nn.LSTM's weights; one thread each but the batch of streams named with ``threads`` (> 1)."""
     torch.manual_seed(0)
     theirs = torch.nn.LSTM(INPUT_SIZE, hidden, LAYERS).eval()
     ours = LSTM(INPUT_SIZE, hidden, LAYERS).eval()
@@ -103,17 +103,17 @@ def implementations(hidden: int, threads: int = 1) -> dict[str, tuple]:
                 getattr(cell, name).data.copy_(getattr(theirs, f"{name}_l{k}"))
     zeros = (torch.zeros(LAYERS, 1, hidden), torch.zeros(LAYERS, 1, hidden))
     impls = {
-        "torch.nn.LSTM": (lambda x, state: theirs(x, state), zeros, 1),
-        "fastlstm.LSTM": (lambda x, state: ours(x, state), zeros, 1),
-        "fastlstm.LSTM.step": (ours.step, ours.initial_state(1), 1),
-        f"fastlstm.LSTM.step, {STREAMS} streams": (ours.step, ours.initial_state(STREAMS), STREAMS),
+        "torch.nn.LSTM": (lambda x, state: theirs(x, state), zeros, 1, 1),
+        "fastlstm.LSTM": (lambda x, state: ours(x, state), zeros, 1, 1),
+        "fastlstm.LSTM.step": (ours.step, ours.initial_state(1), 1, 1),
+        f"fastlstm.LSTM.step, {STREAMS} streams": (ours.step, ours.initial_state(STREAMS), STREAMS, 1),
         **({f"fastlstm.LSTM.step, {STREAMS} streams, {threads} threads":
             (ours.step, ours.initial_state(STREAMS), STREAMS, threads)} if threads > 1 else {}),
-        "fastlstm.LSTMCell per layer": (_cells_step(cells_ours), zeros, 1),
-        "torch.nn.LSTMCell per layer": (_cells_step(cells_theirs), zeros, 1),
+        "fastlstm.LSTMCell per layer": (_cells_step(cells_ours), zeros, 1, 1),
+        "torch.nn.LSTMCell per layer": (_cells_step(cells_theirs), zeros, 1, 1),
     }
     numpy_zeros = tuple(z.numpy() for z in zeros)
-    impls.update({name: (step, numpy_zeros, 1) for name, step in _onnx_steps(theirs, ours).items()})
+    impls.update({name: (step, numpy_zeros, 1, 1) for name, step in _onnx_steps(theirs, ours).items()})
     return impls
 
 
@@ -127,7 +127,7 @@ def _run(step, state, xs, numpy: bool):
 def measure(hidden: int, rounds: int, steps: int, threads: int = 1) -> dict[str, float]:
     """Median microseconds per step of each implementation at ``hidden``, each on one thread but the
     batch of streams named with ``threads`` (more than 1)."""
-    impls = {name: (*impl, 1)[:4] for name, impl in implementations(hidden, threads).items()}
+    impls = implementations(hidden, threads)
     g = torch.Generator().manual_seed(1)
     inputs = {b: list(torch.randn(steps, 1, b, INPUT_SIZE, generator=g)) for b in {impl[2] for impl in impls.values()}}
     times = {name: [] for name in impls}

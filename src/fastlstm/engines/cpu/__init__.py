@@ -63,7 +63,8 @@ def widened(inputs: LayerInputs, *, layer: bool = False) -> LayerInputs:
     input projection's, outside the engine; the layer never reads it) and ``weight_hh`` (the layer
     widens it where its kernels read float32, and packs bfloat16 products from it as it is) stay as
     they are."""
-    # (this runs on every call, a single step's included: nothing is rebuilt that has no half-precision tensor)
+    # (this runs on every call, a single step's included: a tensor that is not half precision is not copied, and a
+    # mask set without one is kept as it is; the weights' tuples are rebuilt by position, which costs next to nothing)
     return inputs._replace(
         x=inputs.x if layer else _wide(inputs.x), h0=_wide(inputs.h0), c0=_wide(inputs.c0),
         weights=[DirectionWeights(*(w[:2] if layer else map(_wide, w[:2])), *map(_wide, w[2:]))

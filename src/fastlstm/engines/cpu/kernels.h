@@ -579,9 +579,10 @@ void bwd_end(const Plan& p, int64_t t) {  // dh_{t-1} += (dhw W_hh) * recurrent 
 // panels of 64 bytes (packed[panel][k][NR], NR = 16 floats or 8 doubles, zero-padded past N; built
 // by pack_panels below, which layer.py calls) that each step streams. A panel row is VP = two
 // vectors under AVX2 and one under AVX-512 (kernels.cpp sets FASTLSTM_VECTOR_BYTES per instruction
-// set), so the layout does not depend on the instruction set. Register blocks (gemm_packed): AVX2 4 rows x 1 panel, 8
-// accumulators (about 80% of an AVX2 core's FMA peak at B = 8, H = 256 on the development machine);
-// AVX-512 8 rows x 2 panels, 16 accumulators and half the broadcasts per FMA of one panel.
+// set), so the layout does not depend on the instruction set. Register blocks (gemm_packed): AVX2
+// 4 rows x 1 panel, 8 accumulators (about 80% of an AVX2 core's FMA peak at B = 8, H = 256 on the
+// development machine); AVX-512 8 rows x 2 panels, 16 accumulators and half the broadcasts per FMA
+// of one panel.
 
 #ifndef FASTLSTM_VECTOR_BYTES
 #error "kernels.cpp defines FASTLSTM_VECTOR_BYTES (32 or 64) before each inclusion"
@@ -1034,7 +1035,7 @@ void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T
     c_at += B * p.hidden;
     widest = widest > p.h_out + p.hidden ? widest : p.h_out + p.hidden;
   }
-  std::vector<T> kept(lengths ? B * widest : 0);  // the states of the rows past their length
+  std::vector<T> kept(lengths ? rows * widest : 0);  // the states of this range's rows past their length
   for (int64_t t = 0; t < steps; ++t) {
     const T* in = x + t * B * table[2];
     T* h = h_n;
@@ -1050,8 +1051,8 @@ void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T
       if (lengths) {
         for (int64_t r = row_begin; r < row_end; ++r) {
           if (t < lengths[r]) continue;
-          std::memcpy(kept.data() + r * widest, h + r * ho, sizeof(T) * ho);
-          std::memcpy(kept.data() + r * widest + ho, c + r * H, sizeof(T) * H);
+          std::memcpy(kept.data() + (r - row_begin) * widest, h + r * ho, sizeof(T) * ho);
+          std::memcpy(kept.data() + (r - row_begin) * widest + ho, c + r * H, sizeof(T) * H);
         }
       }
       T* xg = static_cast<T*>(const_cast<void*>(q.xg));
@@ -1061,8 +1062,8 @@ void stream_forward(const int64_t* table, int64_t layers, int64_t steps, const T
       if (lengths) {
         for (int64_t r = row_begin; r < row_end; ++r) {
           if (t < lengths[r]) continue;
-          std::memcpy(h + r * ho, kept.data() + r * widest, sizeof(T) * ho);
-          std::memcpy(c + r * H, kept.data() + r * widest + ho, sizeof(T) * H);
+          std::memcpy(h + r * ho, kept.data() + (r - row_begin) * widest, sizeof(T) * ho);
+          std::memcpy(c + r * H, kept.data() + (r - row_begin) * widest + ho, sizeof(T) * H);
           if (l == layers - 1) std::memset(static_cast<T*>(q.y) + r * ho, 0, sizeof(T) * ho);
         }
       }

@@ -88,5 +88,5 @@ class StreamPlan:
         h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
         self._forward(self._table, self.layers, steps, x.data_ptr(), y.data_ptr(), h0.data_ptr(), c0.data_ptr(),
                       h_n.data_ptr(), c_n.data_ptr(), 0 if lengths is None else lengths.data_ptr(),
-                      threads.row_threads(self.batch) if self.batch > 1 else 1)
+                      threads.row_threads(self.batch) if self.batch > 1 else 1)  # (B = 1: no lookups)
         return y, h_n, c_n
