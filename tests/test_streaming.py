@@ -260,12 +260,12 @@ def test_a_batch_of_streams_split_across_threads(parts, monkeypatch):
     x = torch.randn(4, 7, 3, dtype=F64, generator=g)
     state = LSTMState(torch.randn(2, 7, 5, dtype=F64, generator=g), torch.randn(2, 7, 5, dtype=F64, generator=g))
     lengths = torch.tensor([4, 0, 3, 1, 4, 2, 0])
-    runs = []
+    runs, asked = [], []
     with torch.inference_mode():
         for split in (1, parts):
-            monkeypatch.setattr(threads, "row_threads", lambda batch, split=split: split)
+            monkeypatch.setattr(threads, "row_threads", lambda batch, split=split: asked.append(batch) or split)
             runs.append([model.step(x, state, lengths=lengths), model.step(x, state)])
-        assert _took_the_fast_path(model)
+        assert _took_the_fast_path(model) and asked == [7] * 4  # (the native step asked the rule each call)
         for given, (y, new) in zip((lengths, None), runs[1]):
             expected, (h, c) = oracle(x, tuple(state), **({} if given is None else {"lengths": given}))
             torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
