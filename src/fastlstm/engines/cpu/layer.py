@@ -278,12 +278,13 @@ class Direction:
         N, B, ln = lay.total, lay.batch, self.call.options.layer_norm
         dgates = dxg[:, d * G : (d + 1) * G]
         work = Arena.allocate(self.dtype, {"dh_state": B * ho, "dc_state": B * H, "dm": B * H, "dh_in": B * ho})
-        # per-row scratch apart from the states (whose gradients are returned as views): it goes when this returns
-        scratch = Arena.allocate(self.dtype, {"dhw": N * G if ln else 0, "dproj": N * P})
+        # per-row scratch apart from the states (whose gradients are returned as views), each buffer its own
+        # allocation: dproj goes as soon as dW_hr is summed from it, before dW_hh is allocated
+        dproj = Arena.allocate(self.dtype, {"dproj": N * P})
+        dhw = Arena.allocate(self.dtype, {"dhw": N * G}).view("dhw", N, G) if ln else dgates
         dh_state, dc_state = work.view("dh_state", B, ho), work.view("dc_state", B, H)
         dh_state.copy_(dh_n)
         dc_state.copy_(dc_n)
-        dhw = scratch.view("dhw", N, G) if ln else dgates
         p = self.plan(arena, masks, save=True)
         packed_t = [None, None]
         packs = threads.packs(lay.steps, lay.batch, self.threads)
@@ -301,7 +302,7 @@ class Direction:
         p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
         p.dgates, p.ld_dgates = dgates.data_ptr(), dxg.stride(0)
         p.dhw, p.ld_dhw = dhw.data_ptr(), dhw.stride(0)
-        p.dproj, p.dm, p.dh_in = scratch.ptr("dproj"), work.ptr("dm"), work.ptr("dh_in")
+        p.dproj, p.dm, p.dh_in = dproj.ptr("dproj"), work.ptr("dm"), work.ptr("dh_in")
         p.w_hh_packed_t, p.w_hr_packed_t = (kernels.pointer(t) for t in packed_t[:2])
         team = self.team(p)
         # each plan of a team accumulates its own parameter-gradient sums and has its own scratch
@@ -318,8 +319,9 @@ class Direction:
 
         grads: dict[str, Tensor | None] = {"h0": dh_state, "c0": dc_state}
         product = functools.partial(gemm.gradient_product, half=self.half)
+        grads["weight_hr"] = product(dproj.view("dproj", N, P), arena.view("m", N, H)) if P else None  # [P, H]
+        del dproj
         grads["weight_hh"] = product(dhw, arena.view("h_in", N, ho))  # [4H, H_out], K = N
-        grads["weight_hr"] = product(scratch.view("dproj", N, P), arena.view("m", N, H)) if P else None
         grads["bias_ih"] = grads["bias_hh"] = dgates.sum(0) if self.bias is not None else None
         sums_of = {"weight_peephole": ("dpeep", 3 * H), "layer_norm_hh_weight": ("dln_hh", G),
                    "layer_norm_cell_weight": ("dln_c_w", H), "layer_norm_cell_bias": ("dln_c_b", H)}
