@@ -87,6 +87,26 @@ def test_second_order_gradients_of_a_cell_match_torch(backend):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ENGINES)
+def test_second_order_gradients_with_every_length_zero(backend):
+    """No row runs (``lengths`` all 0): the outputs are zeros and the states h0, c0, so the input's and
+    the weights' first-order gradients are zeros, still differentiable, and the states' are the
+    cotangents of h_n, c_n. (The compiled engines once took the stand-in of the input they do not
+    keep, which has no rows either, for the input itself, and gave None: autograd.grad then called the
+    input unused.)"""
+    module = fastlstm.LSTM(3, 4, dtype=F64, backend=backend, bidirectional=True)
+    x = _input("padded").requires_grad_()
+    hx = [torch.randn(2, 3, 4, dtype=F64, requires_grad=True) for _ in range(2)]
+    y, (h, c) = module(x, hx, lengths=torch.zeros(3, dtype=torch.int64))
+    loss = y.pow(2).sum() + h.pow(2).sum() + c.sum()
+    gx, gh0, gc0, gw = torch.autograd.grad(loss, [x, *hx, module.weight_ih_l0], create_graph=True)
+    assert not gx.any() and not gw.any()
+    torch.testing.assert_close(gh0, 2 * hx[0], rtol=0, atol=0)
+    torch.testing.assert_close(gc0, torch.ones_like(hx[1]), rtol=0, atol=0)
+    (gx.sum() + gh0.pow(2).sum() + gw.sum()).backward()  # the second order reaches h0 only
+    torch.testing.assert_close(hx[0].grad, 8 * hx[0], rtol=0, atol=0)
+
+
 def _functional(module, lengths, masks):
     """The module as a function of its input, states and parameters, its input packed with ``lengths``."""
     names = [n for n, _ in module.named_parameters()]

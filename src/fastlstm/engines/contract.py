@@ -337,7 +337,7 @@ def _differentiable_gradients(call: LayerCall, inputs: LayerInputs, weights: lis
                               source: GatesSource | None, cotangents) -> tuple:
     """The layer re-run on the reference engine (plain torch ops) and differentiated with
     ``create_graph``: gradients that autograd can differentiate again (and that vmap can batch)."""
-    kept = inputs.x.shape[0] == inputs.layout.total  # (else the stand-in: x was not kept)
+    kept = engine_of(call).reads(call)[0]  # (else x is _recall's stand-in, of no rows, as is a layer of no rows)
     if not kept and source is None:  # (only the op, under a dispatch mode, neither keeps x nor knows its source)
         raise RuntimeError(
             f"fastlstm: the {call.engine} engine's op does not keep its layer's input gates, so it cannot give "
