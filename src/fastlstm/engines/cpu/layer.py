@@ -145,7 +145,9 @@ def _bfloat16_pair_panels(b: Tensor) -> Tensor:
     ceil(K / 2), 16, 2]``: the panels of the AVX512-BF16 product (kernels.cpp, ``gemm_bf16_pairs``),
     rows k = 2j and 2j + 1 of a column side by side, zero-padded past K and N."""
     k, n = b.shape
-    if b.stride(0) == 1:  # b = W^T (the forward's): a column's pairs are adjacent in W's rows, one word each
+    # b = W^T (the forward's): a column's pairs are adjacent in W's rows, one word each. (Both strides are
+    # compared: a [K, 1] W_hh, H_out = 1, has strides (1, 1) too, and its view as words would fail.)
+    if b.stride(0) == 1 and b.stride(1) == k:
         w = b.t().to(torch.bfloat16)
         w = torch.nn.functional.pad(w, (0, 1)) if k % 2 else w.contiguous()
         return _panels(w.view(torch.int32).t()).view(torch.bfloat16).view(-1, (k + 1) // 2, 16, 2)
