@@ -292,7 +292,7 @@ BF16_PRODUCT_CASES = {  # (batch, hidden, arch, rows per thread at least: the en
     "odd-reduction": (16, 24, dict(bidirectional=True, proj_size=5), 8),
     # 8 rows on 2 threads: a column team (each member its panels), with recurrent dropout in training
     "column-team": (8, 64, dict(recurrent_dropout=0.3), 1 << 30),
-    # an output one wide (H = 1; a projection of 1): W_hh [4H, 1] and W_hr [1, H] have strides (1, 1)
+    # an output one wide (H = 1; a projection of 1): W_hh [4H, 1] has strides (1, 1)
     "hidden-of-one": (8, 1, dict(), 4),
     "projection-of-one": (8, 24, dict(proj_size=1), 4),
 }
