@@ -138,12 +138,13 @@ def _lstm_outputs(module, x, state):
 
 
 @pytest.mark.parametrize("autocast", HALF, ids=["autocast-bf16", "autocast-fp16"])
-@pytest.mark.parametrize("form", ["plain", "projection", "packed"])
+@pytest.mark.parametrize("form", ["plain", "projection", "packed", "packed-equal-lengths"])
 @pytest.mark.parametrize("states", [None, torch.float32, torch.bfloat16],
                          ids=["no-state", "states-fp32", "states-bf16"])
 def test_an_lstm_under_cpu_autocast_returns_torchs_dtypes(states, form, autocast):
-    """torch.nn.LSTM under CPU autocast takes one of two paths (ATen's RNN.cpp): oneDNN's (unpacked, no
-    projection, an input dtype oneDNN takes on this CPU), where autocast casts every input and output
+    """torch.nn.LSTM under CPU autocast takes one of two paths (ATen's RNN.cpp): oneDNN's (unpacked, or
+    packed with every sequence of one length, which torch runs padded; no projection; an input dtype
+    oneDNN takes on this CPU), where autocast casts every input and output
     to its dtype, or ATen's loop, where only the products are cast and the pointwise math promotes
     them with the cell state (c_n, and h_n and the output without a projection, in promote(autocast
     dtype, c's dtype)). An input and states of different dtypes are taken either way. fastlstm's
@@ -151,7 +152,7 @@ def test_an_lstm_under_cpu_autocast_returns_torchs_dtypes(states, form, autocast
     against float64. (Where oneDNN refuses a dtype on this CPU, torch raises under autocast: there
     its module in the autocast dtype stands in, which is what the oneDNN path computes.)"""
     proj = 3 if form == "projection" else 0
-    lengths = torch.tensor([T, 7, 4, 2]) if form == "packed" else None
+    lengths = {"packed": torch.tensor([T, 7, 4, 2]), "packed-equal-lengths": torch.tensor([T] * B)}.get(form)
     for weights, x_dtype in ((torch.float32, torch.float32), (torch.float32, torch.bfloat16),
                              (torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16)):
         torch.manual_seed(0)
@@ -170,11 +171,12 @@ def test_an_lstm_under_cpu_autocast_returns_torchs_dtypes(states, form, autocast
             try:
                 base = _lstm_outputs(theirs, inputs, state)
             except RuntimeError as refused:  # (oneDNN's "could not create a primitive descriptor")
-                assert form == "plain", refused
+                assert form in ("plain", "packed-equal-lengths"), refused
                 base = None
         if base is None:
             converted = copy.deepcopy(theirs).to(autocast)
-            base = _lstm_outputs(converted, x.to(autocast), state and tuple(t.to(autocast) for t in state))
+            base = _lstm_outputs(converted, _packed(x.to(autocast), lengths),
+                                 state and tuple(t.to(autocast) for t in state))
         for name, a, b, t in zip(("output", "h_n", "c_n"), mine, base, truth):
             assert a.dtype == b.dtype, f"{name} ({weights}, input {x_dtype}): {a.dtype}, torch's {b.dtype}"
             assert_within_twice(a, b, t, name=name, dtype=autocast)

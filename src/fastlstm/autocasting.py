@@ -2,11 +2,11 @@
 modules follow (``docs/equations.md``, section 9).
 
 torch.nn.LSTM under autocast casts every input and output to the autocast dtype where it runs a
-fused kernel (cuDNN; on the CPU, oneDNN: :func:`torch_runs_onednn`). Elsewhere on the CPU (a packed
-input, a projection, an input dtype oneDNN refuses on that CPU), and always for an LSTMCell on the
-CPU (the cell is on none of the CPU's autocast lists), only the products are cast: the pointwise
-math promotes them with the cell state, so ``c`` (and ``h``, unless a projection's product makes it)
-comes back in ``promote(autocast dtype, c_0's dtype)``.
+fused kernel (cuDNN; on the CPU, oneDNN: :func:`torch_runs_onednn`). Elsewhere on the CPU (a
+packed input of unequal lengths, a projection, an input dtype oneDNN refuses on that CPU), and
+always for an LSTMCell on the CPU (the cell is on none of the CPU's autocast lists), only the
+products are cast: the pointwise math promotes them with the cell state, so ``c`` (and ``h``,
+unless a projection's product makes it) comes back in ``promote(autocast dtype, c_0's dtype)``.
 """
 
 from __future__ import annotations
@@ -25,11 +25,14 @@ def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
-def torch_runs_onednn(x: Tensor, packed: bool, proj_size: int) -> bool:
-    """Whether torch.nn.LSTM runs a CPU call on oneDNN (ATen's ``use_mkldnn`` in RNN.cpp: unpacked,
-    without a projection, oneDNN on, an input dtype that oneDNN takes on this CPU)."""
-    if packed or proj_size or x.numel() == 0 or not (torch.backends.mkldnn.is_available()
-                                                      and torch.backends.mkldnn.enabled):
+def torch_runs_onednn(x: Tensor, batch_sizes: Tensor | None, proj_size: int) -> bool:
+    """Whether torch.nn.LSTM runs a CPU call on oneDNN (ATen's ``use_mkldnn`` in RNN.cpp: without a
+    projection, oneDNN on, an input dtype that oneDNN takes on this CPU; unpacked, or packed with every
+    sequence of one length, ``batch_sizes`` all equal, which torch runs as a padded batch)."""
+    if proj_size or x.numel() == 0 or not (torch.backends.mkldnn.is_available()
+                                           and torch.backends.mkldnn.enabled):
+        return False
+    if batch_sizes is not None and not bool((batch_sizes == batch_sizes[0]).all()):
         return False
     if x.dtype == torch.bfloat16:
         return torch.ops.mkldnn._is_mkldnn_bf16_supported()
@@ -38,14 +41,17 @@ def torch_runs_onednn(x: Tensor, packed: bool, proj_size: int) -> bool:
     return x.dtype == torch.float32
 
 
-def lstm_dtypes(x: Tensor, c0: Tensor, packed: bool, proj_size: int) -> tuple[torch.dtype | None, torch.dtype | None]:
+def lstm_dtypes(x: Tensor, c0: Tensor, batch_sizes: Tensor | None,
+                proj_size: int) -> tuple[torch.dtype | None, torch.dtype | None]:
     """Under autocast, ``(the dtype an LSTM call computes in, the dtype of its output and h_n where it
     differs from c_n's)``; ``(None, None)`` without autocast (or for a non-floating input). ``x`` the
-    input (a packed one's data), ``c0`` the initial cell state (zeros of the input's dtype if not given)."""
+    input (a packed one's data), ``batch_sizes`` a packed input's (else None), ``c0`` the initial cell
+    state (zeros of the input's dtype if not given). A padded input with ``lengths=`` takes the padded
+    input's dtypes: torch has no such call, and its dtypes then do not depend on the lengths' values."""
     cast = autocast_dtype(x.device)
     if cast is None or not x.is_floating_point():
         return None, None
-    if x.device.type != "cpu" or torch_runs_onednn(x, packed, proj_size):
+    if x.device.type != "cpu" or torch_runs_onednn(x, batch_sizes, proj_size):
         return cast, None
     return torch.promote_types(cast, c0.dtype), (cast if proj_size else None)
 

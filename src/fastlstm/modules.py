@@ -421,7 +421,7 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                 raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(c0.shape)}")
 
         # under autocast torch's dtypes (autocasting.py); the input and the states may differ in dtype there
-        cast, h_dtype = autocasting.lstm_dtypes(x, c0, packed is not None, self.proj_size)
+        cast, h_dtype = autocasting.lstm_dtypes(x, c0, None if packed is None else packed.batch_sizes, self.proj_size)
         if cast is not None:
             x, h0, c0 = x.to(cast), h0.to(cast), c0.to(cast)
             if packed is not None:
