@@ -26,7 +26,7 @@ F64 = torch.float64
 
 @pytest.fixture(scope="module")
 def without_openmp(tmp_path_factory):
-    """The kernels built without OpenMP (about half a minute), imported under their own path."""
+    """The kernels built without OpenMP (about a minute on 2 cores), imported under their own path."""
     out = tmp_path_factory.mktemp("kernels-without-openmp")
     extension = Extension("_kernels", [str(SOURCE)], depends=[str(SOURCE.with_suffix(".h"))],
                           extra_compile_args=FLAGS, language="c++")
