@@ -66,7 +66,7 @@ class Model(torch.nn.Module):
 GROUPS = {
     # (arch, option sets, layers, batch_first, lengths)
     "uni-every-option-lengths": ("uni", list(OPTIONS), 1, False, True),
-    "bi-proj-batch_first-lengths": ("bi-proj", ["peephole", "everything"], 1, True, True),
+    "bi-proj-batch_first-lengths": ("bi-proj", ["peephole", "coupled-peephole-clip", "everything"], 1, True, True),
     "bi-nobias-lengths": ("bi-nobias", ["plain", "activations", "activations2", "coupled-peephole-clip", "zoneout"],
                           1, False, True),
     "uni-proj-nobias-2-layers": ("uni-proj-nobias", ["plain", "cell_clip"], 2, False, False),
@@ -123,6 +123,23 @@ def test_exported_models_run_in_onnxruntime_like_the_module(group):
     ops = _ops(program)
     assert (ops["LSTM"], ops["Scan"]) == (lstm_nodes, scans), dict(ops)
     _assert_runs_like_the_module(program, model, batch_first=batch_first, with_lengths=with_lengths)
+
+
+def test_a_layer_norm_over_one_element_exports_with_an_initial_state_and_lengths_in_both_directions():
+    torch.manual_seed(0)
+    module = fastlstm.LSTM(INPUT, 1, bidirectional=True, layer_norm=True).eval()
+    x, lengths = torch.randn(EXPORTED_T, EXPORTED_B, INPUT), torch.tensor([6, 2, 5])
+    h0, c0 = torch.randn(2, EXPORTED_B, 1), torch.randn(2, EXPORTED_B, 1)
+    program = fastlstm.onnx.export(module, (x, (h0, c0)), kwargs={"lengths": lengths})
+    assert _ops(program)["Scan"] == 2
+    x, lengths = torch.randn(9, 4, INPUT), torch.tensor([9, 0, 3, 7])
+    h0, c0 = torch.randn(2, 4, 1), torch.randn(2, 4, 1)
+    feeds = dict(zip(("input", "hx_0", "hx_1", "lengths"), (t.numpy() for t in (x, h0, c0, lengths))))
+    got = _session(program).run(None, feeds)
+    with torch.no_grad():
+        y, (h_n, c_n) = module(x, (h0, c0), lengths=lengths)
+    for a, b in zip(got, (y, h_n, c_n)):
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=TOL, atol=TOL)
 
 
 def test_time_and_batch_are_dynamic_inputs():
@@ -207,6 +224,7 @@ STREAMING = {
     "plain-2-layers": dict(num_layers=2),
     "peephole-clip": dict(peephole=True, clip=1.0),
     "layer_norm-proj-zoneout-batch_first": dict(layer_norm=True, proj_size=3, zoneout=(0.3, 0.2), batch_first=True),
+    "coupled-cell_clip": dict(coupled_input_forget=True, cell_clip=0.5),  # (a scanned step leaving a gate unused)
 }
 
 

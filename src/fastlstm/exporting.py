@@ -102,7 +102,11 @@ def _scanned_layer(x, lengths, h0, c0, weights, options):
         active = (torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths.unsqueeze(0)).unsqueeze(2)
     outputs, h_n, c_n = [], [], []
     for d, w in enumerate(weights):
-        w = DirectionWeights(*(None if p is None else p.to(acc) for p in w))
+        # Detached: an exported graph has no backward, but the exporter's decomposition retraces the
+        # graph with grad enabled (a no_grad block does not survive export), and scan's autograd rule
+        # then partitions a backward whose saved values can include the batch size (the coupled gate's
+        # unused forget slice, a layer norm over one element), which scan cannot stack over time.
+        w = DirectionWeights(*(None if p is None else p.detach().to(acc) for p in w))
 
         def step(state, inputs, w=w):
             h, c = state
@@ -114,12 +118,11 @@ def _scanned_layer(x, lengths, h0, c0, weights, options):
             return ((torch.where(inside, h_new, h), torch.where(inside, c_new, c)),
                     torch.where(inside, h_new, torch.zeros_like(h_new)))
 
-        scanned = (reference.input_gates(x, w, options),) + (() if active is None else (active,))
+        scanned = (reference.input_gates(x.detach(), w, options),) + (() if active is None else (active,))
         # (fresh tensors, not views of h0: scan's trace guards on a view's base, which fixed B in the
-        # reverse direction's; no grad: an exported graph has no backward, which scan would trace)
-        initial = (h0[d].to(acc).clone(), c0[d].to(acc).clone())
-        with torch.no_grad():
-            (h, c), y = scan(step, initial, scanned, reverse=d == 1)
+        # reverse direction's)
+        initial = (h0[d].detach().to(acc).clone(), c0[d].detach().to(acc).clone())
+        (h, c), y = scan(step, initial, scanned, reverse=d == 1)
         outputs.append(y)
         h_n.append(h)
         c_n.append(c)
