@@ -220,6 +220,25 @@ def test_a_packed_sequence_raises_pointing_to_lengths():
         fastlstm.onnx.export(model, (packed,))
 
 
+class _PacksInForward(torch.nn.Module):
+    def __init__(self, enforce_sorted):
+        super().__init__()
+        self.lstm = fastlstm.LSTM(INPUT, HIDDEN)
+        self.enforce_sorted = enforce_sorted
+
+    def forward(self, x, lengths):
+        y, (h, c) = self.lstm(pack_padded_sequence(x, lengths, enforce_sorted=self.enforce_sorted))
+        return h
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False])
+def test_a_packed_sequence_built_in_forward_raises_pointing_to_lengths(enforce_sorted):
+    model = _PacksInForward(enforce_sorted).eval()
+    with pytest.raises(ValueError, match=r"PackedSequence .*lengths=") as raised:
+        fastlstm.onnx.export(model, (torch.randn(EXPORTED_T, EXPORTED_B, INPUT), torch.tensor([6, 4, 2])))
+    assert raised.type is fastlstm.exporting.NotExportableError  # (fastlstm's own, not torch's wrapper)
+
+
 STREAMING = {
     "plain-2-layers": dict(num_layers=2),
     "peephole-clip": dict(peephole=True, clip=1.0),

@@ -39,17 +39,22 @@ def onnx_exporting() -> bool:
     return onnx is not None and onnx.is_in_onnx_export()
 
 
+class NotExportableError(ValueError):
+    """What an exported graph cannot compute, named (:func:`fastlstm.onnx.export` raises it as it is,
+    where torch's exporter would wrap it in its own error)."""
+
+
 def check_exportable(options: LSTMOptions, *, training: bool, dropout: float = 0.0, packed: bool = False) -> None:
-    """Raise ``ValueError`` naming what an exported graph cannot compute."""
+    """Raise :class:`NotExportableError` (a ``ValueError``) naming what an exported graph cannot compute."""
     if packed:
-        raise ValueError("input: a PackedSequence cannot be exported to ONNX; pass the padded input and "
+        raise NotExportableError("input: a PackedSequence cannot be exported to ONNX; pass the padded input and "
                          "lengths= (LSTM.forward(x, lengths=lengths)), which export as sequence lengths")
     if training:
         random = {"zoneout": options.has_zoneout, "recurrent_dropout": options.recurrent_dropout > 0,
                   "weight_drop": options.weight_drop > 0, "dropout": dropout > 0}
         for name, present in random.items():
             if present:
-                raise ValueError(f"{name}: a training-mode forward draws random masks, which an exported graph "
+                raise NotExportableError(f"{name}: a training-mode forward draws random masks, which an exported graph "
                                  "cannot reproduce; call model.eval() before exporting")
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from . import autocasting, checks, functional
+from . import autocasting, checks, exporting, functional
 from .conversion import Convertible
 from .engines import check_backend
 from .masks import DirectionMasks, LSTMMasks
@@ -371,6 +371,9 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
 
         packed = None
         if isinstance(input, PackedSequence):
+            # (refused before batch_sizes is read: under export a data-dependent size ends the trace first)
+            if exporting.onnx_exporting():
+                exporting.check_exportable(self.options, training=False, packed=True)
             packed = input
             x = input.data  # [N, I]: only its batch size, dtype and device are read below
             self._check_input(x, weight_dtype, expected_dim=2)

@@ -21,7 +21,7 @@ import torch
 from torch.nn.utils.rnn import PackedSequence
 
 from . import convert
-from .exporting import check_exportable
+from .exporting import NotExportableError, check_exportable
 from .modules import LSTM, LSTMCell
 from .options import make_options
 
@@ -79,9 +79,15 @@ def export(model: torch.nn.Module, args: tuple = (), f=None, *, kwargs: dict | N
         dynamic_shapes = _every_dimension(model, args, kwargs)
     # (torch's optimizer pass, run here once with a fold limit that takes the weights: see _FOLD_LIMIT)
     optimize = torch_onnx_kwargs.pop("optimize", True)
-    program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
-                                opset_version=opset_version, custom_translation_table=table, optimize=False,
-                                **torch_onnx_kwargs)
+    try:
+        program = torch.onnx.export(model, args, kwargs=kwargs, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    opset_version=opset_version, custom_translation_table=table, optimize=False,
+                                    **torch_onnx_kwargs)
+    except Exception as error:  # (torch's exporter wraps what its trace raises: fastlstm's refusal is the answer)
+        refusal = _refusal_in(error)
+        if refusal is None:
+            raise
+        raise NotExportableError(str(refusal)) from None  # (a new one: the refusal's context is torch's error)
     if optimize:
         _optimize(program)
     _fix_static_dimensions(program)
@@ -130,6 +136,17 @@ def _check_model(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     leaves = torch.utils._pytree.tree_leaves((args, kwargs), is_leaf=lambda v: isinstance(v, PackedSequence))
     if any(isinstance(leaf, PackedSequence) for leaf in leaves):
         check_exportable(make_options(), training=False, packed=True)
+
+
+def _refusal_in(error: BaseException) -> NotExportableError | None:
+    """The fastlstm refusal that caused ``error`` (through its causes and contexts), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, NotExportableError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _every_dimension(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict:
