@@ -22,8 +22,8 @@ from fastlstm.options import make_options
 from fastlstm.packing import Layout
 from fastlstm.weights import DirectionWeights
 
-from tests.engines.cases import (ARCHS, LENGTHS, OPTIONS, compare, compare_float32, compare_packed, layer_inputs,
-                                 make_layer, on, run)
+from tests.engines.cases import (ARCHS, LENGTHS, OPTIONS, cast, compare, compare_float32, compare_packed,
+                                 layer_inputs, make_layer, on, run)
 
 
 
@@ -388,6 +388,49 @@ def test_single_step_autograd_path_matches_reference(cfg, training, bias):
         assert len(ours) == len(truth)
         for a, b in zip(ours, truth):
             torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def _final_state_gradients(engine, inputs, *, output_zero_cotangent):
+    """Gradients of a loss on ``h_n`` and ``c_n`` alone (a classifier's), or with ``0 * y`` added
+    (an output gradient of zeros, which the backward then reads row by row)."""
+    options, weights, x, h0, c0, masks = inputs
+    y, h, c = engine(x, None, h0, c0, weights, options, masks, training=False)
+    g = torch.Generator().manual_seed(3)
+    loss = sum((t * torch.randn(t.shape, generator=g, dtype=torch.float64).to(t.dtype)).sum() for t in (h, c))
+    if output_zero_cotangent:
+        loss = loss + (y * 0).sum()
+    leaves = [x, h0, c0] + [p for w in weights for p in w if p is not None]
+    return torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize("steps", [1, 6], ids=["one-step", "layer"])
+@pytest.mark.parametrize("arch", ARCHS.values(), ids=ARCHS.keys())
+@pytest.mark.parametrize("cfg", ["plain", "peephole", "zoneout", "layer_norm"])
+def test_a_loss_on_the_final_state_alone(cfg, arch, steps, some_threads):
+    """No gradient reaches the output: the backward reads one shared row of zeros as every row's
+    ``dy`` (T = 1 calls take the single step's form). Every gradient against the reference."""
+    inputs = layer_inputs(arch, OPTIONS[cfg], torch.float64, steps=steps)
+    ours = _final_state_gradients(lstm_layer, inputs, output_zero_cotangent=False)
+    theirs = _final_state_gradients(reference.lstm_layer, inputs, output_zero_cotangent=False)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("steps", [1, 6], ids=["one-step", "layer"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_no_output_gradient_equals_a_zero_output_gradient(dtype, steps):
+    """In every dtype (half precision's ``dy`` is read in it), the shared row of zeros gives the
+    gradients of an output gradient of zeros, bit for bit."""
+    inputs = layer_inputs(ARCHS["bi-proj"] if steps > 1 else ARCHS["uni"], OPTIONS["peephole"], torch.float64,
+                          steps=steps)
+    options, weights, x, h0, c0, masks = inputs
+    half = [cast(t, dtype) for t in (x, h0, c0)]
+    weights = [DirectionWeights(*(cast(p, dtype) for p in w)) for w in weights]
+    inputs = (options, weights, *half, masks)
+    none = _final_state_gradients(lstm_layer, inputs, output_zero_cotangent=False)
+    zeros = _final_state_gradients(lstm_layer, inputs, output_zero_cotangent=True)
+    for a, b in zip(none, zeros):
+        assert torch.equal(a, b)
 
 
 def test_single_step_autograd_path_gradcheck():

@@ -360,7 +360,10 @@ def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list
     layout, D, h0, c0 = inputs.layout, len(inputs.weights), inputs.h0, inputs.c0
     G = inputs.weights[0].weight_hh.shape[0]
     dy_dtype = half or h0.dtype
-    dy = h0.new_zeros(layout.total, D * h0.shape[2], dtype=dy_dtype) if dy is None else dy.to(dy_dtype).contiguous()
+    if dy is None:  # (no output gradient: one row of zeros that every row reads, its row stride 0)
+        dy = h0.new_zeros(1, D * h0.shape[2], dtype=dy_dtype).expand(layout.total, -1)
+    else:
+        dy = dy.to(dy_dtype).contiguous()
     dh_n = torch.zeros_like(h0) if dh_n is None else dh_n
     dc_n = torch.zeros_like(c0) if dc_n is None else dc_n
     dxg = h0.new_empty(layout.total, D * G)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ...masks import DirectionMasks
+from ...masks import MASK_FIELDS, DirectionMasks
 from ...options import LSTMOptions
 from ...packing import Layout
 from ...weights import DirectionWeights
@@ -60,10 +60,16 @@ class _Template:
 _TEMPLATES: dict[tuple, _Template] = {}
 
 
+def _keeps_h_in(call: LayerCall) -> bool:
+    """Whether the recurrent product's input differs from ``h0`` (a recurrent-dropout mask scales it),
+    so the backward reads a kept copy; otherwise it reads ``h0``, which the contract saves anyway."""
+    return dict(zip(MASK_FIELDS, call.masks))["recurrent"]
+
+
 def _kept_sizes(call: LayerCall, batch: int, hidden: int, carried: bool, item: int) -> dict[str, int]:
     o, G = call.options, 4 * hidden
     return {
-        "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden,
+        "gates": batch * G, "c_fresh": batch * hidden, "h_in": batch * hidden if _keeps_h_in(call) else 0,
         "c_carried": batch * hidden if carried and call.save else 0,
         "clip_mask": -(-batch * G // item) if o.clip is not None else 0,  # uint8 masks, in elements
         "cclip_mask": -(-batch * hidden // item) if o.cell_clip is not None else 0,
@@ -96,12 +102,12 @@ def _template(call: LayerCall, inputs: LayerInputs) -> _Template:
     plan.ld_xg, plan.ld_hw, plan.ld_y, plan.ld_dy = G, G, hidden, hidden
     item = torch.empty((), dtype=dtype).element_size()
     kept = arena_layout(_kept_sizes(call, batch, hidden, carried, item))
-    scratch = arena_layout({"xg": batch * G, "hw": batch * G})
+    scratch = arena_layout({"xg": batch * G, "hw": batch * G, "h_in": 0 if _keeps_h_in(call) else batch * hidden})
     pointers = tuple((k, name, offset * item) for k, (offsets, _) in enumerate((kept, scratch))
                      for name, offset in offsets.items() if offset is not None)
     work = arena_layout({"dh_state": batch * hidden, "dc_state": batch * hidden, "dgates": batch * G,
                          "dm": batch * hidden, "dh_in": batch * hidden, "work": 2 * hidden,
-                         "dpeep": 3 * hidden if call.options.peephole else 0, "dy": batch * hidden})
+                         "dpeep": 3 * hidden if call.options.peephole else 0})
     template = _TEMPLATES.setdefault(key, _Template(plan, layout, kept, scratch, pointers, work, call))
     _TEMPLATES[(id(call), dtype, batch, hidden)] = template
     return template
@@ -198,8 +204,11 @@ def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list
     keep: list = [kept]
     template = _template(call, inputs)
     p = _plan(template, kept.data_ptr(), None, w, inputs.masks[0], inputs.c0, keep)
-    # one zeroed allocation: the states' gradients, dgates, scratch, the peephole sums (and zeros for a
-    # missing dy)
+    if template.kept[0]["h_in"] is None:  # (dW_hh's operand is h0 itself: _keeps_h_in)
+        h0 = inputs.h0.contiguous()
+        keep.append(h0)
+        p.h_in = h0.data_ptr()
+    # one zeroed allocation: the states' gradients, dgates, scratch, the peephole sums
     offsets, total = template.work
     work = Arena(torch.zeros(total, dtype=x.dtype), offsets)
     dh_state, dc_state = work.view("dh_state", *inputs.h0.shape), work.view("dc_state", *inputs.c0.shape)
@@ -207,12 +216,12 @@ def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list
         dh_state.copy_(dh_n)
     if dc_n is not None:
         dc_state.copy_(dc_n)
-    if dy is None:  # (the zeros of the arena)
-        p.dy = work.ptr("dy")
+    if dy is None:  # (no output gradient: one row of zeros that every row reads)
+        dy, p.ld_dy = x.new_zeros(H), 0
     else:
         dy = dy.contiguous()
-        keep.append(dy)
-        p.dy = dy.data_ptr()
+    keep.append(dy)
+    p.dy = dy.data_ptr()
     p.dh_state, p.dc_state = dh_state.data_ptr(), dc_state.data_ptr()
     p.dgates = p.dhw = work.ptr("dgates")
     p.ld_dgates = p.ld_dhw = G
