@@ -147,13 +147,15 @@ class Layout:
         return torch.zeros_like(per_sequence).index_copy(dim, self.order, per_sequence)
 
 
-def check_batch_sizes(batch_sizes: Tensor, rows: int) -> None:
+def check_batch_sizes(batch_sizes: Tensor, rows: int, *, trailing_zeros: bool = False) -> None:
     """A PackedSequence's ``batch_sizes`` must describe its rows (a hand-made one may not, and the
-    compiled engines index rows by them): else a RuntimeError, as torch's."""
+    compiled engines index rows by them): else a RuntimeError, as torch's. ``trailing_zeros``: steps
+    without rows may end them (the layout of ``lengths=`` whose longest is below ``T``)."""
     if batch_sizes.dim() != 1 or not batch_sizes.numel() or int(batch_sizes.sum()) != rows \
-            or bool((batch_sizes[1:] > batch_sizes[:-1]).any()) or int(batch_sizes[-1]) < 1:
+            or bool((batch_sizes[1:] > batch_sizes[:-1]).any()) or int(batch_sizes[-1]) < (0 if trailing_zeros else 1):
         raise RuntimeError(
-            f"input: a PackedSequence's batch_sizes should be positive and non-increasing and sum to its data's "
+            f"input: a PackedSequence's batch_sizes should be {'non-negative' if trailing_zeros else 'positive'} "
+            f"and non-increasing and sum to its data's "
             f"{rows} rows, got batch_sizes {batch_sizes.tolist()}; build it with "
             "torch.nn.utils.rnn.pack_padded_sequence with lengths <= T (torch does not check them)"
         )

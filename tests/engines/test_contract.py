@@ -95,6 +95,28 @@ def test_compiled_model_takes_sorted_packed_input():
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("lengths", [[3, 0, 5, 1], [0, 0, 0, 0]], ids=["below-T", "all-empty"])
+def test_compiled_model_takes_lengths_below_the_padded_length(lengths):
+    """``lengths=`` whose longest is below T leaves steps without rows at the end of the layout,
+    which the op took for a malformed PackedSequence's batch sizes. Forward and backward against
+    eager (the lengths check reads the data: a graph break, so not fullgraph)."""
+    torch.manual_seed(0)
+    lstm = fastlstm.LSTM(5, 7, bidirectional=True, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(lstm, backend="aot_eager")
+    x = torch.randn(6, 4, 5, dtype=torch.float64)
+
+    def outputs_and_grads(model):
+        lstm.zero_grad()
+        leaf = x.clone().requires_grad_()
+        y, (h, c) = model(leaf, lengths=torch.tensor(lengths))
+        (y.square().sum() + h.sum() + 2 * c.sum()).backward()
+        return [y, h, c, leaf.grad] + [p.grad.clone() for p in lstm.parameters()]
+
+    for a, b in zip(outputs_and_grads(lstm), outputs_and_grads(compiled)):
+        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 def test_dynamic_compile_as_a_process_first_call():
     """``torch.compile(model, dynamic=True)`` called before any eager call, in a fresh process: the
     first trace imports the engine, and dynamo's restarted analysis must take the same path."""
@@ -222,6 +244,8 @@ OP_CASES = {
     "plain-uni": (dict(directions=1, proj=0, bias=True), {}, None),
     "options-bi-proj-lengths": (dict(directions=2, proj=3, bias=True), dict(peephole=True, clip=0.7, cell_clip=0.9),
                                 torch.tensor([3, 6, 1, 4])),
+    # (the longest below T: steps without rows end the layout; one sequence empty)
+    "lengths-below-T": (dict(directions=2, proj=0, bias=True), {}, torch.tensor([3, 0, 1, 4])),
     "layer_norm-bi-nobias": (dict(directions=2, proj=0, bias=False), dict(layer_norm=True), None),
     "zoneout-train": (dict(directions=1, proj=0, bias=True), dict(zoneout=(0.3, 0.4), recurrent_dropout=0.2), None),
 }

@@ -212,7 +212,8 @@ def _layer_op(call: str, x: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor,
               masks: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
     """One layer on ``call``'s engine -> ``(y [N, D*H_out], h_n, c_n, saved)``; see :class:`LayerInputs`."""
     layer_call = decode(call)
-    check_batch_sizes(batch_sizes, x.shape[0])  # (a traced PackedSequence's were not checked)
+    # (a traced PackedSequence's were not checked; lengths= below T leave steps without rows at the end)
+    check_batch_sizes(batch_sizes, x.shape[0], trailing_zeros=True)
     inputs = _inputs(layer_call, x, batch_sizes, h0, c0, weights, masks, x.shape[0])
     engine = engine_of(layer_call)
     saved = engine.allocate(layer_call, inputs)

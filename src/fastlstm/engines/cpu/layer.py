@@ -341,11 +341,14 @@ def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor], *,
     D, ho = len(inputs.weights), inputs.h0.shape[2]
     y = inputs.h0.new_empty(layout.total, D * ho, dtype=half or inputs.h0.dtype)
     h_n, c_n = inputs.h0.clone(memory_format=torch.contiguous_format), inputs.c0.clone(memory_format=torch.contiguous_format)
+    # (a sequence of length 0, from lengths=: no step reaches the last rows of the per-step scratch
+    # kept in the float arena, and what the op returns must not be leftover memory)
+    unreached = call.save and int(layout.batch_sizes[0]) < layout.batch
     for d in range(D):
         direction = Direction(call, inputs, d, half)
         if call.save:
             floats, uint8 = direction.sizes(save=True)
-            arena = Arena(saved[2 * d], arena_layout(floats)[0])
+            arena = Arena(saved[2 * d].zero_() if unreached else saved[2 * d], arena_layout(floats)[0])
             masks = Arena(saved[2 * d + 1], arena_layout(uint8)[0])
         else:
             floats, uint8 = direction.sizes(save=False)
