@@ -56,11 +56,32 @@ def check_lengths(lengths, steps: int, batch: int, batched: bool) -> Tensor:
         raise ValueError(f"lengths should have shape {list(expected)} (one length per sequence of the input), "
                          f"got {list(lengths.shape)}")
     lengths = lengths.reshape(batch).to(device="cpu", dtype=torch.int64)
-    if torch.compiler.is_exporting():  # (the graph's lengths are an input: their values are not known here)
+    if torch.compiler.is_compiling():  # (traced, the lengths are data: the graph checks them when it runs)
+        lengths = torch.ops.fastlstm.checked_lengths(lengths, steps)
+        if lengths.numel():  # (and the compiler learns their bounds, which the layout's sizes need)
+            torch._check(lengths.min().item() >= 0)
+            torch._check(lengths.max().item() <= steps)
         return lengths
+    _check_length_bounds(lengths, steps)
+    return lengths
+
+
+def _check_length_bounds(lengths: Tensor, steps: int) -> None:
     if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > steps):
         raise ValueError(f"lengths should be between 0 and the input's {steps} steps, got {lengths.tolist()}")
-    return lengths
+
+
+@torch.library.custom_op("fastlstm::checked_lengths", mutates_args=())
+def checked_lengths(lengths: Tensor, steps: int) -> Tensor:
+    """``lengths [B]`` int64, checked as :func:`check_lengths` checks them in eager mode (a ValueError
+    that names them): the check inside a compiled or exported graph, where they are data."""
+    _check_length_bounds(lengths, steps)
+    return lengths.clone()
+
+
+@checked_lengths.register_fake
+def _(lengths, steps):
+    return torch.empty_like(lengths)
 
 
 def refuse_parameter(module_name: str, name: str, value, shape: tuple, like: Tensor) -> None:

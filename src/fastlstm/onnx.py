@@ -33,8 +33,17 @@ _FOLD_LIMIT = 1 << 28
 
 def translation_table() -> dict:
     """``{op: translation}`` for ``torch.onnx.export(..., dynamo=True, custom_translation_table=...)``:
-    writes ``fastlstm::onnx_lstm`` (a layer ONNX's LSTM computes) as one ``LSTM`` node."""
-    return {torch.ops.fastlstm.onnx_lstm.default: _lstm_node}
+    writes ``fastlstm::onnx_lstm`` (a layer ONNX's LSTM computes) as one ``LSTM`` node, and the graph's
+    check of ``lengths`` (``fastlstm::checked_lengths``) as the lengths."""
+    return {torch.ops.fastlstm.onnx_lstm.default: _lstm_node,
+            torch.ops.fastlstm.checked_lengths.default: _unchecked_lengths}
+
+
+def _unchecked_lengths(lengths, steps):
+    """The graph's lengths as they come (ONNX's ``sequence_lens`` is not checked either)."""
+    from onnxscript import opset18 as op
+
+    return op.Identity(lengths)
 
 
 def _lstm_node(x, w, r, b, sequence_lens, initial_h, initial_c, p, activations, clip, input_forget):

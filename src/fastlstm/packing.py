@@ -57,14 +57,18 @@ class Layout:
     def of_lengths(lengths: Tensor, steps: int, device: torch.device) -> Layout:
         """Padded ``[T, B, .]`` input with per-sequence ``lengths [B]`` (user order; 0 allowed)."""
         lengths = lengths.to(device="cpu", dtype=torch.int64)
-        if bool((lengths == steps).all()):
+        tracing = torch.compiler.is_compiling()  # (the lengths are data then: no branch on their values)
+        if not tracing and bool((lengths == steps).all()):
             return Layout.of_full(steps, lengths.numel(), device)
         # (the very sort pack_padded_sequence does, unstable above 16 sequences: equal lengths then take
         # its order, so the rows, and inter-layer dropout drawn over them, are the PackedSequence's)
         sorted_lengths, order = torch.sort(lengths, descending=True)
         batch_sizes = (sorted_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
-        layout = Layout(steps, lengths.numel(), int(sorted_lengths.sum()), device, batch_sizes=batch_sizes,
-                        order=order.to(device))
+        total = sorted_lengths.sum().item()  # (traced: a SymInt, which int() would specialize)
+        if tracing:  # (an unbacked size: what the checks ensure)
+            torch._check(total >= 0)
+            torch._check(total <= steps * lengths.numel())
+        layout = Layout(steps, lengths.numel(), total, device, batch_sizes=batch_sizes, order=order.to(device))
         layout._memo["lengths"] = sorted_lengths
         return layout
 

@@ -95,26 +95,67 @@ def test_compiled_model_takes_sorted_packed_input():
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("lengths", [[3, 0, 5, 1], [0, 0, 0, 0]], ids=["below-T", "all-empty"])
-def test_compiled_model_takes_lengths_below_the_padded_length(lengths):
-    """``lengths=`` whose longest is below T leaves steps without rows at the end of the layout,
-    which the op took for a malformed PackedSequence's batch sizes. Forward and backward against
-    eager (the lengths check reads the data: a graph break, so not fullgraph)."""
+LENGTHS_RUNS = [(6, [6, 2, 5, 1]), (6, [3, 0, 5, 1]), (6, [0, 0, 0, 0]), (6, [6, 6, 6, 6]), (8, [2, 8, 7])]
+"""(T, lengths): one below T (the layout ends in steps without rows), all empty, all full, other sizes."""
+
+
+def _lengths_outputs_and_grads(lstm, model, steps, lengths):
+    lstm.zero_grad()
+    x = torch.randn(steps, len(lengths), 5, dtype=torch.float64, generator=torch.Generator().manual_seed(steps))
+    x.requires_grad_()
+    y, (h, c) = model(x, lengths=torch.tensor(lengths))
+    (y.square().sum() + h.sum() + 2 * c.sum()).backward()
+    return [y, h, c, x.grad] + [p.grad.clone() for p in lstm.parameters()]
+
+
+def test_compiled_model_takes_lengths():
+    """``lengths=`` in one graph (``fullgraph=True``): the rows it selects are data to the compiler
+    (their count an unbacked size), and a longest length below T leaves steps without rows at the
+    end of the layout, which the op took for a malformed PackedSequence's. Forward and backward
+    against eager at several lengths and sizes."""
     torch.manual_seed(0)
     lstm = fastlstm.LSTM(5, 7, bidirectional=True, dtype=torch.float64)
     torch._dynamo.reset()
-    compiled = torch.compile(lstm, backend="aot_eager")
-    x = torch.randn(6, 4, 5, dtype=torch.float64)
+    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+    for steps, lengths in LENGTHS_RUNS:
+        eager = _lengths_outputs_and_grads(lstm, lstm, steps, lengths)
+        for a, b in zip(eager, _lengths_outputs_and_grads(lstm, compiled, steps, lengths)):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
-    def outputs_and_grads(model):
-        lstm.zero_grad()
-        leaf = x.clone().requires_grad_()
-        y, (h, c) = model(leaf, lengths=torch.tensor(lengths))
-        (y.square().sum() + h.sum() + 2 * c.sum()).backward()
-        return [y, h, c, leaf.grad] + [p.grad.clone() for p in lstm.parameters()]
 
-    for a, b in zip(outputs_and_grads(lstm), outputs_and_grads(compiled)):
-        torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+def test_exported_model_takes_lengths():
+    """torch.export with ``lengths=`` and T, B dynamic: the exported module at other sizes and
+    lengths equals eager."""
+    torch.manual_seed(0)
+    lstm = fastlstm.LSTM(5, 7, num_layers=2, bidirectional=True, dtype=torch.float64).eval()
+    auto = torch.export.Dim.AUTO
+    exported = torch.export.export(lstm, (torch.randn(6, 4, 5, dtype=torch.float64),),
+                                   kwargs={"lengths": torch.tensor([6, 2, 5, 1])},
+                                   dynamic_shapes={"input": {0: auto, 1: auto}, "lengths": {0: auto}}).module()
+    for steps, lengths in LENGTHS_RUNS:
+        x = torch.randn(steps, len(lengths), 5, dtype=torch.float64)
+        got, expected = exported(x, lengths=torch.tensor(lengths)), lstm(x, lengths=torch.tensor(lengths))
+        for a, b in zip([got[0], *got[1]], [expected[0], *expected[1]]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("lengths", [[7, 2, 3], [5, -1, 3]], ids=["above-T", "negative"])
+def test_compiled_and_exported_graphs_check_lengths(lengths):
+    """Inside a graph the lengths are data: the graph checks them when it runs, with eager's
+    ValueError naming them, and runs on after it."""
+    lstm = fastlstm.LSTM(5, 7, dtype=torch.float64)
+    x, good = torch.randn(5, 3, 5, dtype=torch.float64), torch.tensor([5, 2, 3])
+    torch._dynamo.reset()
+    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+    exported = torch.export.export(lstm, (x,), kwargs={"lengths": good}).module()
+    for model in (lstm, compiled, exported):
+        with pytest.raises(ValueError, match=r"lengths should be between 0 and the input's 5 steps"):
+            model(x, lengths=torch.tensor(lengths))
+        torch.testing.assert_close(model(x, lengths=good)[0], lstm(x, lengths=good)[0], rtol=0, atol=0)
+
+
+def test_opcheck_of_the_lengths_check():
+    torch.library.opcheck(torch.ops.fastlstm.checked_lengths.default, (torch.tensor([3, 0, 5]), 6))
 
 
 def test_dynamic_compile_as_a_process_first_call():
