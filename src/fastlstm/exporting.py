@@ -48,14 +48,14 @@ def check_exportable(options: LSTMOptions, *, training: bool, dropout: float = 0
     """Raise :class:`NotExportableError` (a ``ValueError``) naming what an exported graph cannot compute."""
     if packed:
         raise NotExportableError("input: a PackedSequence cannot be exported to ONNX; pass the padded input and "
-                         "lengths= (LSTM.forward(x, lengths=lengths)), which export as sequence lengths")
+                                 "lengths= (LSTM.forward(x, lengths=lengths)), which export as sequence lengths")
     if training:
         random = {"zoneout": options.has_zoneout, "recurrent_dropout": options.recurrent_dropout > 0,
                   "weight_drop": options.weight_drop > 0, "dropout": dropout > 0}
         for name, present in random.items():
             if present:
-                raise NotExportableError(f"{name}: a training-mode forward draws random masks, which an exported graph "
-                                 "cannot reproduce; call model.eval() before exporting")
+                raise NotExportableError(f"{name}: a training-mode forward draws random masks, which an exported "
+                                         "graph cannot reproduce; call model.eval() before exporting")
 
 
 def onnx_expressible(options: LSTMOptions, weights: DirectionWeights) -> bool:
