@@ -181,10 +181,12 @@ def layer_rows(engine: str, x: Tensor, layout: packing.Layout, h0: Tensor, c0: T
     module = engines.load(engine)
     fused = module.fuses_input(layout, weights, options)
     source = None
-    if not fused:  # (an engine may choose its GEMM for eager calls; traced ones take F.linear)
+    if not fused:  # (an engine may choose its GEMM for eager calls; traced ones take F.linear, or _one_column_linear)
         source = contract.GatesSource(x, weights)
         eager_linear = getattr(module, "linear", None)
-        x = input_gates(x, weights, options, linear=F.linear if eager_linear is None or contract.traced() else eager_linear)
+        traced = contract.traced()
+        linear = (_one_column_linear if x.shape[1] == 1 else F.linear) if traced else eager_linear or F.linear
+        x = input_gates(x, weights, options, linear=linear)
         weights = [w._replace(weight_ih=None, layer_norm_ih_weight=None) for w in weights]
     flat = contract.flat_weights(weights)
     save = torch.is_grad_enabled() and (x.requires_grad or h0.requires_grad or c0.requires_grad
@@ -192,6 +194,13 @@ def layer_rows(engine: str, x: Tensor, layout: packing.Layout, h0: Tensor, c0: T
     call = contract.LayerCall(engine, options, training, save, fused, contract.presence(weights),
                               _NO_MASKS_PRESENT[len(masks)] if masks[0] is _NO_MASKS else contract.presence(masks))
     return contract.run(call, contract.LayerInputs(x, layout, h0, c0, weights, masks), flat, source)
+
+
+def _one_column_linear(x: Tensor, w: Tensor) -> Tensor:
+    """``x w^T`` for one-column rows ``x [N, 1]`` as the outer product it is (each product rounded
+    once, as a GEMM's). Traced, a GEMM's backward asks whether its one-column operand is column-major
+    (stride 1 == N), which a compiler cannot answer where N is data (the rows of ``lengths=``)."""
+    return x * w.reshape(1, -1)
 
 
 _NO_MASKS = DirectionMasks()  # (never changed: masks are replaced, not edited)

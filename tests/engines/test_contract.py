@@ -123,6 +123,30 @@ def test_compiled_model_takes_lengths():
             torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("sizes", [dict(input_size=1, hidden_size=5, bidirectional=True),
+                                   dict(input_size=3, hidden_size=4, proj_size=1, num_layers=2)],
+                         ids=["input_size-1", "a-layer-below-of-one-output"])
+def test_compiled_model_takes_lengths_into_a_one_feature_layer(sizes):
+    """A layer whose input has one feature, with ``lengths=`` in one graph: its input product is
+    an outer product there (a GEMM's backward guards on its one-column operand's row count, which
+    the lengths make data). Forward and backward against eager."""
+    torch.manual_seed(0)
+    lstm = fastlstm.LSTM(**sizes, dtype=torch.float64)
+    torch._dynamo.reset()
+    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+    for steps, lengths in [(6, [6, 2, 5, 1]), (5, [3, 0, 5])]:
+        x = torch.randn(steps, len(lengths), sizes["input_size"], dtype=torch.float64)
+        results = []
+        for model in (lstm, compiled):
+            lstm.zero_grad()
+            leaf = x.clone().requires_grad_()
+            y, (h, c) = model(leaf, lengths=torch.tensor(lengths))
+            (y.square().sum() + h.sum() + 2 * c.sum()).backward()
+            results.append([y, h, c, leaf.grad] + [p.grad.clone() for p in lstm.parameters()])
+        for a, b in zip(*results):
+            torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
 def test_exported_model_takes_lengths():
     """torch.export with ``lengths=`` and T, B dynamic: the exported module at other sizes and
     lengths equals eager."""
