@@ -57,11 +57,7 @@ def check_lengths(lengths, steps: int, batch: int, batched: bool) -> Tensor:
                          f"got {list(lengths.shape)}")
     lengths = lengths.reshape(batch).to(device="cpu", dtype=torch.int64)
     if torch.compiler.is_compiling():  # (traced, the lengths are data: the graph checks them when it runs)
-        lengths = torch.ops.fastlstm.checked_lengths(lengths, steps)
-        if lengths.numel():  # (and the compiler learns their bounds, which the layout's sizes need)
-            torch._check(lengths.min().item() >= 0)
-            torch._check(lengths.max().item() <= steps)
-        return lengths
+        return torch.ops.fastlstm.checked_lengths(lengths, steps)
     _check_length_bounds(lengths, steps)
     return lengths
 

@@ -65,9 +65,6 @@ class Layout:
         sorted_lengths, order = torch.sort(lengths, descending=True)
         batch_sizes = (sorted_lengths.unsqueeze(0) > torch.arange(steps).unsqueeze(1)).sum(1)
         total = sorted_lengths.sum().item()  # (traced: a SymInt, which int() would specialize)
-        if tracing:  # (an unbacked size: what the checks ensure)
-            torch._check(total >= 0)
-            torch._check(total <= steps * lengths.numel())
         layout = Layout(steps, lengths.numel(), total, device, batch_sizes=batch_sizes, order=order.to(device))
         layout._memo["lengths"] = sorted_lengths
         return layout

@@ -343,7 +343,7 @@ def forward(call: LayerCall, inputs: LayerInputs, saved: list[Tensor], *,
     h_n, c_n = inputs.h0.clone(memory_format=torch.contiguous_format), inputs.c0.clone(memory_format=torch.contiguous_format)
     # (a sequence of length 0, from lengths=: no step reaches the last rows of the per-step scratch
     # kept in the float arena, and what the op returns must not be leftover memory)
-    unreached = call.save and int(layout.batch_sizes[0]) < layout.batch
+    unreached = call.save and not layout.full and int(layout.batch_sizes[0]) < layout.batch
     for d in range(D):
         direction = Direction(call, inputs, d, half)
         if call.save:
