@@ -128,3 +128,64 @@ def test_half_precision_matches_torch_within_its_own_error(dtype):
         err_ours = (mine.double() - true).abs().max().item()
         err_torch = (torchs.double() - true).abs().max().item()
         assert err_ours <= 2 * err_torch + 1e-3, (err_ours, err_torch)
+
+
+# (input dtype, c_0 dtype) pairs where torch.nn.LSTM promotes c_0 into the input's dtype
+NARROWER_C0 = [(torch.float64, torch.float32), (torch.float64, torch.bfloat16), (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("form", ("padded", "packed_unsorted", "unbatched"))
+@pytest.mark.parametrize("arch", ARCHITECTURES[::3], ids=_arch_id)
+@pytest.mark.parametrize("dtype,c0_dtype", NARROWER_C0, ids=lambda d: str(d).removeprefix("torch."))
+def test_lstm_promotes_a_narrower_c0_as_torch_does(dtype, c0_dtype, arch, form, backend):
+    """torch.nn.LSTM takes a ``c_0`` narrower than its input (its pointwise math promotes it with the
+    gates) and returns everything in the input's dtype, ``c_0``'s gradient in ``c_0``'s. (oneDNN refuses
+    a float32 input with a half-precision ``c_0``: torch's loop, under a projection, is the oracle there.)"""
+    if dtype == torch.float32 and not arch["proj_size"]:
+        arch = dict(arch, proj_size=3)
+    ours, theirs = build_pair(arch, 4, 5, batch_first=False, dtype=dtype, backend=backend)
+    d = 2 if arch["bidirectional"] else 1
+    inputs = make_inputs(form, 5, 3, 4, (arch["num_layers"] * d, 3, arch["proj_size"] or 5),
+                         (arch["num_layers"] * d, 3, 5), dtype=dtype, with_hx=True)
+    inputs.c0 = inputs.c0.to(c0_dtype)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_runs_close(run_lstm(ours, inputs), run_lstm(theirs, inputs), rtol=tol, atol=tol)
+
+
+def test_lstm_refuses_a_wider_c0_or_h0_of_another_dtype():
+    """A ``c_0`` wider than the input (torch: refused by oneDNN, a failed product in its loop), and an
+    ``h_0`` of another dtype (torch multiplies it by the weights), are refused, naming the state."""
+    lstm = fastlstm.LSTM(3, 4)
+    x, state = torch.randn(2, 1, 3), torch.randn(1, 1, 4)
+    with pytest.raises(RuntimeError, match=r"hx\[1\] has dtype torch.float64 but input has dtype torch.float32"):
+        lstm(x, (state, state.double()))
+    with pytest.raises(RuntimeError, match=r"hx\[0\] has dtype torch.float16 but input has dtype torch.float32"):
+        lstm(x, (state.half(), state))
+
+
+@pytest.mark.parametrize("dtype,c_dtype", [(torch.float64, torch.float32), (torch.float32, torch.bfloat16),
+                                           (torch.float32, torch.float64), (torch.bfloat16, torch.float32),
+                                           (torch.float16, torch.bfloat16)],
+                         ids=lambda d: str(d).removeprefix("torch."))
+def test_cell_promotes_c_of_another_dtype_as_torch_does(dtype, c_dtype, backend):
+    """torch.nn.LSTMCell returns ``h'`` and ``c'`` in ``promote(input, c)``. Where that is the input's
+    dtype the two agree to the input's precision; where it is wider torch rounds its products to the
+    input's dtype first and fastlstm does not: within twice torch's own error against float64."""
+    ours = fastlstm.LSTMCell(4, 5, dtype=dtype, backend=backend)
+    theirs = torch.nn.LSTMCell(4, 5, dtype=dtype)
+    theirs.load_state_dict(ours.state_dict())
+    x, h, c = torch.randn(3, 4).to(dtype), torch.randn(3, 5).to(dtype), torch.randn(3, 5).to(c_dtype)
+    mine, torchs = run_cell(ours, x, (h, c)), run_cell(theirs, x, (h, c))
+    if torch.promote_types(dtype, c_dtype) == dtype:
+        tol = 1e-10 if dtype == torch.float64 else 1e-5
+        assert_runs_close(mine, torchs, rtol=tol, atol=tol)
+        return
+    exact = torch.nn.LSTMCell(4, 5, dtype=torch.float64)
+    exact.load_state_dict(ours.state_dict())
+    truth = run_cell(exact, x.double(), (h.double(), c.double()))
+    fields = lambda run: {"h": run.h_n, "c": run.c_n, **run.grads}  # noqa: E731
+    for name, true in fields(truth).items():
+        assert fields(mine)[name].dtype == fields(torchs)[name].dtype, name
+        err_ours = (fields(mine)[name].double() - true).abs().max().item()
+        err_torch = (fields(torchs)[name].double() - true).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-6, (name, err_ours, err_torch)

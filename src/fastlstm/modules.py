@@ -76,7 +76,7 @@ def _direction_weights(module: nn.Module, names: tuple[str | None, ...], shapes:
             checks.refuse_parameter(type(module).__name__, name, value, shape, like)
         values.append(value)
     w = DirectionWeights(*values)
-    if like.dtype != dtype:  # only under autocast; the dtype check ran before
+    if like.dtype != dtype:  # under autocast, or an LSTMCell promoting to a wider c0 (the dtype check ran before)
         w = DirectionWeights(*(None if p is None else p.to(dtype) for p in w))
     return w
 
@@ -430,6 +430,8 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
             if packed is not None:
                 packed = PackedSequence(x, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices)
         if hx is not None:
+            if cast is None:  # (a narrower c0: torch promotes it with the gates)
+                x, h0, c0 = autocasting.promoted_states(x, h0, c0, cell=False)
             checks.check_state_dtype_device((h0, c0), x, "LSTM")
         if packed is not None:
             return _ParsedInput(None, None, h0, c0, packed, batched, h_dtype)
@@ -587,5 +589,7 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
                 f"LSTMCell: input dtype ({x.dtype}) does not match weight dtype ({self.weight_ih.dtype}); "
                 f"convert input: input.to({self.weight_ih.dtype}), or convert model: model.to({x.dtype})"
             )
+        else:  # (a c0 of another dtype: torch promotes it with the gates)
+            x, h0, c0 = autocasting.promoted_states(x, h0, c0, cell=True)
         checks.check_state_dtype_device((h0, c0), x, "LSTMCell")
         return x, h0, c0, batched
