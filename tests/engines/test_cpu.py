@@ -529,6 +529,20 @@ def test_saved_buffers_do_not_outlive_the_graph(steps):
     assert kept and all(ref() is None for ref in kept)
 
 
+@pytest.mark.parametrize("peephole", [False, True])
+def test_step_gradients_keep_no_scratch_alive(peephole):
+    """The gradients a step hands back (h0's, c0's, the peephole weights') are tensors of their own
+    size: as views of the backward's scratch they would keep it, the gates' gradient included
+    (4x their size), alive while the caller holds them."""
+    cell = fastlstm.LSTMCell(4, 6, backend="cpu", peephole=peephole)
+    x, h0, c0 = (torch.randn(3, n, requires_grad=True) for n in (4, 6, 6))
+    h, c = cell(x, (h0, c0))
+    (h.sum() + c.sum()).backward()
+    grads = [h0.grad, c0.grad] + ([cell.weight_peephole.grad] if peephole else [])
+    for grad in grads:
+        assert grad.untyped_storage().nbytes() == grad.numel() * grad.element_size()
+
+
 def test_single_step_backward_with_no_rows():
     """B = 0 through the step's backward: zero weight gradients, empty input gradients, no crash."""
     cell = fastlstm.LSTMCell(4, 6, backend="cpu", peephole=True)

@@ -105,9 +105,7 @@ def _template(call: LayerCall, inputs: LayerInputs) -> _Template:
     scratch = arena_layout({"xg": batch * G, "hw": batch * G, "h_in": 0 if _keeps_h_in(call) else batch * hidden})
     pointers = tuple((k, name, offset * item) for k, (offsets, _) in enumerate((kept, scratch))
                      for name, offset in offsets.items() if offset is not None)
-    work = arena_layout({"dh_state": batch * hidden, "dc_state": batch * hidden, "dgates": batch * G,
-                         "dm": batch * hidden, "dh_in": batch * hidden, "work": 2 * hidden,
-                         "dpeep": 3 * hidden if call.options.peephole else 0})
+    work = arena_layout({"dgates": batch * G, "dm": batch * hidden, "dh_in": batch * hidden, "work": 2 * hidden})
     template = _TEMPLATES.setdefault(key, _Template(plan, layout, kept, scratch, pointers, work, call))
     _TEMPLATES[(id(call), dtype, batch, hidden)] = template
     return template
@@ -208,14 +206,13 @@ def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list
         h0 = inputs.h0.contiguous()
         keep.append(h0)
         p.h_in = h0.data_ptr()
-    # one zeroed allocation: the states' gradients, dgates, scratch, the peephole sums
+    # the gradients handed back are allocations of their own (as views of the scratch they would keep
+    # all of it, dgates included, alive while a caller holds h0.grad); the zeroed scratch ends here
     offsets, total = template.work
     work = Arena(torch.zeros(total, dtype=x.dtype), offsets)
-    dh_state, dc_state = work.view("dh_state", *inputs.h0.shape), work.view("dc_state", *inputs.c0.shape)
-    if dh_n is not None:
-        dh_state.copy_(dh_n)
-    if dc_n is not None:
-        dc_state.copy_(dc_n)
+    dh_state = x.new_zeros(inputs.h0.shape) if dh_n is None else x.new_empty(inputs.h0.shape).copy_(dh_n)
+    dc_state = x.new_zeros(inputs.c0.shape) if dc_n is None else x.new_empty(inputs.c0.shape).copy_(dc_n)
+    d_peep = x.new_zeros(3 * H) if peephole else None
     if dy is None:  # (no output gradient: one row of zeros that every row reads)
         dy, p.ld_dy = x.new_zeros(H), 0
     else:
@@ -227,12 +224,11 @@ def backward(call: LayerCall, inputs: LayerInputs, y: Tensor | None, saved: list
     p.ld_dgates = p.ld_dhw = G
     p.dproj, p.dm, p.dh_in = None, work.ptr("dm"), work.ptr("dh_in")
     p.w_hh_packed_t, p.w_hr_packed_t = None, None
-    p.work, p.dpeep = work.ptr("work"), work.ptr("dpeep")
+    p.work, p.dpeep = work.ptr("work"), kernels.pointer(d_peep)
     w_ih = w.weight_ih.contiguous()
     d_x = x.new_empty(B, I) if needs_x else None
     d_w_ih, d_w_hh = x.new_empty(G, I), x.new_empty(G, H)
     d_bias = x.new_empty(G) if has_bias else None
     kernels.module().step_backward(kernels.address(p), x.data_ptr(), I, w_ih.data_ptr(), kernels.pointer(d_x) or 0,
                                    d_w_ih.data_ptr(), d_w_hh.data_ptr(), kernels.pointer(d_bias) or 0)
-    d_peep = work.view("dpeep", 3 * H) if peephole else None
     return LayerGrads(d_x, dh_state, dc_state, [DirectionWeights(d_w_ih, d_w_hh, d_bias, d_bias, None, d_peep)])
