@@ -32,7 +32,30 @@ LSTM_ARGS = [
     ("proj_size negative", (3, 4), dict(proj_size=-1), ValueError, "proj_size"),
     ("proj_size equal hidden", (3, 4), dict(proj_size=4), ValueError, "proj_size"),
     ("proj_size float", (3, 4), dict(proj_size=1.0), TypeError, "proj_size"),
+    # torch converts dropout and compares num_layers / proj_size before checking their types
+    ("dropout None", (3, 4, 2), dict(dropout=None), TypeError, "float"),
+    ("dropout list", (3, 4, 2), dict(dropout=[0.5]), TypeError, "float"),
+    ("num_layers zero float", (3, 4, 0.0), {}, ValueError, "num_layers"),
+    ("num_layers None", (3, 4, None), {}, TypeError, "NoneType"),
+    ("proj_size float above hidden", (3, 4), dict(proj_size=10.0), ValueError, "proj_size"),
+    ("proj_size negative float", (3, 4), dict(proj_size=-1.0), ValueError, "proj_size"),
 ]
+
+
+@pytest.mark.parametrize("kwargs", [dict(proj_size=0.0), dict(proj_size=False), dict(proj_size=torch.tensor(0)),
+                                    dict(proj_size=torch.tensor(2)), dict(num_layers=torch.tensor(2))],
+                         ids=["proj_size 0.0", "proj_size False", "proj_size tensor 0", "proj_size tensor 2",
+                              "num_layers tensor"])
+def test_constructor_takes_what_torch_takes(kwargs):
+    """torch builds these (a zero-like projection size is no projection; 0-d integer tensors count):
+    the same layer, run on the same input."""
+    theirs = torch.nn.LSTM(3, 4, dtype=torch.float64, **kwargs)
+    ours = fastlstm.LSTM(3, 4, dtype=torch.float64, **kwargs)
+    ours.load_state_dict(theirs.state_dict())
+    assert (ours.num_layers, ours.proj_size) == (int(theirs.num_layers), int(theirs.proj_size))
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    for a, b in zip(torch.utils._pytree.tree_leaves(ours(x)), torch.utils._pytree.tree_leaves(theirs(x))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("label,args,kwargs,expected,word", LSTM_ARGS, ids=[c[0] for c in LSTM_ARGS])
@@ -98,6 +121,14 @@ def test_cell_rejects_proj_clip_and_bad_options():
         fastlstm.LSTMCell(3, 4.0)
     with pytest.raises(TypeError):
         torch.nn.LSTMCell(3, 4.0)
+
+
+@pytest.mark.parametrize("args", [(-1, 4), (3, -2)], ids=["input_size", "hidden_size"])
+def test_cell_negative_sizes_raise_torchs_type(args):
+    with pytest.raises(RuntimeError):
+        torch.nn.LSTMCell(*args)  # (its weights' allocation refuses a negative dimension)
+    with pytest.raises(RuntimeError, match="input_size" if args[0] < 0 else "hidden_size"):
+        fastlstm.LSTMCell(*args)
 
 
 def _x(*shape, dtype=torch.float32):

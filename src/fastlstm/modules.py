@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 from dataclasses import dataclass
 
@@ -88,10 +89,14 @@ def _parameter(module: nn.Module, name: str):
 
 
 def _integer(value, name: str, bools: bool = False) -> int:
-    """An integer argument as a Python int: torch takes NumPy's too (and bools for some)."""
-    if not isinstance(value, numbers.Integral) or (isinstance(value, bool) and not bools):
+    """An integer argument as a Python int: torch takes NumPy's and 0-d integer tensors too (anything
+    with ``__index__``; bools for some)."""
+    if isinstance(value, bool) and not bools:
         raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-    return int(value)
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}") from None
 
 
 def _options_repr(options: LSTMOptions, backend: str) -> str:
@@ -199,6 +204,7 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
     ) -> None:
         super().__init__()
         # torch.nn.RNNBase's checks, in its order and with its exception types.
+        float(dropout)  # (torch converts it first: float()'s TypeError for None or a list)
         if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
             raise ValueError(
                 "dropout should be a number in range [0, 1] representing the probability of an element being zeroed"
@@ -218,13 +224,14 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                 raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
             if value <= 0:
                 raise ValueError(f"{name} must be greater than zero")
-        num_layers, proj_size = _integer(num_layers, "num_layers", True), _integer(proj_size, "proj_size")
-        if num_layers <= 0:
+        if num_layers <= 0:  # (compared before their type is checked, as torch does: 0.0 is a ValueError)
             raise ValueError("num_layers must be greater than zero")
         if proj_size < 0:
             raise ValueError("proj_size should be a positive integer or zero to disable projections")
         if proj_size >= hidden_size:
             raise ValueError("proj_size has to be smaller than hidden_size")
+        num_layers = _integer(num_layers, "num_layers", True)
+        proj_size = 0 if proj_size == 0 else _integer(proj_size, "proj_size")  # (torch takes 0.0 and False)
 
         self.options = make_options(
             activations=activations,
@@ -489,7 +496,9 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
         super().__init__()
         input_size, hidden_size = _integer(input_size, "input_size"), _integer(hidden_size, "hidden_size")
         for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if value <= 0:
+            if value < 0:  # (torch's type: its weights' allocation refuses a negative dimension)
+                raise RuntimeError(f"{name} must be greater than zero, got {value}")
+            if value == 0:  # (torch builds a cell that computes nothing)
                 raise ValueError(f"{name} must be greater than zero")
         self.options = make_options(
             activations=activations,
