@@ -4,8 +4,69 @@ names the argument and what it should be."""
 
 from __future__ import annotations
 
+import numbers
+import operator
+import warnings
+
 import torch
 from torch import Tensor
+
+
+def check_lstm_arguments(input_size, hidden_size, num_layers, bias, batch_first, dropout,
+                         proj_size) -> tuple[int, int]:
+    """torch.nn.RNNBase's checks of an LSTM's arguments, in its order and with its exception types
+    (it converts ``dropout`` first, and compares ``num_layers`` and ``proj_size`` before their types are
+    known); ``(num_layers, proj_size)`` as Python ints (a zero-like ``proj_size``, 0.0 or False, is 0)."""
+    float(dropout)  # (float()'s TypeError for None or a list, as torch's)
+    if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
+        raise ValueError(
+            "dropout should be a number in range [0, 1] representing the probability of an element being zeroed"
+        )
+    if dropout > 0 and num_layers == 1:
+        warnings.warn(
+            "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+            f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+            stacklevel=3,  # (the line that built the module)
+        )
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if not isinstance(value, int):
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero")
+    if num_layers <= 0:
+        raise ValueError("num_layers must be greater than zero")
+    if proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections")
+    if proj_size >= hidden_size:
+        raise ValueError("proj_size has to be smaller than hidden_size")
+    return integer(num_layers, "num_layers", bools=True), 0 if proj_size == 0 else integer(proj_size, "proj_size")
+
+
+def check_cell_sizes(input_size, hidden_size) -> tuple[int, int]:
+    """An LSTMCell's sizes as Python ints. torch checks none: a negative size fails its weights'
+    allocation (RuntimeError, kept), a zero one builds a cell that computes nothing (refused here)."""
+    sizes = integer(input_size, "input_size"), integer(hidden_size, "hidden_size")
+    for name, value in zip(("input_size", "hidden_size"), sizes):
+        if value < 0:
+            raise RuntimeError(f"{name} must be greater than zero, got {value}")
+        if value == 0:
+            raise ValueError(f"{name} must be greater than zero")
+    return sizes
+
+
+def integer(value, name: str, bools: bool = False) -> int:
+    """An integer argument as a Python int: torch takes NumPy's and 0-d integer tensors too (anything
+    with ``__index__``; bools where ``bools``)."""
+    if isinstance(value, bool) and not bools:
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}") from None
 
 
 def check_input_tensor(input) -> None:

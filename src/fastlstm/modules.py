@@ -8,8 +8,6 @@ engines' padded, time-major layout, and hand the call to :mod:`fastlstm.function
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 import warnings
 from dataclasses import dataclass
 
@@ -86,17 +84,6 @@ def _parameter(module: nn.Module, name: str):
     """``getattr(module, name)`` for a parameter, without nn.Module's attribute fallback where it can."""
     value = module._parameters.get(name, _MISSING)
     return getattr(module, name) if value is _MISSING else value
-
-
-def _integer(value, name: str, bools: bool = False) -> int:
-    """An integer argument as a Python int: torch takes NumPy's and 0-d integer tensors too (anything
-    with ``__index__``; bools for some)."""
-    if isinstance(value, bool) and not bools:
-        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} should be of type int, got: {type(value).__name__}") from None
 
 
 def _options_repr(options: LSTMOptions, backend: str) -> str:
@@ -203,35 +190,8 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        # torch.nn.RNNBase's checks, in its order and with its exception types.
-        float(dropout)  # (torch converts it first: float()'s TypeError for None or a list)
-        if not isinstance(dropout, numbers.Number) or isinstance(dropout, bool) or not 0 <= dropout <= 1:
-            raise ValueError(
-                "dropout should be a number in range [0, 1] representing the probability of an element being zeroed"
-            )
-        if dropout > 0 and num_layers == 1:
-            warnings.warn(
-                "dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
-                f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
-                stacklevel=2,
-            )
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
-        if not isinstance(batch_first, bool):
-            raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if not isinstance(value, int):
-                raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
-            if value <= 0:
-                raise ValueError(f"{name} must be greater than zero")
-        if num_layers <= 0:  # (compared before their type is checked, as torch does: 0.0 is a ValueError)
-            raise ValueError("num_layers must be greater than zero")
-        if proj_size < 0:
-            raise ValueError("proj_size should be a positive integer or zero to disable projections")
-        if proj_size >= hidden_size:
-            raise ValueError("proj_size has to be smaller than hidden_size")
-        num_layers = _integer(num_layers, "num_layers", True)
-        proj_size = 0 if proj_size == 0 else _integer(proj_size, "proj_size")  # (torch takes 0.0 and False)
+        num_layers, proj_size = checks.check_lstm_arguments(input_size, hidden_size, num_layers, bias, batch_first,
+                                                            dropout, proj_size)
 
         self.options = make_options(
             activations=activations,
@@ -494,12 +454,7 @@ class LSTMCell(_Deployment, Convertible, nn.Module):
         backend: str = "auto",
     ) -> None:
         super().__init__()
-        input_size, hidden_size = _integer(input_size, "input_size"), _integer(hidden_size, "hidden_size")
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
-            if value < 0:  # (torch's type: its weights' allocation refuses a negative dimension)
-                raise RuntimeError(f"{name} must be greater than zero, got {value}")
-            if value == 0:  # (torch builds a cell that computes nothing)
-                raise ValueError(f"{name} must be greater than zero")
+        input_size, hidden_size = checks.check_cell_sizes(input_size, hidden_size)
         self.options = make_options(
             activations=activations,
             peephole=peephole,
