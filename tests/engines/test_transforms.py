@@ -87,6 +87,45 @@ def test_second_order_gradients_of_a_cell_match_torch(backend):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def _chained(module, case):
+    """``case``'s loss from calls of ``module`` that share history (the second call's state is the
+    first's output; or one tensor is both h0 and c0), its first-order gradients in the parameters (and
+    that tensor) taken with ``create_graph`` and a penalty on them differentiated again: both lists."""
+    g = torch.Generator().manual_seed(3)
+    wrt = list(module.parameters())
+    if case == "lstm-state-carried":
+        x1, x2 = (torch.randn(5, 3, 3, dtype=F64, generator=g) for _ in range(2))
+        y, (h, c) = module(x2, module(x1)[1])
+    else:
+        x1, x2 = (torch.randn(3, 3, dtype=F64, generator=g) for _ in range(2))
+        if case == "cell-chain":
+            h, c = module(x2, module(x1))
+        else:  # one tensor as h0 and c0
+            s = torch.randn(3, 4, dtype=F64, generator=g, requires_grad=True)
+            h, c = module(x1, (s, s))
+            wrt.append(s)
+        y = h
+    first = torch.autograd.grad(y.pow(2).sum() + c.sum(), wrt, create_graph=True)
+    second = torch.autograd.grad(sum(f.pow(2).sum() for f in first), wrt)
+    return [f.detach() for f in first], list(second)
+
+
+@pytest.mark.parametrize("case", ["cell-chain", "cell-one-tensor-both-states", "lstm-state-carried"])
+@pytest.mark.parametrize("backend", ENGINES)
+def test_create_graph_through_calls_that_share_history(backend, case):
+    """Each call's differentiable backward gives its own partial derivatives: with the gradients asked
+    of the saved tensors themselves, the paths between them (an h0 computed from the same weights, one
+    tensor as both states) were counted by that backward and again by the outer one."""
+    if case.startswith("cell"):
+        ours, theirs = fastlstm.LSTMCell(3, 4, dtype=F64, backend=backend), torch.nn.LSTMCell(3, 4, dtype=F64)
+        theirs.load_state_dict(ours.state_dict())
+    else:
+        ours, theirs = _pair(backend, num_layers=2, bidirectional=True)
+    for order, a_list, b_list in zip(("first", "second"), _chained(ours, case), _chained(theirs, case)):
+        for name, a, b in zip([*dict(ours.named_parameters()), "the state"], a_list, b_list):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, msg=lambda m, n=name, o=order: f"{o} {n}: {m}")
+
+
 @pytest.mark.parametrize("backend", ENGINES)
 def test_second_order_gradients_with_every_length_zero(backend):
     """No row runs (``lengths`` all 0): the outputs are zeros and the states h0, c0, so the input's and

@@ -348,8 +348,15 @@ def _differentiable_gradients(call: LayerCall, inputs: LayerInputs, weights: lis
 
     with torch.enable_grad():
         x = inputs.x if kept else source.gates(call.options)
-        outputs = layer_of_call(call, inputs._replace(x=x))
-        leaves = [x, inputs.h0, inputs.c0, *weights]
+        # each operand through a view of its own: the gradients asked for are the layer's partials. Asked
+        # of the tensors themselves, autograd.grad also follows the paths between them (an h0 that an
+        # earlier call computed from these weights, one tensor passed as h0 and c0, gates from a bias
+        # the layer reads too), which the outer backward then counts again. The views keep the graph
+        # to the tensors, so the gradients stay differentiable in them.
+        leaves = [t.view_as(t) for t in (x, inputs.h0, inputs.c0, *weights)]
+        x, h0, c0, *layer_weights = leaves
+        outputs = layer_of_call(call, inputs._replace(x=x, h0=h0, c0=c0,
+                                                      weights=unflatten_weights(call, layer_weights)))
         used = [(o, g) for o, g in zip(outputs, cotangents) if g is not None]
         grads = torch.autograd.grad([o for o, _ in used], [t for t in leaves if t.requires_grad], [g for _, g in used],
                                     create_graph=True, allow_unused=True)
