@@ -5,6 +5,7 @@ Where torch raises, fastlstm must raise the same type. Where torch is silent or 
 clear error of its own; those cases are listed separately.
 """
 
+import functools
 import warnings
 
 import pytest
@@ -189,8 +190,8 @@ def test_errors_where_torch_has_none_or_an_accidental_one():
     lstm = fastlstm.LSTM(3, 4)
     with pytest.raises(TypeError, match="input"):
         lstm([1.0, 2.0])  # torch: AttributeError 'list' object has no attribute 'dim'
-    with pytest.raises(ValueError, match="hx"):
-        lstm(_x(5, 2, 3), (_x(1, 2, 4), _x(1, 2, 4), _x(1, 2, 4)))  # torch ignores the third
+    with pytest.raises(RuntimeError, match="hx"):
+        lstm(_x(5, 3), (_x(1, 4), _x(1, 4), _x(1, 4)))  # torch ignores the third with unbatched input
     with pytest.raises(TypeError, match=r"hx\[1\]"):
         lstm(_x(5, 2, 3), (_x(1, 2, 4), None))
     with pytest.raises(RuntimeError, match=r"hidden\[0\]"):
@@ -341,3 +342,22 @@ def test_state_pair_and_packed_dtype_errors_have_torchs_types():
     for case in cases:
         expected = _raised(lambda: case(torch.nn))
         assert expected is not None and _raised(lambda: case(fastlstm)) is expected
+
+
+@pytest.mark.parametrize("layers", [1, 2], ids=["one-row-states", "two-row-states"])
+def test_lstm_state_pair_errors_have_torchs_types(layers):
+    """An LSTM's hx of the wrong form raises torch's exception type, which depends on the input's form:
+    padded input indexes hx[1] (IndexError for one element or a tensor of one row) and its kernel
+    counts (RuntimeError); a sorted PackedSequence reaches the kernel as it is (TypeError for a tensor,
+    RuntimeError for a count), an unsorted one is permuted first (IndexError); a PackedSequence's
+    states of two dimensions fail in the kernel (IndexError)."""
+    x, h = torch.randn(5, 2, 3), torch.randn(layers, 2, 4)
+    pack = functools.partial(pack_padded_sequence, x)
+    inputs = {"padded": x, "sorted": pack([5, 3]), "unsorted": pack([3, 5], enforce_sorted=False)}
+    for form, data in inputs.items():
+        for hx in (h, (h,), (h, h, h), (h[0], h[0])):
+            if form == "unsorted" and isinstance(hx, tuple) and len(hx) == 3:
+                continue  # (torch takes the first two there; fastlstm refuses the third: the README's list)
+            expected = _raised(lambda: torch.nn.LSTM(3, 4, layers)(data, hx))
+            assert expected is not None and _raised(lambda: fastlstm.LSTM(3, 4, layers)(data, hx)) is expected, \
+                (form, type(hx).__name__, len(hx))

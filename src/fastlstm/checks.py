@@ -74,20 +74,32 @@ def check_input_tensor(input) -> None:
         raise TypeError(f"input should be a Tensor or a PackedSequence, got {type(input).__name__}")
 
 
-def check_state_pair(hx, module_name: str) -> tuple[Tensor, Tensor]:
-    """``hx`` must be ``(h_0, c_0)``; the exception types follow what torch raises for each misuse
-    (``module_name`` "LSTM", "LSTMCell", or "LSTMCell (unbatched)": a batched cell's ``lstm_cell``
-    raises a TypeError for a tensor and a RuntimeError for another count; LSTM and the unbatched
-    cell index ``hx`` first: an IndexError for one element, a tensor's dimension checks after)."""
+def check_state_pair(hx, module_name: str, packed: str | None = None) -> tuple[Tensor, Tensor]:
+    """``hx`` must be ``(h_0, c_0)``; the exception types follow what torch raises for each misuse.
+    ``module_name`` "LSTM", "LSTMCell", or "LSTMCell (unbatched)": a batched cell's ``lstm_cell``
+    raises a TypeError for a tensor and a RuntimeError for another count; the unbatched cell indexes
+    ``hx`` first (an IndexError for one element). An LSTM's padded input indexes ``hx[1]`` (an
+    IndexError for one element or a tensor of one row) and then its kernel counts (a RuntimeError for
+    more). ``packed``: an LSTM's PackedSequence input, "sorted" (no ``sorted_indices``: torch's kernel
+    sees ``hx`` as given, a TypeError for a tensor, a RuntimeError for a count) or "unsorted" (torch
+    permutes ``hx[0]`` and ``hx[1]`` first: IndexErrors). Where torch takes the first two of more
+    (unbatched input, an unsorted PackedSequence) they are refused here too."""
     batched_cell = module_name == "LSTMCell"
+    count = len(hx) if isinstance(hx, (tuple, list)) else None
     if isinstance(hx, Tensor):
-        error = TypeError if batched_cell else ValueError if module_name.startswith("LSTMCell") else RuntimeError
+        if module_name == "LSTM":
+            error = {"sorted": TypeError, "unsorted": IndexError}.get(packed, IndexError if len(hx) < 2 else RuntimeError)
+        else:
+            error = TypeError if batched_cell else ValueError
         raise error(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")
-    if not isinstance(hx, (tuple, list)):
+    if count is None:
         raise TypeError(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {type(hx).__name__}")
-    if len(hx) != 2:  # (more than two: torch ignores the rest where it indexes; refused here)
-        error = RuntimeError if batched_cell else IndexError if len(hx) < 2 else ValueError
-        raise error(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {len(hx)} element(s)")
+    if count != 2:
+        if module_name == "LSTM":
+            error = IndexError if count < 2 and packed != "sorted" else RuntimeError
+        else:
+            error = RuntimeError if batched_cell else IndexError if count < 2 else ValueError
+        raise error(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got {count} element(s)")
     for idx, value in enumerate(hx):
         if not isinstance(value, Tensor):
             raise TypeError(f"{module_name}: hx[{idx}] should be a Tensor, got {type(value).__name__}")

@@ -348,7 +348,10 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
                 raise ValueError("lengths: a PackedSequence input carries its own lengths; pass lengths with padded input")
             batched = True
             if hx is not None:
-                hx = checks.check_state_pair(hx, "LSTM")
+                hx = checks.check_state_pair(hx, "LSTM", "sorted" if input.sorted_indices is None else "unsorted")
+                if hx[0].dim() != 3 or hx[1].dim() != 3:  # (torch's kernel: an IndexError)
+                    raise IndexError(f"For a PackedSequence input, hx and cx should be 3-D but got "
+                                     f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
         else:
             checks.check_input_tensor(input)
             if input.dim() not in (2, 3):
