@@ -152,6 +152,25 @@ def test_lstm_promotes_a_narrower_c0_as_torch_does(dtype, c0_dtype, arch, form, 
     assert_runs_close(run_lstm(ours, inputs), run_lstm(theirs, inputs), rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("c0_dtype", [torch.int64, torch.bool], ids=["int64", "bool"])
+@pytest.mark.parametrize("cls", ["LSTM", "LSTMCell"])
+def test_an_integer_or_bool_c0_is_promoted_as_torch_does(cls, c0_dtype, backend):
+    """torch promotes an integer or bool ``c_0`` with the gates too (float64 input: every path)."""
+    shape = (1, 3, 5) if cls == "LSTM" else (3, 5)
+    theirs = getattr(torch.nn, cls)(4, 5, dtype=torch.float64)
+    ours = getattr(fastlstm, cls)(4, 5, dtype=torch.float64, backend=backend)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(*shape[:-1], 4, dtype=torch.float64)
+    h0, c0 = torch.randn(shape, dtype=torch.float64), (torch.randn(shape) * 3).to(c0_dtype)
+    runs = []
+    for module in (ours, theirs):
+        leaves = torch.utils._pytree.tree_leaves(module(x, (h0, c0)))
+        sum(t.sum() for t in leaves).backward()
+        runs.append(leaves + [p.grad for p in module.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 def test_lstm_refuses_a_wider_c0_or_h0_of_another_dtype():
     """A ``c_0`` wider than the input (torch: refused by oneDNN, a failed product in its loop), and an
     ``h_0`` of another dtype (torch multiplies it by the weights), are refused, naming the state."""
