@@ -291,11 +291,29 @@ def test_a_replaced_parameter_of_the_wrong_shape_dtype_or_device_is_refused(kind
                     theirs(x)
 
 
-def test_a_missing_bias_and_a_bad_weight_on_the_step_path_are_refused():
-    cell = fastlstm.LSTMCell(3, 4)
-    cell.bias_hh = None
-    with pytest.raises(RuntimeError, match="parameter bias_hh is NoneType, expected a tensor of shape \\[16\\]"):
-        cell(torch.randn(2, 3))
+@pytest.mark.parametrize("names", [("bias_hh",), ("bias_ih", "bias_hh")], ids=["bias_hh", "both"])
+def test_a_cell_bias_set_to_none_is_left_out_as_torch_leaves_it(names):
+    """torch's LSTMCell passes a bias set to None to its kernel, which goes without it."""
+    ours = fastlstm.LSTMCell(3, 4, dtype=torch.float64)
+    theirs = torch.nn.LSTMCell(3, 4, dtype=torch.float64)
+    theirs.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 3, dtype=torch.float64)
+    runs = []
+    for module in (ours, theirs):
+        for name in names:
+            setattr(module, name, None)
+        h, c = module(x)
+        (h.sum() + c.pow(2).sum()).backward()
+        runs.append([h, c] + [p.grad for p in module.parameters()])
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_a_weight_set_to_none_and_a_bad_weight_on_the_step_path_are_refused():
+    for module, name in ((fastlstm.LSTMCell(3, 4), "weight_hh"), (fastlstm.LSTM(3, 4), "bias_hh_l0")):
+        setattr(module, name, None)
+        with pytest.raises(TypeError, match=f"parameter {name} is NoneType, expected a tensor of shape"):
+            module(torch.randn(2, 3))  # (torch: its kernel's TypeError)
     layer = fastlstm.LSTM(3, 4, 2).eval()
     with torch.no_grad():
         layer.step(torch.randn(1, 1, 3))  # (a native step plan now exists)

@@ -157,8 +157,8 @@ def refuse_parameter(module_name: str, name: str, value, shape: tuple, like: Ten
     """Raise for parameter ``name`` (``value``), which should have ``shape`` and the dtype and device of
     ``like`` (the module's first ``weight_ih``): a weight replaced or assigned through ``.data``."""
     where = f"{module_name}: parameter {name}"
-    if not isinstance(value, Tensor):
-        raise RuntimeError(f"{where} is {type(value).__name__}, expected a tensor of shape {list(shape)}")
+    if not isinstance(value, Tensor):  # (torch's type: its kernel's argument parser refuses None)
+        raise TypeError(f"{where} is {type(value).__name__}, expected a tensor of shape {list(shape)}")
     if value.shape != shape:
         raise RuntimeError(f"{where} has shape {list(value.shape)}, expected {list(shape)}")
     if value.dtype != like.dtype:

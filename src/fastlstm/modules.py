@@ -71,6 +71,8 @@ def _direction_weights(module: nn.Module, names: tuple[str | None, ...], shapes:
             values.append(None)
             continue
         value = _parameter(module, name)
+        if value is None and name in ("bias_ih", "bias_hh"):  # (an LSTMCell's, set to None: torch's cell goes
+            value = like.new_zeros(shape)                      # without it, which is a bias of zeros)
         if value is None or value.shape != shape or value.dtype != dtype_like or value.device != device_like:
             checks.refuse_parameter(type(module).__name__, name, value, shape, like)
         values.append(value)
