@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 import fastlstm
 from fastlstm.masks import DirectionMasks, LSTMMasks
@@ -199,6 +199,14 @@ def test_errors_where_torch_has_none_or_an_accidental_one():
         lstm(_packed(5, [3, 5], 3), (_x(1, 3, 4), _x(1, 3, 4)))
     with pytest.raises(ValueError, match="hidden_size"):
         fastlstm.LSTMCell(3, 0)  # torch builds a useless cell
+    packed = _packed(5, [3, 5, 2], 3)
+    for order, inverse in (([0, 5, 1], [0, 2, 1]), ([0, 0, 1], [0, 2, 1]), ([0, 2, 1], [0, 1, 2])):
+        # torch reads only unsorted_indices without hx (and each where it permutes): out of range, repeated
+        # or not inverse, its result depends on which it read
+        bad = PackedSequence(packed.data, packed.batch_sizes, torch.tensor(order), torch.tensor(inverse))
+        with pytest.raises(RuntimeError, match="sorted_indices should be a permutation"):
+            lstm(bad)
+    lstm(packed)  # (and the module runs on)
 
 
 CELL_CALLS = [

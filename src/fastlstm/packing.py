@@ -75,6 +75,7 @@ class Layout:
         batch_sizes = packed.batch_sizes
         if not torch.compiler.is_compiling():  # (traced, the op checks them when it runs)
             check_batch_sizes(batch_sizes, packed.data.shape[0])
+            check_permutation(packed.sorted_indices, packed.unsorted_indices, int(batch_sizes[0]))
         return Layout(batch_sizes.numel(), int(batch_sizes[0]), packed.data.shape[0], packed.data.device,
                       batch_sizes=batch_sizes, order=packed.sorted_indices)
 
@@ -159,6 +160,24 @@ def check_batch_sizes(batch_sizes: Tensor, rows: int, *, trailing_zeros: bool = 
             f"and non-increasing and sum to its data's "
             f"{rows} rows, got batch_sizes {batch_sizes.tolist()}; build it with "
             "torch.nn.utils.rnn.pack_padded_sequence with lengths <= T (torch does not check them)"
+        )
+
+
+def check_permutation(sorted_indices: Tensor | None, unsorted_indices: Tensor | None, batch: int) -> None:
+    """A PackedSequence's ``sorted_indices`` must order its ``batch`` sequences and ``unsorted_indices``
+    undo it (a hand-made one may not: torch reads only ``unsorted_indices`` without ``hx``, and each
+    index where it permutes, so its result then depends on which it read): else a RuntimeError."""
+    if sorted_indices is None:
+        return
+    identity = torch.arange(batch, device=sorted_indices.device)
+    if sorted_indices.shape != (batch,) or unsorted_indices is None or unsorted_indices.shape != (batch,) \
+            or not torch.equal(sorted_indices.sort().values, identity) \
+            or not torch.equal(unsorted_indices[sorted_indices], identity):
+        raise RuntimeError(
+            f"input: a PackedSequence's sorted_indices should be a permutation of its {batch} sequences and "
+            f"unsorted_indices its inverse, got {sorted_indices.tolist()} and "
+            f"{None if unsorted_indices is None else unsorted_indices.tolist()}; build it with "
+            "torch.nn.utils.rnn.pack_padded_sequence or pack_sequence"
         )
 
 
