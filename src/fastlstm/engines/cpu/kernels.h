@@ -212,17 +212,22 @@ inline void layer_norm_row(const T* v, int64_t n, const T* gain, const T* shift,
 }
 
 // dv from dout; accumulates the gain (and shift) gradients. dv may alias dout.
+// dv = rstd (e - mean(e) - v_hat mean(e v_hat)), e = dout * gain. e is stored first and the means
+// are taken of the stored values: with e formed again inside the last line, the compiler fuses
+// that product into the subtraction (an FMA), which subtracts a rounded product from an exact one;
+// over one value (a one-element layer norm, whose output is its shift and whose gradient is exactly
+// 0) that left the product's rounding error times rstd (about 316 there).
 template <typename T>
 inline void layer_norm_row_backward(const T* dout, int64_t n, const T* v_hat, T rstd, const T* gain, T* dgain,
                                     T* dshift, T* dv) {
-  const double mean_e = row_sum(n, [dout, gain](int64_t j) { return double(dout[j]) * gain[j]; });
-  const double mean_e_vh = row_sum(n, [dout, gain, v_hat](int64_t j) {
-    return double(dout[j]) * gain[j] * v_hat[j];
-  });
   for (int64_t j = 0; j < n; ++j) dgain[j] += dout[j] * v_hat[j];
   if (dshift) for (int64_t j = 0; j < n; ++j) dshift[j] += dout[j];
+  T* e = dv;  // (dout is read for the last time above, and e_j only where dout_j was)
+  for (int64_t j = 0; j < n; ++j) e[j] = dout[j] * gain[j];
+  const double mean_e = row_sum(n, [e](int64_t j) { return double(e[j]); });
+  const double mean_e_vh = row_sum(n, [e, v_hat](int64_t j) { return double(e[j]) * v_hat[j]; });
   const T a = T(mean_e / double(n)), b = T(mean_e_vh / double(n));
-  for (int64_t j = 0; j < n; ++j) dv[j] = rstd * (dout[j] * gain[j] - a - v_hat[j] * b);
+  for (int64_t j = 0; j < n; ++j) dv[j] = rstd * (e[j] - a - v_hat[j] * b);
 }
 
 // -- zoneout ----------------------------------------------------------------------------------
