@@ -208,3 +208,24 @@ def test_cell_promotes_c_of_another_dtype_as_torch_does(dtype, c_dtype, backend)
         err_ours = (fields(mine)[name].double() - true).abs().max().item()
         err_torch = (fields(torchs)[name].double() - true).abs().max().item()
         assert err_ours <= 2 * err_torch + 1e-6, (name, err_ours, err_torch)
+
+
+@pytest.mark.parametrize("arch", [dict(), dict(bidirectional=True), dict(num_layers=2)], ids=["uni", "bi", "L2"])
+@pytest.mark.parametrize("loss_on", ["c_n", "h_n"])
+def test_a_projection_that_reached_nothing_gets_no_gradient_as_in_torch(arch, loss_on, backend):
+    """One step with a loss on c_n alone: the top layer's projection reached nothing the loss reads,
+    and torch leaves its weight's gradient None (code that finds unused parameters by ``grad is None``,
+    DDP's among them, sees the same); every other gradient as torch's."""
+    theirs = torch.nn.LSTM(4, 3, proj_size=2, dtype=torch.float64, **arch)
+    ours = fastlstm.LSTM(4, 3, proj_size=2, dtype=torch.float64, backend=backend, **arch)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 2, 4, dtype=torch.float64)
+    grads = []
+    for module in (ours, theirs):
+        _, (h, c) = module(x)
+        (c if loss_on == "c_n" else h).pow(2).sum().backward()
+        grads.append({name: p.grad for name, p in module.named_parameters()})
+    assert [n for n, g in grads[0].items() if g is None] == [n for n, g in grads[1].items() if g is None]
+    for name, g in grads[1].items():
+        if g is not None:
+            torch.testing.assert_close(grads[0][name], g, rtol=1e-10, atol=1e-10)

@@ -331,6 +331,11 @@ def _gradients(ctx, dy: Tensor, dh_n: Tensor, dc_n: Tensor, *, through_op: bool)
         dx, dh0, dc0 = grads.x, grads.h0, grads.c0
         weight_grads = [g for gw, w in zip(grads.weights, inputs.weights) for g, t in zip(gw, w) if t is not None]
     weight_grads = [g if wanted else None for g, wanted in zip(weight_grads, needs_weights)]
+    if dy is None and dh_n is None and ctx.layout.steps == 1:
+        # one step and no gradient on h: the projection's output reached nothing the loss reads, and
+        # torch's autograd leaves the gradient of a weight that reached nothing None, not zeros
+        fields = [WEIGHT_FIELDS[k % len(WEIGHT_FIELDS)] for k, there in enumerate(call.weights) if there]
+        weight_grads = [None if field == "weight_hr" else g for g, field in zip(weight_grads, fields)]
     return dx, dh0, dc0, weight_grads
 
 
