@@ -2,6 +2,7 @@
 over it; many streams of unequal chunks run as one batch each equal their solo run; a row of
 length 0 keeps its state bit for bit."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,6 +97,20 @@ def test_open_reset_and_close():
     assert holder({}) == {}
 
 
+def test_a_holders_bad_state_or_chunk_is_refused_naming_it():
+    """A stream opened with a state of another batch than one, and a chunk that is not [steps, I], are
+    refused where they are given (they failed later, in the batched step or in padding, naming neither)."""
+    model = _model("cpu")
+    holder = StreamingLSTM(model)
+    with pytest.raises(ValueError, match="state: stream 'a' takes one stream's state"):
+        holder.open("a", model.initial_state(2))
+    for chunk in (torch.randn(3, dtype=F64), [1.0, 2.0]):
+        with pytest.raises(ValueError, match="the chunk of stream 'b' should be a tensor"):
+            holder({"b": chunk})
+    x = torch.randn(2, 3, dtype=F64)
+    torch.testing.assert_close(holder({"c": x})["c"], model(x)[0], rtol=1e-12, atol=1e-12)  # (and it runs on)
+
+
 def test_state_stack_unstack_and_select():
     state = LSTMState(torch.randn(2, 4, 3), torch.randn(2, 4, 5))
     rows = state.unstack()
@@ -109,6 +124,15 @@ def test_state_stack_unstack_and_select():
     for bad in (4, -5, [4]):
         with pytest.raises(IndexError):
             state.select(bad)
+    # a bool mask picks the rows where it is True (it was read as indices 0 and 1), and a 0-d tensor or a
+    # NumPy integer keeps the batch dimension as an int does (it was dropped)
+    keep = torch.tensor([True, False, True, True])
+    assert torch.equal(state.select(keep).h, state.h[:, keep]) and torch.equal(state.select(keep).c, state.c[:, keep])
+    assert torch.equal(state.select([False, True, False, False]).c, state.c[:, 1:2])
+    for one in (torch.tensor(2), np.int64(2)):
+        assert torch.equal(state.select(one).h, state.h[:, 2:3]) and torch.equal(state.select(one).c, state.c[:, 2:3])
+    with pytest.raises(TypeError, match="integers or bools"):
+        state.select(torch.tensor([1.0]))
 
 
 def test_streaming_a_bidirectional_lstm_raises():

@@ -45,11 +45,14 @@ class LSTMState(NamedTuple):
         return [LSTMState(h, c) for h, c in zip(self.h.split(1, 1), self.c.split(1, 1))]
 
     def select(self, index: int | Sequence[int] | Tensor) -> LSTMState:
-        """The rows ``index`` (an int keeps a batch dimension of 1; negative ones count from the end,
-        as in indexing; one out of range raises an IndexError)."""
-        if isinstance(index, int):
-            return LSTMState(self.h[:, index].unsqueeze(1), self.c[:, index].unsqueeze(1))
-        index = torch.as_tensor(index, dtype=torch.int64, device=self.h.device)
+        """The rows ``index``, as ``h[:, index]`` picks them: integers (one, a 0-d tensor or a NumPy
+        integer keeps a batch dimension of 1; negative ones count from the end; one out of range raises
+        an IndexError), or a bool mask over the batch (the rows where it is True)."""
+        index = torch.as_tensor(index, device=self.h.device)
+        if index.dtype != torch.bool:
+            if index.is_floating_point() or index.is_complex():
+                raise TypeError(f"index should hold integers or bools, got dtype {index.dtype}")
+            index = index.to(torch.int64).reshape(-1) if index.dim() == 0 else index.to(torch.int64)
         return LSTMState(self.h[:, index], self.c[:, index])
 
 
@@ -122,8 +125,14 @@ class StreamingLSTM:
         self.states: dict[Hashable, LSTMState] = {}
 
     def open(self, stream: Hashable, state: LSTMState | None = None) -> None:
-        """Start ``stream`` from ``state`` (zeros if None)."""
-        self.states[stream] = self.module.initial_state(1) if state is None else state
+        """Start ``stream`` from ``state`` (zeros if None): one stream's, ``h [L, 1, H_out]``, ``c [L, 1, H]``."""
+        if state is not None:
+            h, c = state
+            like = self.module.initial_state(1, device=h.device, dtype=h.dtype)
+            if h.shape != like.h.shape or c.shape != like.c.shape:
+                raise ValueError(f"state: stream {stream!r} takes one stream's state, h {list(like.h.shape)} and "
+                                 f"c {list(like.c.shape)}, got {list(h.shape)} and {list(c.shape)}")
+        self.states[stream] = self.module.initial_state(1) if state is None else LSTMState(*state)
 
     def reset(self, stream: Hashable) -> None:
         self.open(stream)
@@ -136,6 +145,10 @@ class StreamingLSTM:
         if not streams:
             return {}
         for stream in streams:
+            chunk = chunks[stream]
+            if not isinstance(chunk, Tensor) or chunk.dim() != 2:
+                got = list(chunk.shape) if isinstance(chunk, Tensor) else type(chunk).__name__
+                raise ValueError(f"chunks: the chunk of stream {stream!r} should be a tensor [steps, input_size], got {got}")
             if stream not in self.states:
                 self.open(stream)
         lengths = [chunks[s].shape[0] for s in streams]
