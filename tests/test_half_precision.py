@@ -393,3 +393,34 @@ def test_a_cell_under_cpu_autocast_returns_torchs_dtypes(states, weights, autoca
         for name, a, b, t in zip(("h", "c"), mine, base, truth):
             assert a.dtype == b.dtype, f"{name}: {a.dtype}, torch's {b.dtype}"
             assert_within_twice(a, b, t, name=name, dtype=autocast)
+
+
+@pytest.mark.parametrize("arch", [dict(), dict(num_layers=2, bidirectional=True), dict(proj_size=3)],
+                         ids=["plain", "L2-bi", "proj"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_a_float32_cell_state_under_half_precision_stays_float32(dtype, arch, backend):
+    """A half-precision LSTM given a float32 ``c_0`` reads it as it is and returns ``c_n`` (and c_0's
+    gradient) in float32, ``y`` and ``h_n`` in the input's dtype, as torch's oneDNN LSTM does for a
+    bfloat16 input (its loop fails at the second step): within 2x torch's own half-precision error
+    (torch run with c_0 rounded to the input's dtype) of float64."""
+    exact = torch.nn.LSTM(6, 5, dtype=torch.float64, **arch)
+    theirs = torch.nn.LSTM(6, 5, dtype=dtype, **arch)
+    ours = fastlstm.LSTM(6, 5, dtype=dtype, backend=backend, **arch)
+    theirs.load_state_dict(exact.state_dict())
+    ours.load_state_dict(exact.state_dict())
+    exact.load_state_dict(ours.state_dict())  # (the half-precision weights, exactly)
+    g = torch.Generator().manual_seed(0)
+    layers = exact.num_layers * (2 if exact.bidirectional else 1)
+    x = torch.randn(7, 3, 6, generator=g).to(dtype)
+    h0 = torch.randn(layers, 3, exact.proj_size or 5, generator=g).to(dtype)
+    c0 = torch.randn(layers, 3, 5, generator=g).requires_grad_()
+    y, (h, c) = ours(x, (h0, c0))
+    assert (y.dtype, h.dtype, c.dtype) == (dtype, dtype, torch.float32)
+    (c.sum() + y.float().sum()).backward()
+    assert c0.grad.dtype == torch.float32
+    truth = exact(x.double(), (h0.double(), c0.detach().double()))
+    torchs = theirs(x, (h0, c0.detach().to(dtype)))
+    for mine, true, other in zip((y, h, c), (truth[0], *truth[1]), (torchs[0], *torchs[1])):
+        err_ours = (mine.detach().double() - true).abs().max().item()
+        err_torch = (other.detach().double() - true).abs().max().item()
+        assert err_ours <= 2 * err_torch + 1e-3, (err_ours, err_torch)

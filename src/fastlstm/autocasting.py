@@ -79,5 +79,13 @@ def promoted_states(x: Tensor, h0: Tensor, c0: Tensor, cell: bool) -> tuple[Tens
         return x, h0, c0
     dtype = torch.promote_types(x.dtype, c0.dtype)
     if dtype != x.dtype and not cell:
-        return x, h0, c0
+        return x, h0, c0  # (a float32 c0 under a half-precision input is taken as it is: carries_float32_cell)
     return x.to(dtype), h0.to(dtype), c0.to(dtype)
+
+
+def carries_float32_cell(x: Tensor, c0: Tensor) -> bool:
+    """Whether an LSTM call keeps a float32 cell state under a half-precision input: the layers compute
+    in float32 anyway, so ``c0`` is read as it is and ``c_n`` comes back in float32 (``y`` and ``h_n`` in
+    the input's dtype), as torch's oneDNN LSTM returns them for a bfloat16 input with a float32 ``c_0``
+    (its other paths fail at the second step); a stream's state then loses nothing between chunks."""
+    return c0.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)

@@ -106,9 +106,11 @@ def check_state_pair(hx, module_name: str, packed: str | None = None) -> tuple[T
     return hx[0], hx[1]
 
 
-def check_state_dtype_device(states: tuple[Tensor, Tensor], x: Tensor, module_name: str) -> None:
+def check_state_dtype_device(states: tuple[Tensor, Tensor], x: Tensor, module_name: str,
+                             c_dtype: torch.dtype | None = None) -> None:
+    """``(h_0, c_0)`` in the input's dtype (``c_0`` in ``c_dtype`` where given) and on its device."""
     for idx, state in enumerate(states):
-        if state.dtype != x.dtype:
+        if state.dtype != (c_dtype if idx == 1 and c_dtype is not None else x.dtype):
             raise RuntimeError(
                 f"{module_name}: hx[{idx}] has dtype {state.dtype} but input has dtype {x.dtype}; they must match"
             )

@@ -404,7 +404,8 @@ class LSTM(_Deployment, Streaming, Convertible, nn.Module):
         if hx is not None:
             if cast is None:  # (a narrower c0: torch promotes it with the gates)
                 x, h0, c0 = autocasting.promoted_states(x, h0, c0, cell=False)
-            checks.check_state_dtype_device((h0, c0), x, "LSTM")
+            float32_cell = cast is None and autocasting.carries_float32_cell(x, c0)
+            checks.check_state_dtype_device((h0, c0), x, "LSTM", c_dtype=torch.float32 if float32_cell else None)
         if packed is not None:
             return _ParsedInput(None, None, h0, c0, packed, batched, h_dtype)
         return _ParsedInput(x, lengths, h0, c0, None, batched, h_dtype)

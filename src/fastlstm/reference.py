@@ -244,7 +244,8 @@ def recurrence(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """:func:`lstm_layer` from its input gates ``x_gates [T, B, D * 4H]`` (each direction's
     :func:`input_gates`); ``weight_ih`` and ``layer_norm_ih_weight`` are not read. Computes in the
-    accumulation dtype; returns ``(y, h_n, c_n)`` in ``h0.dtype``."""
+    accumulation dtype; returns ``(y, h_n)`` in ``h0.dtype`` and ``c_n`` in ``c0.dtype`` (float32 for a
+    half-precision call that carries its cell state in float32)."""
     acc, G = accumulation_dtype(h0.dtype), weights[0].weight_hh.shape[0]
     outputs, h_n, c_n = [], [], []
     for d, w in enumerate(weights):
@@ -265,7 +266,7 @@ def recurrence(
     return (
         torch.cat(outputs, dim=2).to(h0.dtype),
         torch.stack(h_n).to(h0.dtype),
-        torch.stack(c_n).to(h0.dtype),
+        torch.stack(c_n).to(c0.dtype),
     )
 
 

@@ -66,7 +66,8 @@ class Streaming:
 
     def initial_state(self, batch_size: int, *, device=None, dtype=None) -> LSTMState:
         """Zeros, ``h [L, batch_size, H_out]`` and ``c [L, batch_size, H]``, on the parameters' device
-        and in their dtype unless given."""
+        and in their dtype unless given; ``c`` in float32 for bfloat16 or float16, which the layers
+        compute in: a stream's cell state then loses nothing between chunks."""
         self._check_streaming()
         if not isinstance(batch_size, numbers.Integral) or isinstance(batch_size, bool):
             raise TypeError(f"batch_size should be an int, got {type(batch_size).__name__}")
@@ -77,15 +78,17 @@ class Streaming:
         device = like.device if device is None else device
         dtype = like.dtype if dtype is None else dtype
         h_out = self.proj_size or self.hidden_size
+        c_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         return LSTMState(torch.zeros(self.num_layers, batch_size, h_out, device=device, dtype=dtype),
-                         torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=dtype))
+                         torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=c_dtype))
 
     def step(self, input: Tensor, state: LSTMState | None = None, *,
              lengths: Tensor | None = None) -> tuple[Tensor, LSTMState]:
         """The next chunk of a stream: ``input`` in the module's layout (``[T, B, I]``, or ``[B, T, I]``
         with ``batch_first``; ``T >= 1``), ``state`` from the previous chunk (zeros if None) ->
         ``(output, new state)``. ``lengths [B]``: each row's steps in this chunk (0 keeps its state).
-        Chunk after chunk, the outputs are those of one forward over the whole sequence.
+        Chunk after chunk, the outputs are those of one forward over the whole sequence. (No state is
+        :meth:`initial_state`: a bfloat16 or float16 stream carries ``c`` in float32.)
 
         Without autograd (``torch.no_grad()`` / ``inference_mode``, or nothing requiring grad) on the
         CPU, a chunk is one native call over every layer and step (lengths included), from a plan
@@ -96,6 +99,11 @@ class Streaming:
         fast = _fast_step(self, input, state, lengths)
         if fast is not None:
             return fast
+        if state is None and isinstance(input, Tensor) and input.dtype in (torch.bfloat16, torch.float16) \
+                and input.dim() in (2, 3):
+            batch = 1 if input.dim() == 2 else input.shape[0 if self.batch_first else 1]
+            state = self.initial_state(batch, device=input.device, dtype=input.dtype)
+            state = state if input.dim() == 3 else LSTMState(state.h[:, 0], state.c[:, 0])
         output, (h, c) = self(input, state, lengths=lengths)
         return output, LSTMState(h, c)
 

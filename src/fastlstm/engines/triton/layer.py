@@ -267,7 +267,7 @@ def forward(layer_call: LayerCall, inputs: LayerInputs, saved: list[Tensor]) -> 
         SAVE=layer_call.save,
     )
     launch(forward_kernel, FORWARD, call, grid, values, error, backward=False)
-    return y, _final_h(h_buf, call, grid.bb), c_state.to(call.dtype)
+    return y, _final_h(h_buf, call, grid.bb), c_state.to(inputs.c0.dtype)
 
 
 def _final_h(h_buf: Tensor, call: Call, bb: int) -> Tensor:
@@ -384,4 +384,4 @@ def backward(layer_call: LayerCall, inputs: LayerInputs, y: Tensor, saved: list[
         }
         grads.append(DirectionWeights(*(None if t is None else field[f].to(t.dtype)
                                         for f, t in zip(DirectionWeights._fields, w))))
-    return LayerGrads(d_gates if needs_x else None, dh_state.to(dtype), dc_state.to(dtype), grads)
+    return LayerGrads(d_gates if needs_x else None, dh_state.to(dtype), dc_state.to(c0.dtype), grads)
