@@ -68,12 +68,13 @@ def cell_dtype(x: Tensor, c0: Tensor) -> torch.dtype | None:
 def promoted_states(x: Tensor, h0: Tensor, c0: Tensor, cell: bool) -> tuple[Tensor, Tensor, Tensor]:
     """Outside autocast, ``(x, h0, c0)`` in the dtype torch computes in when ``c0``'s dtype (floating,
     integer or bool) is not the input's (``h0`` must be the input's: torch multiplies it by the
-    weights). torch's pointwise math promotes the cell state with the gates: an LSTMCell returns ``h'`` and ``c'`` in
-    ``promote(x, c0)``, and an LSTM takes a ``c0`` that promotes into the input's dtype (float32 or a
-    half precision under float64, a half precision under float32) in every path. A wider ``c0`` under
-    an LSTM is left for the dtype check to refuse: torch's result then depends on its path (oneDNN
-    refuses it or returns ``c_n`` alone in ``c0``'s dtype, its loop fails at the second step's product).
-    Anything else is returned as it is, for the checks to refuse."""
+    weights). torch's pointwise math promotes the cell state with the gates: an LSTMCell returns ``h'``
+    and ``c'`` in ``promote(x, c0)``, and an LSTM takes a ``c0`` that promotes into the input's dtype
+    (float32 or a half precision under float64, a half precision under float32) in every path. A wider
+    ``c0`` under an LSTM is returned as it is: a float32 one under a half-precision input is kept
+    (:func:`carries_float32_cell`), others the dtype check refuses (torch's result depends on its path:
+    oneDNN refuses them, its loop fails at the second step's product). Anything else is returned as it
+    is, for the checks to refuse."""
     if c0.dtype == x.dtype or h0.dtype != x.dtype or c0.device != x.device \
             or not x.is_floating_point() or c0.is_complex():
         return x, h0, c0

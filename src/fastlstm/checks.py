@@ -88,7 +88,8 @@ def check_state_pair(hx, module_name: str, packed: str | None = None) -> tuple[T
     count = len(hx) if isinstance(hx, (tuple, list)) else None
     if isinstance(hx, Tensor):
         if module_name == "LSTM":
-            error = {"sorted": TypeError, "unsorted": IndexError}.get(packed, IndexError if len(hx) < 2 else RuntimeError)
+            padded = IndexError if len(hx) < 2 else RuntimeError
+            error = {"sorted": TypeError, "unsorted": IndexError}.get(packed, padded)
         else:
             error = TypeError if batched_cell else ValueError
         raise error(f"{module_name}: hx should be a tuple (h_0, c_0) of two tensors, got a single Tensor")

@@ -156,7 +156,8 @@ class StreamingLSTM:
             chunk = chunks[stream]
             if not isinstance(chunk, Tensor) or chunk.dim() != 2:
                 got = list(chunk.shape) if isinstance(chunk, Tensor) else type(chunk).__name__
-                raise ValueError(f"chunks: the chunk of stream {stream!r} should be a tensor [steps, input_size], got {got}")
+                raise ValueError(f"chunks: the chunk of stream {stream!r} should be a tensor [steps, input_size], "
+                                 f"got {got}")
             if stream not in self.states:
                 self.open(stream)
         lengths = [chunks[s].shape[0] for s in streams]
