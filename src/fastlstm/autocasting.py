@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .weights import accumulation_dtype
+
 
 def autocast_dtype(device: torch.device) -> torch.dtype | None:
     """The autocast dtype enabled for ``device``'s type, or None."""
@@ -89,4 +91,4 @@ def carries_float32_cell(x: Tensor, c0: Tensor) -> bool:
     in float32 anyway, so ``c0`` is read as it is and ``c_n`` comes back in float32 (``y`` and ``h_n`` in
     the input's dtype), as torch's oneDNN LSTM returns them for a bfloat16 input with a float32 ``c_0``
     (its other paths fail at the second step); a stream's state then loses nothing between chunks."""
-    return c0.dtype == torch.float32 and x.dtype in (torch.bfloat16, torch.float16)
+    return c0.dtype != x.dtype and c0.dtype == accumulation_dtype(x.dtype)

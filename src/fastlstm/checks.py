@@ -43,13 +43,13 @@ def check_lstm_arguments(input_size, hidden_size, num_layers, bias, batch_first,
         raise ValueError("proj_size should be a positive integer or zero to disable projections")
     if proj_size >= hidden_size:
         raise ValueError("proj_size has to be smaller than hidden_size")
-    return integer(num_layers, "num_layers", bools=True), 0 if proj_size == 0 else integer(proj_size, "proj_size")
+    return _integer(num_layers, "num_layers", bools=True), 0 if proj_size == 0 else _integer(proj_size, "proj_size")
 
 
 def check_cell_sizes(input_size, hidden_size) -> tuple[int, int]:
     """An LSTMCell's sizes as Python ints. torch checks none: a negative size fails its weights'
     allocation (RuntimeError, kept), a zero one builds a cell that computes nothing (refused here)."""
-    sizes = integer(input_size, "input_size"), integer(hidden_size, "hidden_size")
+    sizes = _integer(input_size, "input_size"), _integer(hidden_size, "hidden_size")
     for name, value in zip(("input_size", "hidden_size"), sizes):
         if value < 0:
             raise RuntimeError(f"{name} must be greater than zero, got {value}")
@@ -58,7 +58,7 @@ def check_cell_sizes(input_size, hidden_size) -> tuple[int, int]:
     return sizes
 
 
-def integer(value, name: str, bools: bool = False) -> int:
+def _integer(value, name: str, bools: bool = False) -> int:
     """An integer argument as a Python int: torch takes NumPy's and 0-d integer tensors too (anything
     with ``__index__``; bools where ``bools``)."""
     if isinstance(value, bool) and not bools:

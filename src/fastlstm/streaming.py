@@ -21,6 +21,7 @@ from torch import Tensor
 
 from . import checks, engines
 from .engines import contract
+from .weights import accumulation_dtype
 
 
 class LSTMState(NamedTuple):
@@ -78,9 +79,9 @@ class Streaming:
         device = like.device if device is None else device
         dtype = like.dtype if dtype is None else dtype
         h_out = self.proj_size or self.hidden_size
-        c_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
         return LSTMState(torch.zeros(self.num_layers, batch_size, h_out, device=device, dtype=dtype),
-                         torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device, dtype=c_dtype))
+                         torch.zeros(self.num_layers, batch_size, self.hidden_size, device=device,
+                                     dtype=accumulation_dtype(dtype)))
 
     def step(self, input: Tensor, state: LSTMState | None = None, *,
              lengths: Tensor | None = None) -> tuple[Tensor, LSTMState]:
@@ -99,7 +100,7 @@ class Streaming:
         fast = _fast_step(self, input, state, lengths)
         if fast is not None:
             return fast
-        if state is None and isinstance(input, Tensor) and input.dtype in (torch.bfloat16, torch.float16) \
+        if state is None and isinstance(input, Tensor) and accumulation_dtype(input.dtype) != input.dtype \
                 and input.dim() in (2, 3):
             batch = 1 if input.dim() == 2 else input.shape[0 if self.batch_first else 1]
             state = self.initial_state(batch, device=input.device, dtype=input.dtype)
